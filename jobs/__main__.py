@@ -1,0 +1,4 @@
+"""``python -m jobs ...`` — see ``jobs.cli``."""
+from jobs.cli import main
+
+raise SystemExit(main())

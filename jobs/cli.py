@@ -1,0 +1,147 @@
+"""Command line: ``python -m jobs <pipeline> ...``, ``submit``, ``status`` (also ``mmsynth``).
+
+::
+
+    python -m jobs antidote --input CAPTIONS --output OUT [--profile offline|local|paper]
+        [--recipe FILE] [--set stage.key=value ...] [--limit N] [--dry-run] [--address ADDR]
+    python -m jobs submit antidote ... [--address http://HEAD:8265] [--no-wait]
+    python -m jobs status OUT
+
+Errors in arguments, recipes or plans print one line (``error: ...``) and exit with 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shlex
+import sys
+
+PIPELINES = {"antidote": "jobs.antidote"}
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters; a remote one sets its own
+
+
+def _pipeline_parser(name: str, module) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"python -m jobs {name}", description=module.__doc__.splitlines()[0])
+    ap.add_argument("--input", help="input path or s3:// URI")
+    ap.add_argument("--output", help="output folder or s3:// URI")
+    ap.add_argument("--profile", choices=["offline", "local", "paper"], default=None,
+                    help="model profile (default: the recipe's, offline)")
+    ap.add_argument("--recipe", help="recipe YAML (default: the bundled one for the profile)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe field, e.g. caption_parse.batch_size=4")
+    ap.add_argument("--limit", type=int, help="process at most N input rows")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="validate recipe, resolve models and check columns; load nothing")
+    ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    if hasattr(module, "add_arguments"):
+        module.add_arguments(ap)
+    return ap
+
+
+def _load(name: str):
+    if name not in PIPELINES:
+        raise SystemExit(f"error: unknown pipeline {name!r} (choose from {', '.join(PIPELINES)}, submit, status)")
+    return importlib.import_module(PIPELINES[name])
+
+
+def run_pipeline(name: str, argv: list[str]) -> int:
+    from jobs import driver
+    from jobs.recipe import load_recipe
+
+    module = _load(name)
+    args = _pipeline_parser(name, module).parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError("--limit must be at least 1")
+    fields = {"input": args.input, "output": args.output, "limit": args.limit}
+    if hasattr(module, "recipe_fields"):
+        fields.update(module.recipe_fields(args))
+    recipe = load_recipe(module.RECIPE, name, args.profile, args.recipe, args.set, **fields)
+    if recipe.profile == "offline":  # the offline profile never reaches a model hub
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    p = driver.plan(module, recipe)
+    if args.dry_run:
+        print(f"recipe ok: {name}, profile {recipe.profile}, {len(p.stages)} stages")
+        print(driver.describe_plan(p))
+        if p.placeholder_stages():
+            print(f"placeholder models (outputs marked, filters in audit mode): {', '.join(p.placeholder_stages())}")
+        return 0
+    if not recipe.input:
+        raise ValueError("--input is required")
+    manifest = driver.run(module, recipe, ["python", "-m", "jobs", name, *argv], address=args.address)
+    print()
+    driver.print_funnel(manifest["funnel"])
+    if manifest["placeholder_stages"]:
+        print(f"\nNOTE: placeholder models in {', '.join(manifest['placeholder_stages'])}: "
+              "their outputs are not meaningful; filters fed by them ran in audit mode.")
+    print(f"\noutputs in {recipe.output} (manifest.json, rejects/, errors/)")
+    return 0
+
+
+def submit(argv: list[str]) -> int:
+    """Submit ``python -m jobs <pipeline> ARGS`` as a Ray job with this folder as working_dir."""
+    ap = argparse.ArgumentParser(prog="python -m jobs submit")
+    ap.add_argument("pipeline")
+    ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
+                    help="Ray dashboard/jobs address of the cluster")
+    ap.add_argument("--no-wait", action="store_true", help="return after submitting")
+    args, rest = ap.parse_known_args(argv)
+    _load(args.pipeline)
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    client = JobSubmissionClient(args.address)
+    entry = "python -m jobs " + " ".join(shlex.quote(a) for a in [args.pipeline, *rest])
+    job_id = client.submit_job(entrypoint=entry, runtime_env={
+        "working_dir": root, "excludes": [".venv/", ".git/", "out/", "benchmarks/results/", "**/__pycache__/"]})
+    print(f"submitted {job_id}: {entry}")
+    if args.no_wait:
+        return 0
+    import time
+
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        time.sleep(2)
+    print(client.get_job_logs(job_id)[-4000:])
+    print(f"job {job_id}: {status}")
+    return 0 if status == JobStatus.SUCCEEDED else 1
+
+
+def status(argv: list[str]) -> int:
+    """Print the per-stage funnel of a finished run from its manifest."""
+    from jobs import driver
+
+    ap = argparse.ArgumentParser(prog="python -m jobs status")
+    ap.add_argument("output")
+    args = ap.parse_args(argv)
+    m = driver.load_manifest(args.output)
+    print(f"{m['pipeline']} run finished {m['finished']} ({m['wall_s']} s), profile {m['recipe']['profile']}")
+    driver.print_funnel(m["funnel"])
+    if m.get("placeholder_stages"):
+        print(f"placeholder models: {', '.join(m['placeholder_stages'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.driver import PlanError
+    from jobs.recipe import RecipeError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(__doc__)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "submit":
+            return submit(rest)
+        if cmd == "status":
+            return status(rest)
+        return run_pipeline(cmd, rest)
+    except (RecipeError, PlanError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130

@@ -1,0 +1,157 @@
+"""Typed recipes: one YAML document per pipeline and profile, validated by pydantic.
+
+A recipe names the input/output, the profile, the seed, pipeline-level settings and, per
+stage, the model spec, batch size, resources and the stage's own parameters (validated
+against the stage's ``Params`` model at dry-run). ``--set a.b.c=value`` overrides any field;
+values are parsed as YAML scalars (``--set caption_parse.batch_size=4``,
+``--set generate_images.params.num_inference_steps=2``, ``--set seed=3``).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from actors.models import ModelSpec
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+PROFILES = ("offline", "local", "paper")
+
+
+class RecipeError(ValueError):
+    """A recipe cannot be read, an override is malformed, or validation failed (one line)."""
+
+
+class StageConfig(BaseModel):
+    """Per-stage settings. Model stages run in an actor pool; pure stages run as tasks.
+
+    The pool is fixed (``concurrency``) or autoscaling (``min_actors``..``max_actors``,
+    mapped to ``ray.data.ActorPoolStrategy(min_size, max_size)``). On a 2-CPU box give model
+    actors a fractional ``num_cpus`` so CPU stages still get scheduled (NOTES.md).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="False skips the stage (its outputs are not produced)")
+    model: ModelSpec | None = Field(None, description="Model for model stages; None for pure stages")
+    batch_size: int = Field(8, ge=1, description="Rows per map_batches call (one forward pass)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per task/actor")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractional shares a GPU)")
+    concurrency: int | None = Field(None, ge=1, description="Fixed actor pool size")
+    min_actors: int | None = Field(None, ge=1, description="Autoscaling pool: minimum actors")
+    max_actors: int | None = Field(None, ge=1, description="Autoscaling pool: maximum actors")
+    max_retries: int = Field(2, ge=0, description="Bounded retries of transient failures per row")
+    audit: bool | None = Field(None, description="Filter verdicts are recorded, not applied. "
+                               "None: automatic (audit when the filter's evidence comes from a placeholder)")
+    params: dict[str, Any] = Field(default_factory=dict, description="Stage parameters (the stage's Params model)")
+
+    @model_validator(mode="after")
+    def _pool(self):
+        if self.concurrency and (self.min_actors or self.max_actors):
+            raise ValueError("give either concurrency or min_actors/max_actors, not both")
+        if self.min_actors and self.max_actors and self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors {self.min_actors} > max_actors {self.max_actors}")
+        return self
+
+    def pool_bounds(self) -> tuple[int, int]:
+        """``(min, max)`` actor pool size; a fixed pool has min == max (default 1)."""
+        if self.concurrency:
+            return self.concurrency, self.concurrency
+        lo = self.min_actors or 1
+        return lo, max(lo, self.max_actors or lo)
+
+
+class Recipe(BaseModel):
+    """Fields common to every pipeline's recipe; pipelines subclass it with their own settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str = Field(description="Pipeline name (antidote, mmgen, mirror, ...)")
+    profile: Literal["offline", "local", "paper"] = Field("offline", description="Model profile")
+    input: str | None = Field(None, description="Input path or s3:// URI")
+    output: str | None = Field(None, description="Output folder path or s3:// URI")
+    limit: int | None = Field(None, ge=1, description="Process at most this many input rows")
+    seed: int = Field(0, description="Seed for sampling/shuffling (per-row seeds derive from ids)")
+    block_rows: int = Field(16, ge=1, description="Input rows per Ray Data block: the unit of "
+                            "progress that a resumed run does not redo")
+    stages: dict[str, StageConfig] = Field(default_factory=dict)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise RecipeError(f"--set {item!r}: expected key.path=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise RecipeError(f"--set {item!r}: value is not valid YAML ({e.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(doc: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides to a recipe dict in place.
+
+    A first segment naming a stage (``caption_parse.batch_size``) is looked up under
+    ``stages``. Raises ``RecipeError`` for an unknown stage or a malformed item.
+    """
+    for item in overrides:
+        path, value = _parse_override(item)
+        stages = doc.setdefault("stages", {})
+        if path[0] != "stages" and path[0] in stages:
+            path = ["stages", *path]
+        elif len(path) > 1 and path[0] not in Recipe.model_fields and path[0] != "stages" \
+                and path[0] not in doc:
+            raise RecipeError(f"--set {item!r}: no stage or field named {path[0]!r} "
+                              f"(stages: {', '.join(stages)})")
+        node = doc
+        for p in path[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {p!r} is not a mapping")
+        node[path[-1]] = value
+    return doc
+
+
+def recipe_path(pipeline: str, profile: str) -> Path:
+    """Bundled recipe file for a pipeline and profile: ``jobs/recipes/<pipeline>.<profile>.yaml``."""
+    return RECIPES_DIR / f"{pipeline}.{profile}.yaml"
+
+
+def load_recipe(model: type[Recipe], pipeline: str, profile: str | None = None,
+                recipe_file: str | None = None, overrides: list[str] | None = None,
+                **fields: Any) -> Recipe:
+    """Read a recipe YAML (the bundled one for the profile unless ``recipe_file``), apply
+    command-line fields (``input``, ``output``, ``limit`` … when not None) and ``--set``
+    overrides, and validate it with ``model``.
+
+    Raises ``RecipeError`` with a one-line message naming the file and the failing field.
+    """
+    if profile is not None and profile not in PROFILES:
+        raise RecipeError(f"unknown profile {profile!r} (choose from {', '.join(PROFILES)})")
+    path = Path(recipe_file) if recipe_file else recipe_path(pipeline, profile or "offline")
+    if not path.exists():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(doc, dict):
+        raise RecipeError(f"{path}: a recipe must be a YAML mapping")
+    doc.setdefault("pipeline", pipeline)
+    if profile is not None:
+        doc["profile"] = profile
+    for k, v in fields.items():
+        if v is not None:
+            doc[k] = v
+    apply_overrides(doc, overrides or [])
+    try:
+        return model.model_validate(doc)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"])
+        raise RecipeError(f"{path.name}: {loc}: {err['msg']}"
+                          + (f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else "")) from None

@@ -1,0 +1,170 @@
+"""Runtime: recipes, plan/dry-run, error isolation, rejects accounting, manifest, resume, S3."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import driver
+from jobs.recipe import RecipeError, load_recipe
+from jobs.runtime import Stage
+from tests import toy_pipeline as toy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _recipe_file(tmp_path, extra="", name="toy.yaml"):
+    p = tmp_path / name
+    p.write_text("pipeline: toy\nblock_rows: 4\nstages:\n  upper: {num_cpus: 0.25}\n"
+                 "  length_filter: {num_cpus: 0.25}\n  slow: {num_cpus: 0.25}\n" + extra)
+    return str(p)
+
+
+def _input(tmp_path, n=20, bad=(3, 11), short=(5,)):
+    rows = []
+    for i in range(n):
+        rid = f"bad-{i}" if i in bad else f"r{i:03d}"
+        rows.append({"id": rid, "text": "ab" if i in short else f"text number {i}"})
+    p = tmp_path / "in.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(p)
+
+
+def test_recipe_errors_are_one_line(tmp_path):
+    f = _recipe_file(tmp_path)
+    with pytest.raises(RecipeError, match=r"stages.upper.batch_size"):
+        load_recipe(toy.RECIPE, "toy", recipe_file=f, overrides=["upper.batch_size=0"])
+    with pytest.raises(RecipeError, match="no stage or field named 'nosuch'"):
+        load_recipe(toy.RECIPE, "toy", recipe_file=f, overrides=["nosuch.batch_size=2"])
+    with pytest.raises(RecipeError, match="expected key.path=value"):
+        load_recipe(toy.RECIPE, "toy", recipe_file=f, overrides=["upper.batch_size"])
+    with pytest.raises(RecipeError, match="Extra inputs are not permitted"):
+        load_recipe(toy.RECIPE, "toy", recipe_file=_recipe_file(tmp_path, "bogus: 1\n", "bogus.yaml"))
+    r = load_recipe(toy.RECIPE, "toy", recipe_file=f, overrides=["upper.batch_size=3", "seed=7"])
+    assert r.stages["upper"].batch_size == 3 and r.seed == 7
+
+
+def test_cli_errors_print_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "jobs", "antidote", "--input", "x.json", "--output",
+                          str(tmp_path / "o"), "--set", "nosuch.key=1", "--dry-run"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: ")
+    assert "Traceback" not in out.stderr
+
+
+def test_plan_checks_columns_before_loading(tmp_path):
+    r = load_recipe(toy.RECIPE, "toy", recipe_file=_recipe_file(tmp_path))
+    p = driver.plan(toy, r)
+    assert [s.stage.name for s in p.stages] == ["upper", "length_filter", "slow"]
+
+    class Broken:
+        INPUT_COLUMNS = ("text",)
+
+        @staticmethod
+        def stages(recipe):
+            return [Stage("upper", toy.upper, ("txt",), ("upper",)),
+                    Stage("length_filter", toy.length_filter, ("upper",), ("length",)),
+                    Stage("slow", toy.slow, ("upper",), ("done_at",))]
+    with pytest.raises(driver.PlanError, match=r"stage 'upper': input columns \['txt'\]"):
+        driver.plan(Broken, r)
+
+
+def test_errors_rejects_funnel_manifest(tmp_path, ray_local):
+    out = str(tmp_path / "out")
+    r = load_recipe(toy.RECIPE, "toy", recipe_file=_recipe_file(tmp_path), input=_input(tmp_path), output=out)
+    m = driver.run(toy, r, ["toy"])
+    errs = [json.loads(line) for line in open(f"{out}/errors/errors.jsonl")]
+    assert sorted(e["id"] for e in errs) == ["bad-11", "bad-3"]
+    assert all(e["stage"] == "upper" and e["reason"]["type"] == "ValueError"
+               and e["id"] in e["reason"]["message"] for e in errs)
+    rej = [json.loads(line) for line in open(f"{out}/rejects/rejects.jsonl")]
+    assert [(x["id"], x["stage"]) for x in rej] == [("r005", "length_filter")]
+    assert "too short" in rej[0]["reason"]
+    fun = {f["stage"]: f for f in m["funnel"]}
+    assert fun["upper"] == {**fun["upper"], "in": 20, "out": 18, "errored": 2, "rejected": 0}
+    assert fun["length_filter"]["in"] == 18 and fun["length_filter"]["rejected"] == 1
+    for f in m["funnel"]:
+        assert f["in"] == f["out"] + f["rejected"] + f["errored"]
+    ok = [json.loads(line) for line in open(f"{out}/toy.jsonl")]
+    assert len(ok) == 17 and len({o["id"] for o in ok}) == 17
+    manifest = json.load(open(f"{out}/manifest.json"))
+    assert manifest["recipe"]["stages"]["upper"]["num_cpus"] == 0.25
+    assert manifest["versions"]["ray"] == manifest["ray_version"]
+    assert manifest["outputs"] == {"toy": 17} and manifest["rows_processed_this_run"] == 20
+    # a rerun of a finished job does no work
+    m2 = driver.run(toy, r, ["toy"])
+    counts = lambda fun: [(f["stage"], f["in"], f["out"], f["rejected"], f["errored"]) for f in fun]  # noqa: E731
+    assert m2["rows_processed_this_run"] == 0 and counts(m2["funnel"]) == counts(m["funnel"])
+    assert m["funnel"][1]["operator"].startswith("MapBatches(upper)")  # Ray Data's stats, named by stage
+
+
+def test_resume_after_interrupt(tmp_path):
+    out = str(tmp_path / "out")
+    log1, log2 = tmp_path / "log1", tmp_path / "log2"
+    inp = _input(tmp_path, n=48, bad=(), short=())
+    script = ("import sys; from jobs import driver; from jobs.recipe import load_recipe; "
+              "from tests import toy_pipeline as toy; "
+              f"r = load_recipe(toy.RECIPE, 'toy', recipe_file={_recipe_file(tmp_path)!r}, input={inp!r}, "
+              f"output={out!r}, overrides=sys.argv[1:]); driver.run(toy, r, ['toy'])")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": ROOT}
+    proc = subprocess.Popen([sys.executable, "-c", script, "slow.params.delay_s=1.0", f"slow.params.log={log1}"],
+                            cwd=ROOT, env=env, start_new_session=True)
+    deadline = time.time() + 150
+    rows_dir = os.path.join(out, "_work", "rows")
+    while time.time() < deadline:
+        files = [f for f in os.listdir(rows_dir) if f.endswith(".parquet")] if os.path.isdir(rows_dir) else []
+        if len(files) >= 2:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    committed = set(driver.read_table(rows_dir, columns=["id"]).column("id").to_pylist())
+    assert 0 < len(committed) < 48
+    subprocess.run([sys.executable, "-c", script, f"slow.params.log={log2}"], cwd=ROOT, env=env,
+                   check=True, timeout=300)
+    again = set(log2.read_text().split())
+    assert not (again & committed), "committed rows were processed again"
+    final = driver.read_table(rows_dir, columns=["id"]).column("id").to_pylist()
+    assert sorted(final) == sorted(f"r{i:03d}" for i in range(48))  # each id exactly once
+    assert len([json.loads(x) for x in open(f"{out}/toy.jsonl")]) == 48
+
+
+def test_s3_round_trip(tmp_path, ray_local, monkeypatch):
+    pytest.importorskip("moto")
+    from moto.server import ThreadedMotoServer
+
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    try:
+        host, port = srv.get_host_and_port()
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+               "AWS_REGION": "us-west-2", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-west-2").create_bucket(
+            Bucket="bkt", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+        from udfs import io
+
+        io._s3.cache_clear()
+        io.write_text("s3://bkt/in/in.jsonl", open(_input(tmp_path, n=10, bad=(2,), short=())).read())
+        r = load_recipe(toy.RECIPE, "toy", recipe_file=_recipe_file(tmp_path), input="s3://bkt/in/in.jsonl",
+                        output="s3://bkt/out")
+        driver.run(toy, r, ["toy"])
+        assert io.exists("s3://bkt/out/manifest.json")
+        toy_out = [json.loads(x) for x in io.read_text("s3://bkt/out/toy.jsonl").splitlines()]
+        assert len(toy_out) == 9
+        errs = io.read_text("s3://bkt/out/errors/errors.jsonl").splitlines()
+        assert [json.loads(e)["id"] for e in errs] == ["bad-2"]
+        assert driver.load_manifest("s3://bkt/out")["funnel"][1]["errored"] == 1
+    finally:
+        srv.stop()

@@ -91,9 +91,11 @@ def stages(recipe: AntidoteRecipe) -> list[Stage]:
         llm_stage("caption_judge", "udfs.antidote:RuleVerdict"),
         Stage("caption_verdict", A.verdicts("caption_judge_parsed", "caption_rules"),
               ("caption_judge_parsed",), ("caption_rules_verdict",), filter=True),
-        Stage("image_prompts", A.image_prompts, ("caption_rewritten", "prompt_weighted", "prompt_neg"),
-              ("prompt", "negative_prompt"), params_model=A.ImagePromptParams),
-        Stage("generate_images", "actors.text2image:Text2Image", defaults={"output_dir": images}),
+        # positive prompt = the rewritten caption (the original 2_1 script; set
+        # generate_images.params.prompt_column=prompt_weighted for the weighted prompt);
+        # negative prompt = the no-exist objects + the stage's quality negatives (SPEC C3)
+        Stage("generate_images", "actors.text2image:Text2Image",
+              defaults={"output_dir": images, "prompt_column": "caption_rewritten", "negative_column": "prompt_neg"}),
         Stage("detect_objects", "actors.detection:GroundingDINO",
               defaults={"phrase_columns": ["present", "no_exist"]}),
         Stage("factual_filter", A.factual_filter,

@@ -21,6 +21,7 @@ PIPELINES = {"antidote": "jobs.antidote"}
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("KERAS_BACKEND", "torch")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads starve other actors
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters; a remote one sets its own
 
 

@@ -42,6 +42,9 @@ PACKAGES = ("ray", "torch", "transformers", "diffusers", "open_clip_torch", "sen
             "xgrammar", "openai", "pyarrow", "pydantic", "numpy", "vllm")
 
 
+IO_NUM_CPUS = 0.1  # CPU share of the Ray Data read and write tasks
+
+
 class PlanError(ValueError):
     """The recipe cannot run: bad stage params, unknown model, or a missing input column."""
 
@@ -229,7 +232,9 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table) 
     in_uri = work(out, "input")
     # Split into blocks of block_rows rows: a block is the unit of progress a resumed run keeps
     # (the parquet reader would otherwise coalesce small files into one block).
-    ds = ray.data.read_parquet(_ray_path(in_uri), filesystem=fs).repartition(n_blocks)
+    # Read/write tasks take a small CPU share: model actors hold most CPUs of a small box, and
+    # a 1-CPU read task would then wait forever behind them.
+    ds = ray.data.read_parquet(_ray_path(in_uri), filesystem=fs, num_cpus=IO_NUM_CPUS).repartition(n_blocks)
     if hasattr(pipeline, "before_run"):
         pipeline.before_run(recipe, out)
     for sp in p.stages:
@@ -237,7 +242,8 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table) 
     rows_uri = work(out, "rows")
     # min_bytes_per_file=1: every block is committed as soon as it is done (the resume unit),
     # instead of Ray combining small blocks into one file written at the end.
-    ds.write_parquet(_ray_path(rows_uri), filesystem=fs, min_bytes_per_file=1)
+    ds.write_parquet(_ray_path(rows_uri), filesystem=fs, min_bytes_per_file=1,
+                     ray_remote_args={"num_cpus": IO_NUM_CPUS})
     return _stage_wall_times(ds, [sp.stage.name for sp in p.stages])
 
 

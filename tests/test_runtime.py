@@ -115,7 +115,7 @@ def test_resume_after_interrupt(tmp_path):
               f"r = load_recipe(toy.RECIPE, 'toy', recipe_file={_recipe_file(tmp_path)!r}, input={inp!r}, "
               f"output={out!r}, overrides=sys.argv[1:]); driver.run(toy, r, ['toy'])")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-c", script, "slow.params.delay_s=1.0", f"slow.params.log={log1}"],
+    proc = subprocess.Popen([sys.executable, "-c", script, "slow.params.delay_s=3.0", "slow.batch_size=4", f"slow.params.log={log1}"],
                             cwd=ROOT, env=env, start_new_session=True)
     deadline = time.time() + 150
     rows_dir = os.path.join(out, "_work", "rows")
@@ -124,14 +124,19 @@ def test_resume_after_interrupt(tmp_path):
         if len(files) >= 2:
             break
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the driver stops, Ray shuts its workers down
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     committed = set(driver.read_table(rows_dir, columns=["id"]).column("id").to_pylist())
     assert 0 < len(committed) < 48
     subprocess.run([sys.executable, "-c", script, f"slow.params.log={log2}"], cwd=ROOT, env=env,
                    check=True, timeout=300)
     again = set(log2.read_text().split())
     assert not (again & committed), "committed rows were processed again"
+    assert again | committed == {f"r{i:03d}" for i in range(48)}
     final = driver.read_table(rows_dir, columns=["id"]).column("id").to_pylist()
     assert sorted(final) == sorted(f"r{i:03d}" for i in range(48))  # each id exactly once
     assert len([json.loads(x) for x in open(f"{out}/toy.jsonl")]) == 48

@@ -20,10 +20,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from udfs import rows as R
+from udfs.phrases import object_key
 
 # ----------------------------------------------------------------------------- schemas
 
 ObjectName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z '\-]{0,31}$")]
+_W = r"\([A-Za-z][A-Za-z '\-]{0,31}:[0-9](\.[0-9]{1,2})?\)"
+#: a caption with at least one (object:weight) and no other parentheses (rule 5's format)
+WEIGHTED_PROMPT = rf"^[^()]*({_W}[^()]*)+$"
+#: a comma-separated list of (object:weight) items (rule 6's format)
+WEIGHTED_LIST = rf"^{_W}(, ?{_W})*$"
 
 
 class CaptionParse(BaseModel):
@@ -31,13 +37,15 @@ class CaptionParse(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    caption: str = Field(max_length=300, description="Caption rewritten for Stable Diffusion, no proper names")
+    caption: str = Field(max_length=200, description="Caption rewritten for Stable Diffusion, no proper names")
     present: list[ObjectName] = Field(min_length=1, max_length=6,
                                       description="Concrete objects explicitly present")
     no_exist: list[ObjectName] = Field(alias="no-exist", min_length=1, max_length=6,
                                        description="Concrete objects absent but plausible in the scene")
-    prompt: str = Field(max_length=400, description="Caption with (object:weight) for every present object")
-    prompt_neg: str = Field(max_length=300, description="Comma list of (object:weight), one per no-exist object")
+    prompt: str = Field(max_length=400, pattern=WEIGHTED_PROMPT,
+                        description="Caption with (object:weight) for every present object")
+    prompt_neg: str = Field(max_length=300, pattern=WEIGHTED_LIST,
+                            description="Comma list of (object:weight), one per no-exist object")
 
 
 class RuleVerdict(BaseModel):
@@ -110,12 +118,14 @@ def weighted_objects(text: str) -> list[tuple[str, float]]:
     return [(m.group(1).strip(), float(m.group(2))) for m in WEIGHTED.finditer(text or "")]
 
 
-def _norm(word: str) -> str:
-    w = word.lower().strip()
-    for suf in ("es", "s"):
-        if len(w) > 3 and w.endswith(suf) and not w.endswith("ss"):
-            return w[: -len(suf)]
-    return w
+def _norm(name: str) -> tuple[str, ...]:
+    return object_key(name)
+
+
+def mentions(text: str, name: str) -> bool:
+    """True when every word of the object ``name`` occurs in ``text`` (plural-insensitive)."""
+    words = set(object_key(" ".join(re.findall(r"[A-Za-z']+", text))))
+    return bool(object_key(name)) and all(w in words for w in object_key(name))
 
 
 def rule_violations(item: dict) -> list[str]:
@@ -146,7 +156,7 @@ def rule_violations(item: dict) -> list[str]:
     return out
 
 
-def caption_fields(batch: dict, params: Any) -> dict:
+def caption_fields(batch: dict, params: Any, audit: bool = False) -> dict:
     """Copy the validated 1-1 JSON into columns and reject items breaking the deterministic rules.
 
     Outputs ``caption_rewritten``, ``present``, ``no_exist``, ``prompt_weighted``, ``prompt_neg``,
@@ -215,27 +225,6 @@ def verdicts(column: str, label: str):
 
     fn.__name__ = f"{label}_verdicts"
     return fn
-
-
-# ----------------------------------------------------------------------------- 2-1 images
-
-QUALITY_NEGATIVES = ("low quality, blurry, over-smoothed, over-saturated, bad anatomy, "
-                     "disconnected limbs, extra limbs, extra fingers, mutated, deformed, duplicated")
-"""Quality negatives appended to every negative prompt (SPEC C3, in our own terms)."""
-
-
-class ImagePromptParams(BaseModel):
-    positive: str = Field("caption", pattern="^(caption|weighted)$",
-                          description="caption: the rewritten caption (the original 2_1 script); "
-                                      "weighted: the (object:weight) prompt")
-
-
-def image_prompts(batch: dict, params: ImagePromptParams) -> dict:
-    """Generator inputs: ``prompt`` (caption or weighted prompt) and ``negative_prompt`` =
-    ``prompt_neg`` (the no-exist objects) + the quality negatives (SPEC C3)."""
-    pos = batch["caption_rewritten"] if params.positive == "caption" else batch["prompt_weighted"]
-    return {"prompt": list(pos),
-            "negative_prompt": [f"{neg}, {QUALITY_NEGATIVES}" for neg in batch["prompt_neg"]]}
 
 
 # ----------------------------------------------------------------------------- 2-3 factual filter
@@ -337,7 +326,7 @@ def question_prompts(batch: dict, params: Any) -> dict:
     return {"messages": msgs}
 
 
-def question_fields(batch: dict, params: Any) -> dict:
+def question_fields(batch: dict, params: Any, audit: bool = False) -> dict:
     """Copy the validated 3-1-1 JSON into columns; reject pairs whose object word is missing
     from its question (an explicit instruction of 3-1-1)."""
     n = len(batch["id"])
@@ -348,8 +337,7 @@ def question_fields(batch: dict, params: Any) -> dict:
         for k in cols:
             cols[k][i] = getattr(q, k)
         miss = [k for k, o in (("hall_question", q.hall_object), ("truth_question", q.truth_object))
-                if _norm(o) not in {_norm(w) for w in re.findall(r"[A-Za-z'-]+", getattr(q, k))}
-                and o.lower() not in getattr(q, k).lower()]
+                if not mentions(getattr(q, k), o)]
         if miss:
             reject[i] = f"cpq_fields: object word missing from {', '.join(miss)}"
     return {**cols, R.ROW_REJECT: reject}
@@ -360,7 +348,7 @@ HALL_OBJECT_BANNED = ("music", "sound", "noise", "season", "feeling", "emotion",
                       "spring", "summer", "autumn", "fall", "winter")
 
 
-def cpq_precheck(batch: dict, params: Any) -> dict:
+def cpq_precheck(batch: dict, params: Any, audit: bool = False) -> dict:
     """Deterministic 3-1-2 rules (SPEC C6) applied before the judge: the CPQ must not start with
     "How many", must not be a yes/no question, and its object must not be a sound, season,
     feeling or reaction. Output ``cpq_precheck`` ("" when fine)."""
@@ -435,7 +423,7 @@ def pope_fields(batch: dict, params: Any) -> dict:
     qs, fixed = [], []
     for obj, raw in zip(batch["truth_object"], batch["pope_fix_parsed"]):
         cand = FixedQuestion.model_validate_json(raw).question.strip() if raw else ""
-        ok = bool(cand) and obj.lower() in cand.lower() and re.match(r"^\s*(is|are)\s+there\b", cand, re.I) \
+        ok = bool(cand) and mentions(cand, obj) and re.match(r"^\s*(is|are)\s+there\b", cand, re.I) \
             and cand.endswith("?")
         qs.append(cand if ok else pope_template(obj))
         fixed.append(bool(ok))

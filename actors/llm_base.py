@@ -1,0 +1,116 @@
+"""Shared types of the LLM stage and its backends: parameters, requests, replies.
+
+Kept apart from ``actors.llm`` so backends (``llm_hf``, ``llm_openai``, ``llm_batch``,
+``llm_vllm``) can import them without importing the stage (no import cycles).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from udfs.llm_output import OutputFormat, output_format
+
+#: columns every LLM backend adds (one entry per row)
+OUTPUT_COLUMNS = ["generated_text", "parsed", "finish_reason", "prompt_tokens", "completion_tokens",
+                  "llm_backend", "llm_model", "llm_attempts", "llm_repaired"]
+#: optional per-row input columns
+OPTIONAL_INPUT_COLUMNS = ["sampling", "response_format"]
+
+
+class Sampling(BaseModel):
+    """Sampling parameters (OpenAI chat-completions semantics). Also the keys a row's
+    ``sampling`` column (a JSON object string) may override."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(1.0, ge=0.0, le=2.0,
+                               description="Softmax temperature; 0 means greedy decoding (deterministic).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling: keep the smallest token set "
+                                                         "whose probability mass reaches top_p.")
+    max_tokens: int = Field(512, ge=1, description="Maximum number of generated tokens per attempt.")
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0,
+                                     description="Subtract penalty x (count of the token in the reply so far) "
+                                                 "from its logit.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0,
+                                    description="Subtract penalty from the logit of every token already in the reply.")
+    seed: int | None = Field(None, description="Sampling seed. transformers: rows generated in one batch share "
+                                               "one generator seeded with it, so a sampled reply depends on the "
+                                               "batch it was generated in (greedy replies do not). API backends "
+                                               "pass it on (best effort on the provider side).")
+
+
+class LLMParams(Sampling):
+    """Parameters of one LLM stage (a recipe's ``stage.params``). Field descriptions are the docs."""
+
+    response_schema: str | dict[str, Any] | type[BaseModel] | None = Field(
+        None, description="Schema replies must satisfy: import path 'module:Class' of a pydantic model, a pydantic "
+                          "class, or an inline JSON-schema dict (also an OpenAI response_format object). "
+                          "Enables JSON parsing, validation, repair and (transformers/vllm) constrained decoding.")
+    regex: str | None = Field(None, description="Replies must full-match this regular expression (constrained "
+                                                "decoding on transformers/vllm). Exclusive with response_schema/ebnf.")
+    ebnf: str | None = Field(None, description="EBNF grammar (xgrammar/GBNF dialect, root rule 'root') that "
+                                               "constrains decoding on transformers/vllm; replies are accepted as "
+                                               "produced. Exclusive with response_schema/regex.")
+    max_repairs: int = Field(2, ge=0, description="How many times a reply that fails validation is re-asked "
+                                                  "(with the error) before the row is rejected.")
+    system_prompt: str | None = Field(None, description="System message prepended to rows whose messages do "
+                                                        "not start with a system message.")
+
+    @model_validator(mode="after")
+    def _one_format(self):
+        self.output_format()  # raises ValueError for conflicting/invalid formats
+        return self
+
+    def output_format(self) -> OutputFormat:
+        """The stage-level ``OutputFormat`` (``text`` when no schema/regex/ebnf is set)."""
+        return output_format(self.response_schema, self.regex, self.ebnf)
+
+    def sampling(self, override: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Stage sampling values merged with a row override, validated. Raises ``ValueError``."""
+        base = {k: getattr(self, k) for k in Sampling.model_fields}
+        if override:
+            base.update(override)
+        return Sampling.model_validate(base).model_dump()
+
+
+@dataclass
+class LLMRequest:
+    """One row's call: chat ``messages`` (plain OpenAI format, no ``None`` values), merged
+    ``sampling`` dict, the row's ``OutputFormat``; ``index`` is the row's position in the batch."""
+
+    index: int
+    row_id: str | None
+    messages: list[dict[str, Any]]
+    sampling: dict[str, Any]
+    fmt: OutputFormat
+    original: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class LLMReply:
+    """One generated reply: text, ``finish_reason`` (``stop``/``length``/provider value), token counts."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class LLMEngine(Protocol):
+    """What a backend provides to ``LLMStage``."""
+
+    #: whether a reply that failed validation can be re-asked (False for batch-file results)
+    can_repair: bool
+
+    def generate(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:
+        """One reply (or the exception that prevented it) per request, in request order."""
+
+    def describe_error(self, exc: BaseException) -> str:
+        """``"ExceptionType: message"`` for ``ROW_ERROR``, with secrets removed."""
+
+
+def describe_error(exc: BaseException) -> str:
+    """Default ``ROW_ERROR`` text: ``"ExceptionType: message"``."""
+    return f"{type(exc).__name__}: {exc}"

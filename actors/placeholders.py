@@ -1,0 +1,279 @@
+"""Tiny random-init placeholder models for the offline profile and the tests.
+
+No pip package ships weights for text-to-image diffusion, Grounding DINO or CLIP
+(``MODELS.md``), so the offline profile builds tiny models from configs. Each builder writes
+a folder in the library's **own** on-disk format, so the stage loads it through exactly the
+code path a real model takes:
+
+- ``build_tiny_sd3`` / ``build_tiny_sd``: diffusers ``save_pretrained`` layout
+  (``model_index.json``, ``transformer/`` or ``unet/``, ``vae/``, ``text_encoder*/``,
+  ``tokenizer*/``, ``scheduler/``), loaded by ``DiffusionPipeline.from_pretrained``;
+- ``build_tiny_grounding_dino``: transformers ``save_pretrained`` layout (``config.json``,
+  ``model.safetensors``, processor and tokenizer files), loaded by
+  ``AutoModelForZeroShotObjectDetection`` + ``AutoProcessor``;
+- ``build_tiny_clip``: open_clip's local-dir layout (``open_clip_config.json`` +
+  ``open_clip_model.safetensors``), loaded by
+  ``open_clip.create_model_and_transforms("local-dir:<folder>")``.
+
+The builders are deterministic (``torch.manual_seed(0)`` before each model), so two builds
+produce identical weights and tests are reproducible. Tokenizers are built offline from a
+small vocabulary: every word of ``OBJECT_WORDS`` is a whole token, anything else falls back
+to characters (CLIP BPE, T5) or to ``##`` word pieces (BERT), which keeps real sub-word
+behaviour. Outputs of these models are meaningless; ``actors.models`` marks them as
+placeholder and filters using them run in audit mode.
+
+Registered in ``actors.models.PLACEHOLDER_BUILDERS`` (``placeholder:tiny-sd3``,
+``placeholder:tiny-grounding-dino``, ``placeholder:tiny-clip``); ``build_tiny_sd`` is used
+by the tests for the weighted-prompt (compel) path and can be loaded by folder path.
+Sizes: tiny SD3 transformer 41 k parameters (whole pipeline 1.6 MB on disk), Grounding DINO 0.44 M,
+CLIP 1.76 M (mostly the 49,408-entry token embedding the stock open_clip tokenizer needs).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+#: Whole-word tokens of the tiny tokenizers: the COCO class names (split into words) plus
+#: common scene words of the Antidote/MM-GEN examples. Other words are spelled in pieces.
+OBJECT_WORDS = sorted(set("""
+a an the of and with in on at is are photo picture image person people man men woman women child
+children boy girl bicycle car motorcycle airplane bus train truck boat traffic light fire hydrant
+stop sign parking meter bench bird birds cat cats dog dogs horse sheep cow elephant bear zebra giraffe
+backpack umbrella handbag tie suitcase frisbee skis snowboard sports ball kite baseball bat glove
+skateboard surfboard tennis racket bottle wine glass cup fork knife spoon bowl banana apple sandwich
+orange broccoli carrot hot pizza donut cake chair couch potted plant bed dining table toilet tv laptop
+mouse remote keyboard cell phone microwave oven toaster sink refrigerator book clock vase scissors
+teddy hair drier toothbrush house snow tree trees leaves grass street road sky water beach field
+window door wall building game room kitchen food plate flower flowers bar chart pie line map
+low quality worst blurry overly smooth oversaturated bad anatomy disconnected limbs extra fingers mutated
+deformed duplicate facial expression face smiling sad angry
+""".split()))
+SPECIAL_BERT = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PUNCT = list(".,;:!?'\"()-/")
+LETTERS = list("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+def _seed(seed: int = 0) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP byte -> printable unicode map (the standard byte-level BPE alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77):
+    """CLIP BPE tokenizer over 256 byte symbols (+ ``</w>`` forms) and ``OBJECT_WORDS`` merges.
+
+    Merges are left-to-right chains (``c a -> ca``, ``ca t</w> -> cat</w>``), given as a list
+    of tuples (NOTES §2: "a b" strings and merges with a bare ``</w>`` fail).
+    """
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+    for c in chars:
+        vocab.setdefault(c + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    for word in OBJECT_WORDS:
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        left = symbols[0]
+        for right in symbols[1:]:
+            pair = (left, right)
+            left = left + right
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(pair)
+            vocab.setdefault(left, len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab.setdefault(special, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def tiny_t5_tokenizer():
+    """Unigram (sentencepiece-style) T5 tokenizer: whole ``OBJECT_WORDS`` plus single characters."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [(f"▁{w}", -3.0) for w in OBJECT_WORDS]
+    vocab += [(c, -6.0) for c in LETTERS + PUNCT]
+    vocab += [(f"▁{c}", -6.5) for c in LETTERS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def tiny_bert_vocab() -> dict[str, int]:
+    """BERT WordPiece vocab: specials, punctuation, ``OBJECT_WORDS``, letters and ``##`` letters.
+
+    Unknown words split into single-letter pieces (``zebra`` is a word; ``zebu`` becomes
+    ``z ##e ##b ##u``), so detections can carry real ``##`` sub-word labels.
+    """
+    words = SPECIAL_BERT + PUNCT + OBJECT_WORDS + LETTERS + ["##" + c for c in LETTERS] + ["##s", "##es"]
+    vocab: dict[str, int] = {}
+    for w in words:
+        vocab.setdefault(w, len(vocab))
+    return vocab
+
+
+def build_tiny_sd3(target: Path) -> None:
+    """Write a tiny random-init ``StableDiffusion3Pipeline`` (diffusers layout) into ``target``.
+
+    Transformer: 1 joint block, 4 heads x 8 dims, patch 1, ``sample_size=32`` (default
+    output 64 x 64 px), ``pos_embed_max_size=64`` (at most 128 x 128 px). Two CLIP text
+    encoders (hidden 32, projection 32) and a T5 encoder (d_model 64). VAE: 2 blocks of 8
+    channels (scale factor 2), SD3's shift/scaling factors. Scheduler:
+    ``FlowMatchEulerDiscreteScheduler`` (SD3's). Builds in well under a second.
+    """
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    tok = tiny_clip_tokenizer()
+    tok3 = tiny_t5_tokenizer()
+    cc = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                        num_hidden_layers=2, projection_dim=32, max_position_embeddings=77,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    _seed(0)
+    te = CLIPTextModelWithProjection(cc)
+    _seed(1)
+    te2 = CLIPTextModelWithProjection(cc)
+    _seed(2)
+    te3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=16, d_ff=64, num_layers=1,
+                                  num_heads=4, pad_token_id=tok3.pad_token_id,
+                                  eos_token_id=tok3.eos_token_id))
+    _seed(3)
+    tr = SD3Transformer2DModel(sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                               num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=64,
+                               pooled_projection_dim=64, out_channels=4, pos_embed_max_size=64)
+    _seed(4)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    pipe = StableDiffusion3Pipeline(transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                                    text_encoder=te, tokenizer=tok, text_encoder_2=te2,
+                                    tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=te3, tokenizer_3=tok3)
+    with torch.no_grad():
+        pipe.save_pretrained(str(target), safe_serialization=True)
+
+
+def build_tiny_sd(target: Path) -> None:
+    """Write a tiny random-init Stable Diffusion 1.x pipeline (UNet + one CLIP text encoder).
+
+    Used for the weighted-prompt path: compel supports SD 1.x/2.x/SDXL/Flux pipelines
+    (``compel.CompelForSD`` etc.) but not SD3. UNet: 2 blocks (32, 64 channels), cross
+    attention 32; DDIM scheduler (``steps_offset=1, clip_sample=False``, NOTES §2);
+    ``sample_size=32`` -> 64 x 64 px by default.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = tiny_clip_tokenizer()
+    _seed(0)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=37,
+                                      num_attention_heads=4, num_hidden_layers=2, max_position_embeddings=77,
+                                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                      pad_token_id=tok.pad_token_id))
+    _seed(1)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                attention_head_dim=8, norm_num_groups=8)
+    _seed(2)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with torch.no_grad():
+        pipe.save_pretrained(str(target), safe_serialization=True)
+
+
+def build_tiny_grounding_dino(target: Path) -> None:
+    """Write a tiny random-init Grounding DINO (transformers layout) into ``target``.
+
+    Swin backbone (embed 16, depths 1/1/1/1, window 4), BERT text encoder (1 layer, hidden
+    32, the ``tiny_bert_vocab`` WordPiece vocab passed as a dict: NOTES §1, ``vocab_file=``
+    is ignored in transformers 5), d_model 32, 1 encoder / 2 decoder layers (1 decoder layer
+    crashes the weight tying), 20 queries, ``max_text_len=64`` tokens. The image processor
+    keeps the original's resize (shortest edge 800, longest 1333, SPEC C4); the stage's
+    ``image_size`` parameter overrides it (tests use 64).
+    """
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SwinConfig)
+
+    vocab = tiny_bert_vocab()
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True)
+    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2],
+                          window_size=4, out_indices=[2, 3, 4])
+    text = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=128)
+    cfg = GroundingDinoConfig(backbone_config=backbone, text_config=text, d_model=32, encoder_layers=1,
+                              decoder_layers=2, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=2,
+                              decoder_attention_heads=2, num_queries=20, max_text_len=64, num_feature_levels=4,
+                              encoder_n_points=2, decoder_n_points=2)
+    _seed(0)
+    model = GroundingDinoForObjectDetection(cfg)
+    proc = GroundingDinoProcessor(
+        image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 800, "longest_edge": 1333}),
+        tokenizer=tok)
+    model.save_pretrained(str(target))
+    proc.save_pretrained(str(target))
+
+
+#: open_clip model config of the tiny CLIP (NOTES §3). The stock open_clip tokenizer needs
+#: ``vocab_size=49408`` and ``context_length=77``.
+TINY_CLIP_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def build_tiny_clip(target: Path) -> None:
+    """Write a tiny random-init open_clip model in open_clip's local-dir layout.
+
+    Files: ``open_clip_config.json`` = ``{"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {...}}``
+    and ``open_clip_model.safetensors``. Load with ``"local-dir:<target>"``; the tokenizer is
+    open_clip's bundled BPE (``bpe_simple_vocab_16e6.txt.gz``), no download. Input 64 x 64 px,
+    embeddings 32-d.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    preprocess_cfg = {"size": 64, "mean": list(open_clip.OPENAI_DATASET_MEAN),
+                      "std": list(open_clip.OPENAI_DATASET_STD), "interpolation": "bicubic",
+                      "resize_mode": "shortest"}
+    (target / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": preprocess_cfg}, indent=2))
+    # build through the same local-dir path (config only), so the state-dict keys match the loader's;
+    # open_clip logs "no CLIP weights found ... initialized randomly" here, which is the point
+    _seed(0)
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        model = open_clip.create_model(f"local-dir:{target}", load_weights=False)
+    finally:
+        logging.disable(previous)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(target / "open_clip_model.safetensors"))

@@ -1,0 +1,309 @@
+"""Text-to-image stage (diffusers): Antidote step 2-1, MIRROR-LLaVA image generation.
+
+``Text2Image`` loads any diffusers text-to-image pipeline (``DiffusionPipeline.from_pretrained``
+reads the pipeline class from ``model_index.json``: SD3-medium for Antidote, SD-Turbo for the
+local profile, the tiny SD3 placeholder offline) once per actor and generates one image per
+row, all rows of a batch in one pipeline call.
+
+Determinism: each row gets its own ``torch.Generator("cpu").manual_seed(seed)`` with
+``seed`` = the row's ``seed`` column or ``rows.seed_from_id(id)``; the initial latents of a
+row depend only on its seed, never on its batch position, so a rerun (or regenerating a
+single row) reproduces its image. Same id + same batch size + same thread count -> the same
+PNG bytes. A different batch size can change low-order float bits in the batched matmuls
+(NOTES identity-generation §5: <= 1/255 per pixel); tests compare across batch sizes with
+that tolerance.
+
+Weighted prompts: Antidote's LLM writes A1111-style weights ``(object:1.3)``. Where the
+pipeline accepts prompt embeddings *and* ``compel`` supports its text encoders (Stable
+Diffusion 1.x/2.x: ``CompelForSD``; SDXL: ``CompelForSDXL``), the weights are applied with
+compel (the syntax is translated to compel's ``(object)1.3``). Compel has no SD3 support
+(2.5.1; its fork ``compel5`` neither) and ``sd_embed`` is not on PyPI, so for SD3 and every
+other pipeline the weights are stripped (``(object:1.3)`` -> ``object``) and the row says so
+in ``prompt_weights_stripped``. The original Antidote also ignored the weights (SPEC
+C11.10: it prompts with the plain ``caption``).
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.batching import (batch_len, error_text, is_missing, object_column, row_ids, run_halving_on_oom,
+                             set_threads)
+from actors.models import ResolvedModel, materialize, torch_device_dtype
+from udfs import io as uio
+from udfs import rows
+from udfs.images import encode_png
+
+__all__ = ["Text2Image", "strip_weights", "to_compel_syntax", "has_weights", "image_file_name",
+           "QUALITY_NEGATIVES"]
+
+#: Quality negatives appended to every row's negative prompt (SPEC C3 lists the original's:
+#: low quality, over-smoothing, over-saturation, bad anatomy, disconnected/extra limbs, extra
+#: fingers, mutation, deformation, duplicates), written here in common prompt terms.
+QUALITY_NEGATIVES = ("low quality, worst quality, blurry, overly smooth, oversaturated, bad anatomy, "
+                     "disconnected limbs, extra limbs, extra fingers, mutated, deformed, duplicate")
+
+_WEIGHT = re.compile(r"\(\s*([^():]+?)\s*:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)")
+
+
+def has_weights(text: str) -> bool:
+    """True if ``text`` contains at least one ``(words:weight)`` group."""
+    return bool(_WEIGHT.search(text or ""))
+
+
+def strip_weights(text: str) -> str:
+    """``"a (bird house:1.3) in (snow:1.2)"`` -> ``"a bird house in snow"``."""
+    return _WEIGHT.sub(lambda m: m.group(1), text or "")
+
+
+def _escape_compel(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
+
+
+def to_compel_syntax(text: str) -> str:
+    """Translate A1111 weights to compel's syntax: ``"(bird house:1.3)"`` -> ``"(bird house)1.3"``.
+
+    Parentheses outside weight groups are escaped so compel does not read them as syntax.
+    """
+    out, pos = [], 0
+    for m in _WEIGHT.finditer(text or ""):
+        out.append(_escape_compel(text[pos:m.start()]))
+        weight = float(m.group(2))
+        out.append(f"({_escape_compel(m.group(1))}){weight:g}")
+        pos = m.end()
+    out.append(_escape_compel((text or "")[pos:]))
+    return "".join(out)
+
+
+def image_file_name(row_id: str) -> str:
+    """``<id>.png``; ids with characters unsafe in file names/URIs get them replaced by ``_``
+    plus an 8-hex hash of the raw id, so two ids never share a file."""
+    safe = re.sub(r"[^A-Za-z0-9._=-]", "_", row_id)
+    safe = re.sub(r"^\.+", lambda m: "_" * len(m.group()), safe)  # no hidden files, no ".."
+    if safe != row_id or safe in ("", ".", ".."):
+        safe = f"{safe}-{hashlib.sha256(row_id.encode()).hexdigest()[:8]}"
+    return f"{safe}.png"
+
+
+def _compel_wrapper(pipe):
+    """(compel wrapper class, kind) for pipelines whose text encoders compel supports, else None."""
+    try:
+        import compel
+    except ImportError:
+        return None
+    names = [c.__name__ for c in type(pipe).__mro__]
+    if "StableDiffusionXLPipeline" in names and hasattr(compel, "CompelForSDXL"):
+        return compel.CompelForSDXL, "sdxl"
+    if "StableDiffusionPipeline" in names and hasattr(compel, "CompelForSD"):
+        return compel.CompelForSD, "sd"
+    return None
+
+
+class Text2Image:
+    """Generate one image per row with a diffusers text-to-image pipeline.
+
+    Input columns: ``id``; the prompt column (``prompt``); optional negative-prompt column
+    (``negative_prompt``; a null cell means none); optional ``seed`` column (int; null ->
+    ``seed_from_id(id)``).
+
+    Output columns (one entry per row; ``None`` where the row failed):
+
+    - ``image`` (str): URI of the PNG written to ``<output_dir>/<id>.png`` -- or, when
+      ``output_dir`` is empty, ``image_png`` (bytes): the PNG itself;
+    - ``seed`` (int): the seed used; ``gen_steps`` (int), ``gen_guidance_scale`` (float):
+      the sampler settings used; ``gen_height`` / ``gen_width`` (int, px): the size of the
+      generated image;
+    - ``prompt_weights_stripped`` (bool): the row's prompt or negative prompt had
+      ``(object:w)`` weights that this pipeline could not apply and were removed;
+    - ``rows.ROW_ERROR``: ``None``, or ``"InputError: row 'x' field 'prompt': ..."`` (missing
+      prompt, bad seed), ``"OutOfMemoryError: ..."`` (did not fit even alone), or the write
+      error for the output file.
+    """
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        prompt_column: str = Field("prompt", description="Column holding the positive prompt (Antidote: the "
+                                   "rewritten `caption`, SPEC C3, not the weighted `prompt`).")
+        negative_column: str = Field("negative_prompt", description="Optional column holding the per-row negative "
+                                     "prompt (Antidote: `prompt_neg`, the no-exist objects); absent or null -> none.")
+        seed_column: str = Field("seed", description="Optional int column with per-row seeds; absent or null -> "
+                                 "rows.seed_from_id(id).")
+        height: int | None = Field(None, ge=8, description="Image height in px; None = the pipeline's default "
+                                   "(SD3-medium: 1024, SPEC C3 'pipeline default').")
+        width: int | None = Field(None, ge=8, description="Image width in px; None = the pipeline's default.")
+        num_inference_steps: int = Field(28, ge=1, description="Denoising steps (SPEC C3: Antidote/SD3-medium 28; "
+                                         "SD-Turbo: 1-4).")
+        guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale (SPEC C3: 7.5; "
+                                      "SD-Turbo: 0.0).")
+        negative_suffix: str = Field(QUALITY_NEGATIVES, description="Quality negatives appended to each row's "
+                                     "negative prompt (SPEC C3's list, reworded); empty = none.")
+        output_dir: str = Field("", description="Folder (local path or s3:// URI) for `<id>.png`; empty = return "
+                                "the PNG bytes in column `image_png` instead.")
+        weighted_prompts: bool = Field(True, description="Apply `(object:1.3)` weights with compel where the "
+                                       "pipeline supports it (SD 1.x/2.x, SDXL); otherwise, or when False, the "
+                                       "weights are stripped and `prompt_weights_stripped` is set.")
+        max_sequence_length: int | None = Field(256, ge=1, description="T5 token limit for pipelines with a T5 "
+                                                "encoder (SD3 default 256); ignored by pipelines without it.")
+        extra_call_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for "
+                                                  "the pipeline call (e.g. {'clip_skip': 1}).")
+        num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for this actor (None: "
+                                        "leave Ray's per-actor setting).")
+
+    @classmethod
+    def columns(cls, params: dict) -> tuple[list[str], list[str]]:
+        """(required input columns, output columns); the negative and seed columns are optional."""
+        p = cls.Params.model_validate(params)
+        image_col = "image" if p.output_dir else "image_png"
+        return ([rows.ID, p.prompt_column],
+                [image_col, "seed", "gen_steps", "gen_guidance_scale", "gen_height", "gen_width",
+                 "prompt_weights_stripped"])
+
+    def __init__(self, model: dict, params: dict):
+        import torch
+        from diffusers import DiffusionPipeline
+
+        self.params = self.Params.model_validate(params)
+        set_threads(self.params.num_threads)
+        self.resolved = ResolvedModel.model_validate(model)
+        self.placeholder = self.resolved.placeholder
+        spec = self.resolved.spec
+        if spec.backend != "diffusers":
+            raise ValueError(f"Text2Image needs a model spec with backend 'diffusers', got {spec.backend!r}")
+        self.device, self.dtype = torch_device_dtype(spec)
+        path = materialize(self.resolved)
+        opts = dict(spec.options)
+        load_kwargs: dict[str, Any] = {"dtype": self.dtype}
+        if spec.revision:
+            load_kwargs["revision"] = spec.revision
+        if opts.get("variant"):
+            load_kwargs["variant"] = opts["variant"]
+        for component in opts.get("drop_components", []):  # e.g. SD3 without T5: text_encoder_3, tokenizer_3
+            load_kwargs[component] = None
+        self.pipe = DiffusionPipeline.from_pretrained(path, **load_kwargs)
+        if opts.get("cpu_offload") and self.device.type == "cuda":
+            self.pipe.enable_model_cpu_offload()
+        else:
+            self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+        self._call_params = set(inspect.signature(self.pipe.__call__).parameters)
+        wrapper = _compel_wrapper(self.pipe) if self.params.weighted_prompts else None
+        self.weights_supported = wrapper is not None
+        self._compel = None
+        self._compel_kind = None
+        if wrapper is not None:
+            cls, self._compel_kind = wrapper
+            self._compel = cls(self.pipe, device=str(self.device))
+        self._torch = torch
+
+    # -- per-row inputs ------------------------------------------------------------------
+
+    def _row_inputs(self, batch: dict, i: int, row_id: str) -> tuple[str, str, int, bool]:
+        p = self.params
+        prompt = batch[p.prompt_column][i]
+        if is_missing(prompt) or not isinstance(prompt, str) or not prompt.strip():
+            raise rows.InputError(row_id, p.prompt_column, f"empty or missing prompt ({prompt!r})")
+        neg = batch[p.negative_column][i] if p.negative_column in batch else None
+        if is_missing(neg):
+            neg = ""
+        if not isinstance(neg, str):
+            raise rows.InputError(row_id, p.negative_column, f"negative prompt is not a string ({neg!r})")
+        negative = ", ".join(s for s in (neg.strip(), p.negative_suffix.strip()) if s)
+        seed_val = batch[p.seed_column][i] if p.seed_column in batch else None
+        if is_missing(seed_val):
+            seed = rows.seed_from_id(row_id)
+        else:
+            try:
+                seed = int(seed_val)
+                if isinstance(seed_val, (float, np.floating)) and seed != seed_val:
+                    raise ValueError(seed_val)
+            except (TypeError, ValueError, OverflowError):
+                raise rows.InputError(row_id, p.seed_column, f"seed {seed_val!r} is not an integer") from None
+            if not 0 <= seed < 2 ** 63:
+                raise rows.InputError(row_id, p.seed_column, f"seed {seed} out of range [0, 2**63)")
+        weighted = has_weights(prompt) or has_weights(negative)
+        if self._compel is not None:
+            return to_compel_syntax(prompt), to_compel_syntax(negative), seed, False
+        return strip_weights(prompt), strip_weights(negative), seed, weighted
+
+    # -- generation ----------------------------------------------------------------------
+
+    def _generate(self, items: list[tuple[str, str, int]]):
+        """One pipeline call for ``items`` = [(prompt, negative, seed)]; returns PIL images."""
+        torch = self._torch
+        p = self.params
+        prompts = [x[0] for x in items]
+        negatives = [x[1] for x in items]
+        generators = [torch.Generator(device="cpu").manual_seed(x[2]) for x in items]
+        kwargs: dict[str, Any] = dict(num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
+                                      generator=generators, output_type="pil")
+        if p.height:
+            kwargs["height"] = p.height
+        if p.width:
+            kwargs["width"] = p.width
+        if p.max_sequence_length and "max_sequence_length" in self._call_params:
+            kwargs["max_sequence_length"] = p.max_sequence_length
+        kwargs.update(p.extra_call_kwargs)
+        with torch.inference_mode():
+            if self._compel is not None:
+                cond = self._compel(prompts, negative_prompt=negatives)
+                kwargs.update(prompt_embeds=cond.embeds, negative_prompt_embeds=cond.negative_embeds)
+                if self._compel_kind == "sdxl":
+                    kwargs.update(pooled_prompt_embeds=cond.pooled_embeds,
+                                  negative_pooled_prompt_embeds=cond.negative_pooled_embeds)
+            else:
+                kwargs.update(prompt=prompts, negative_prompt=negatives)
+            out = self.pipe(**kwargs)
+        return list(out.images)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Generate the batch's images (one pipeline call; halved on out-of-memory)."""
+        p = self.params
+        n = batch_len(batch)
+        ids = row_ids(batch)
+        errors: list[str | None] = [None] * n
+        seeds: list[int | None] = [None] * n
+        stripped = [False] * n
+        items: dict[int, tuple[str, str, int]] = {}
+        for i, rid in enumerate(ids):
+            try:
+                prompt, negative, seed, was_stripped = self._row_inputs(batch, i, rid)
+            except rows.InputError as exc:
+                errors[i] = error_text(exc)
+                continue
+            seeds[i], stripped[i] = seed, was_stripped
+            items[i] = (prompt, negative, seed)
+        order = list(items)
+        images = run_halving_on_oom(self._generate, [items[i] for i in order])
+        out_image: list[Any] = [None] * n
+        heights: list[int | None] = [None] * n
+        widths: list[int | None] = [None] * n
+        for i, img in zip(order, images):
+            if isinstance(img, BaseException):
+                errors[i] = f"{type(img).__name__}: row {ids[i]!r}: out of memory even with batch size 1: {img}"
+                continue
+            png = encode_png(img)
+            widths[i], heights[i] = img.size
+            if p.output_dir:
+                uri = uio.join(p.output_dir, image_file_name(ids[i]))
+                try:
+                    out_image[i] = uio.write_bytes(uri, png)
+                except (OSError, ValueError) as exc:
+                    errors[i] = f"{type(exc).__name__}: row {ids[i]!r} field 'image': cannot write {uri}: {exc}"
+            else:
+                out_image[i] = png
+        out = dict(batch)
+        out["image" if p.output_dir else "image_png"] = object_column(out_image)
+        out["seed"] = object_column(seeds)
+        out["gen_steps"] = np.full(n, p.num_inference_steps, dtype=np.int64)
+        out["gen_guidance_scale"] = np.full(n, p.guidance_scale, dtype=np.float64)
+        out["gen_height"] = object_column(heights)
+        out["gen_width"] = object_column(widths)
+        out["prompt_weights_stripped"] = np.asarray(stripped, dtype=bool)
+        out[rows.ROW_ERROR] = object_column(errors)
+        return out

@@ -1,0 +1,150 @@
+"""Antidote throughput: per-stage rows/s, pipeline efficiency, and Ray vs a sequential loop.
+
+Measured in one run on the same captions and the same recipe (default: offline profile):
+
+1. **end to end** — the real job (``jobs.driver.run``) on N captions; rows/s = N / wall time
+   (Ray already started, so start-up of the cluster is excluded; actor start and model load
+   are included, as a user pays them).
+2. **each model stage alone** — the rows that reached that stage in run 1, through a Ray Data
+   pipeline holding only that stage (same actor pool settings); rows/s per stage.
+   Pipeline efficiency = end-to-end rate ÷ rate of the slowest stage alone (1.0 = the pipeline
+   runs as fast as its bottleneck).
+3. **sequential loop** — the originals' style: one process, each stage over all rows before
+   the next, models loaded in-process, the same stage code (``apply_stage``) without Ray.
+
+Writes ``benchmarks/results/antidote-<date>.json`` with the figures, the configuration and
+the machine. Usage: ``python benchmarks/antidote.py [--limit 16] [--profile offline]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pyarrow as pa  # noqa: E402
+
+from jobs import antidote as pipeline  # noqa: E402
+from jobs import driver  # noqa: E402
+from jobs.recipe import load_recipe  # noqa: E402
+from jobs.runtime import StageRun, add_stage, apply_stage  # noqa: E402
+from udfs import rows as R  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _reached(rows: pa.Table, order: list[str], stage: str) -> pa.Table:
+    """Rows that entered ``stage`` in the end-to-end run, with their status reset to ok."""
+    pos = {s: k for k, s in enumerate(order)}
+    keep = [st == R.OK or pos.get(sg, -1) >= pos[stage]
+            for st, sg in zip(rows.column(R.STATUS).to_pylist(), rows.column(R.STAGE).to_pylist())]
+    t = rows.filter(pa.array(keep))
+    for c in (R.STATUS, R.STAGE, R.REASON):
+        t = t.set_column(t.column_names.index(c), c, pa.array([R.OK if c == R.STATUS else ""] * t.num_rows))
+    return t
+
+
+def stage_alone(sp, table: pa.Table) -> dict:
+    import ray.data
+
+    ds = ray.data.from_arrow(table)
+    t0 = time.time()
+    ds = add_stage(ds, sp.stage, sp.cfg, sp.resolved, audit=sp.audit)
+    n = ds.materialize().count()
+    wall = time.time() - t0
+    return {"rows": n, "wall_s": round(wall, 2), "rows_per_s": round(n / wall, 3)}
+
+
+def sequential(p: driver.Plan, table: pa.Table) -> float:
+    """All stages in one process, stage after stage, each over every row in recipe batches."""
+    t0 = time.time()
+    for sp in p.stages:
+        _, outs = sp.stage.columns(sp.cfg.params)
+        run = StageRun(sp.stage.name, tuple(outs), sp.stage.filter, sp.audit,
+                       bool(sp.resolved and sp.resolved.placeholder), sp.cfg.max_retries,
+                       tuple(sp.stage.rename.items()))
+        if sp.stage.is_actor:
+            call = sp.stage.actor_class()(model=sp.resolved.model_dump(), params=sp.stage.merged(sp.cfg.params))
+        else:
+            import functools
+
+            params = sp.stage.validated_params(sp.cfg.params)
+            call = functools.partial(sp.stage.target, params=params, **({"audit": sp.audit} if sp.stage.filter else {}))
+        parts = [apply_stage(table.slice(k, sp.cfg.batch_size), call, run)
+                 for k in range(0, table.num_rows, sp.cfg.batch_size)]
+        table = pa.concat_tables(parts, promote_options="permissive")
+    return time.time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--limit", type=int, default=16)
+    ap.add_argument("--profile", default="offline")
+    ap.add_argument("--input", default=os.path.join(ROOT, "data/captions/coco2017_mini.jsonl"))
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+
+    import ray
+    import torch
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "OMP_WAIT_POLICY",
+                                                                   "TOKENIZERS_PARALLELISM")}})
+    out = tempfile.mkdtemp(prefix="bench-antidote-")
+    recipe = load_recipe(pipeline.RECIPE, "antidote", args.profile, overrides=args.set, input=args.input,
+                         output=out, limit=args.limit)
+    t0 = time.time()
+    manifest = driver.run(pipeline, recipe, ["benchmarks/antidote.py"])
+    e2e_wall = time.time() - t0
+    n = args.limit
+    p = driver.plan(pipeline, recipe)
+    rows = driver.read_table(driver.work(out, "rows"))
+    order = [sp.stage.name for sp in p.stages]
+
+    alone = {}
+    for sp in p.stages:
+        if sp.stage.is_actor:
+            alone[sp.stage.name] = stage_alone(sp, _reached(rows, order, sp.stage.name))
+    slowest = min(alone, key=lambda s: alone[s]["rows_per_s"])
+
+    seq_input = driver.read_table(driver.work(out, "input"))
+    seq_wall = sequential(p, seq_input)
+
+    e2e_rate = n / e2e_wall
+    result = {
+        "benchmark": "antidote",
+        "date": date.today().isoformat(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "torch": torch.__version__, "ray": ray.__version__, "gpu": torch.cuda.is_available(),
+                    "load_avg_start": os.getloadavg()},
+        "config": {"profile": args.profile, "captions": n, "overrides": args.set,
+                   "models": manifest["models"]},
+        "end_to_end": {"rows": n, "wall_s": round(e2e_wall, 2), "rows_per_s": round(e2e_rate, 3)},
+        "stage_alone": alone,
+        "slowest_stage": slowest,
+        "pipeline_efficiency": round(e2e_rate / alone[slowest]["rows_per_s"], 3),
+        "sequential_loop": {"rows": n, "wall_s": round(seq_wall, 2), "rows_per_s": round(n / seq_wall, 3)},
+        "ray_vs_sequential": round(seq_wall / e2e_wall, 3),
+        "funnel": manifest["funnel"],
+    }
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    path = os.path.join(ROOT, "benchmarks", "results", f"antidote-{date.today().isoformat()}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps({k: result[k] for k in ("end_to_end", "slowest_stage", "pipeline_efficiency",
+                                             "sequential_loop", "ray_vs_sequential")}, indent=2))
+    print(f"written {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from actors.batching import object_column
 from actors.llm_base import (
     OPTIONAL_INPUT_COLUMNS,
     OUTPUT_COLUMNS,
@@ -210,25 +211,19 @@ class LLMStage:
         self._run(self._requests(batch, n, results), results)
 
         out: dict[str, Any] = dict(batch)
-        out["generated_text"] = _objects([r.text for r in results])
-        out["parsed"] = _objects([r.parsed for r in results])
-        out["finish_reason"] = _objects([r.finish_reason for r in results])
+        out["generated_text"] = object_column([r.text for r in results])
+        out["parsed"] = object_column([r.parsed for r in results])
+        out["finish_reason"] = object_column([r.finish_reason for r in results])
         out["prompt_tokens"] = np.array([r.prompt_tokens for r in results], dtype=np.int64)
         out["completion_tokens"] = np.array([r.completion_tokens for r in results], dtype=np.int64)
-        out["llm_backend"] = _objects([self.resolved.spec.backend] * n)
-        out["llm_model"] = _objects([self.resolved.spec.model] * n)
+        out["llm_backend"] = object_column([self.resolved.spec.backend] * n)
+        out["llm_model"] = object_column([self.resolved.spec.model] * n)
         out["llm_attempts"] = np.array([r.attempts for r in results], dtype=np.int64)
         out["llm_repaired"] = np.array([r.attempts > 1 and r.error is None and r.reject is None
                                         for r in results], dtype=bool)
-        out[rows.ROW_ERROR] = _objects([r.error for r in results])
-        out[rows.ROW_REJECT] = _objects([r.reject if r.error is None else None for r in results])
+        out[rows.ROW_ERROR] = object_column([r.error for r in results])
+        out[rows.ROW_REJECT] = object_column([r.reject if r.error is None else None for r in results])
         return out
-
-
-def _objects(values: list[Any]) -> np.ndarray:
-    arr = np.empty(len(values), dtype=object)
-    arr[:] = values
-    return arr
 
 
 __all__ = ["LLMParams", "LLMStage", "Sampling", "LLMRequest", "LLMReply", "LLMEngine", "OUTPUT_COLUMNS",

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from actors.batching import error_text
 from udfs.llm_output import OutputFormat, output_format
 
 #: columns every LLM backend adds (one entry per row)
@@ -111,6 +112,4 @@ class LLMEngine(Protocol):
         """``"ExceptionType: message"`` for ``ROW_ERROR``, with secrets removed."""
 
 
-def describe_error(exc: BaseException) -> str:
-    """Default ``ROW_ERROR`` text: ``"ExceptionType: message"``."""
-    return f"{type(exc).__name__}: {exc}"
+describe_error = error_text  # default ROW_ERROR text: "ExceptionType: message"

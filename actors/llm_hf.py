@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from actors.llm_base import LLMParams, LLMReply, LLMRequest, describe_error
-from actors.models import ResolvedModel, cache_dir, materialize, torch_device_dtype
+from actors.models import ResolvedModel, build_once, cache_dir, materialize, torch_device_dtype
 from udfs.llm_output import OutputFormat, text_only_messages
 
 log = logging.getLogger(__name__)
@@ -53,32 +51,17 @@ def convert_gguf(resolved: ResolvedModel) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = converted_gguf_dir(resolved)
-    if (target / ".complete").exists():
-        return target
+    def convert(tmp: Path) -> None:
+        tok = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.file)
+        model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.file, dtype=torch.float32)
+        model.hf_quantizer = None  # weights are plain float tensors now
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+
     with _CONVERT_LOCK:
-        if (target / ".complete").exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            tok = AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.file)
-            model = AutoModelForCausalLM.from_pretrained(resolved.path, gguf_file=resolved.file,
-                                                         dtype=torch.float32)
-            model.hf_quantizer = None  # weights are plain float tensors now
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            (tmp / ".complete").write_text(f"converted from {resolved.spec.model}\n")
-            try:
-                tmp.rename(target)
-            except OSError:  # another process finished first
-                if not (target / ".complete").exists():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        return build_once(converted_gguf_dir(resolved), convert, f"converted from {resolved.spec.model}")
 
 
 def model_dir(resolved: ResolvedModel) -> str:

@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -139,25 +139,31 @@ def materialize(resolved: ResolvedModel) -> str:
     """
     if resolved.source != "placeholder":
         return resolved.path
-    target = Path(resolved.path)
-    if (target / ".complete").exists():
-        return str(target)
     name = resolved.spec.model.split(":", 1)[1]
     module, _, func = PLACEHOLDER_BUILDERS[name].partition(":")
     builder = getattr(importlib.import_module(module), func)
+    return str(build_once(Path(resolved.path), builder, "placeholder: tiny random-init weights"))
+
+
+def build_once(target: Path, build: Callable[[Path], None], note: str) -> Path:
+    """Build a cache folder once: ``build(tmp)`` writes into a temporary sibling folder that is
+    renamed to ``target`` with a ``.complete`` marker, so concurrent processes on one node never
+    see a half-written model; the loser of a race keeps the winner's folder."""
+    if (target / ".complete").exists():
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        builder(tmp)
-        (tmp / ".complete").write_text("placeholder: tiny random-init weights\n")
+        build(tmp)
+        (tmp / ".complete").write_text(note + "\n")
         try:
             tmp.rename(target)
-        except OSError:  # another actor finished first
+        except OSError:  # another process finished first
             if not (target / ".complete").exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return str(target)
+    return target
 
 
 def torch_device_dtype(spec: ModelSpec):

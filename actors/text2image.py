@@ -24,7 +24,6 @@ C11.10: it prompts with the plain ``caption``).
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import re
 from typing import Any
@@ -37,7 +36,8 @@ from actors.batching import (batch_len, error_text, is_missing, object_column, r
 from actors.models import ResolvedModel, materialize, torch_device_dtype
 from udfs import io as uio
 from udfs import rows
-from udfs.images import encode_png
+from udfs.images import encode_png, image_file_name
+from udfs.prompt_weights import WEIGHT_RE, has_weights, strip_weights
 
 __all__ = ["Text2Image", "strip_weights", "to_compel_syntax", "has_weights", "image_file_name",
            "QUALITY_NEGATIVES"]
@@ -47,19 +47,6 @@ __all__ = ["Text2Image", "strip_weights", "to_compel_syntax", "has_weights", "im
 #: fingers, mutation, deformation, duplicates), written here in common prompt terms.
 QUALITY_NEGATIVES = ("low quality, worst quality, blurry, overly smooth, oversaturated, bad anatomy, "
                      "disconnected limbs, extra limbs, extra fingers, mutated, deformed, duplicate")
-
-_WEIGHT = re.compile(r"\(\s*([^():]+?)\s*:\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*\)")
-
-
-def has_weights(text: str) -> bool:
-    """True if ``text`` contains at least one ``(words:weight)`` group."""
-    return bool(_WEIGHT.search(text or ""))
-
-
-def strip_weights(text: str) -> str:
-    """``"a (bird house:1.3) in (snow:1.2)"`` -> ``"a bird house in snow"``."""
-    return _WEIGHT.sub(lambda m: m.group(1), text or "")
-
 
 def _escape_compel(text: str) -> str:
     return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
@@ -71,23 +58,13 @@ def to_compel_syntax(text: str) -> str:
     Parentheses outside weight groups are escaped so compel does not read them as syntax.
     """
     out, pos = [], 0
-    for m in _WEIGHT.finditer(text or ""):
+    for m in WEIGHT_RE.finditer(text or ""):
         out.append(_escape_compel(text[pos:m.start()]))
         weight = float(m.group(2))
         out.append(f"({_escape_compel(m.group(1))}){weight:g}")
         pos = m.end()
     out.append(_escape_compel((text or "")[pos:]))
     return "".join(out)
-
-
-def image_file_name(row_id: str) -> str:
-    """``<id>.png``; ids with characters unsafe in file names/URIs get them replaced by ``_``
-    plus an 8-hex hash of the raw id, so two ids never share a file."""
-    safe = re.sub(r"[^A-Za-z0-9._=-]", "_", row_id)
-    safe = re.sub(r"^\.+", lambda m: "_" * len(m.group()), safe)  # no hidden files, no ".."
-    if safe != row_id or safe in ("", ".", ".."):
-        safe = f"{safe}-{hashlib.sha256(row_id.encode()).hexdigest()[:8]}"
-    return f"{safe}.png"
 
 
 def _compel_wrapper(pipe):

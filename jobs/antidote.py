@@ -24,6 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import Field
 
+from jobs.driver import reached, write_table
 from jobs.recipe import Recipe
 from jobs.runtime import Stage, llm_stage
 from udfs import antidote as A
@@ -55,23 +56,26 @@ def bank_name(recipe: Recipe) -> str:
     return "mmsynth-memory-bank-" + R.content_id(recipe.output or "")
 
 
+def _embeddings(batch: dict) -> list[list[float]]:
+    return [list(map(float, e)) for e in batch["caption_embedding"]]
+
+
 def _memory_query(name: str):
+    """Stage: avoid-examples for each caption from the run's memory-bank actor."""
     def memory_query(batch: dict, params) -> dict:
         import ray
 
-        bank = ray.get_actor(name)
-        emb = [list(map(float, e)) for e in batch["caption_embedding"]]
-        return {"avoid_questions": ray.get(bank.query.remote(emb))}
+        return {"avoid_questions": ray.get(ray.get_actor(name).query.remote(_embeddings(batch)))}
     return memory_query
 
 
 def _memory_add(name: str):
+    """Stage: add each caption's embedding and CPQ to the memory bank (ids added once)."""
     def memory_add(batch: dict, params) -> dict:
         import ray
 
-        bank = ray.get_actor(name)
-        emb = [list(map(float, e)) for e in batch["caption_embedding"]]
-        size = ray.get(bank.add.remote([str(i) for i in batch["id"]], emb, list(batch["hall_question"])))
+        size = ray.get(ray.get_actor(name).add.remote([str(i) for i in batch["id"]], _embeddings(batch),
+                                                      list(batch["hall_question"])))
         return {"bank_size": [size] * len(batch["id"])}
     return memory_add
 
@@ -121,7 +125,7 @@ def stages(recipe: AntidoteRecipe) -> list[Stage]:
         Stage("cpq_verdict", A.verdicts("cpq_judge_parsed", "cpq_rules"), ("cpq_judge_parsed",),
               ("cpq_rules_verdict",), filter=True),
         Stage("pope_prompts", A.pope_prompts, ("truth_object",), ("messages",)),
-        llm_stage("pope_fix", "udfs.antidote:FixedQuestion"),
+        llm_stage("pope_fix", "udfs.antidote:FixedQuestion", filter=False),  # invalid fix -> template
         Stage("pope_fields", A.pope_fields, ("truth_object", "pope_fix_parsed"), ("pope_question", "pope_fixed")),
     ]
 
@@ -173,10 +177,12 @@ def _read_pool(uri: str) -> tuple[list[dict], list[dict]]:
     return good, bad
 
 
-def ingest(recipe: AntidoteRecipe) -> tuple[pa.Table, list[dict]]:
+def ingest(recipe: AntidoteRecipe) -> tuple[pa.Table, list[dict], int]:
     """Read the pool, keep captions with ≥ ``min_words`` words, drop exact duplicates (later
-    copies), shuffle with ``shuffle_seed``, take ``limit`` or ``total_num``. Short and
-    duplicate captions are returned as rejects with their reasons."""
+    copies), shuffle with ``shuffle_seed``, take ``limit`` or ``total_num``.
+
+    Returns the rows (``id``, ``caption``), the rejects (short, duplicate, malformed: each
+    with ``id``, ``stage``, ``reason``) and how many valid captions the limit left out."""
     records, rejects = _read_pool(recipe.input)
     seen: dict[str, str] = {}
     ids: set[str] = set()
@@ -197,10 +203,11 @@ def ingest(recipe: AntidoteRecipe) -> tuple[pa.Table, list[dict]]:
     if recipe.shuffle:
         random.Random(recipe.shuffle_seed).shuffle(keep)
     n = recipe.limit or recipe.total_num or len(keep)
+    not_selected = max(0, len(keep) - n)
     keep = keep[:n]
     table = pa.table({"id": pa.array([r["id"] for r in keep], pa.string()),
                       "caption": pa.array([r["caption"] for r in keep], pa.string())})
-    return table, rejects
+    return table, rejects, not_selected
 
 
 def before_run(recipe: AntidoteRecipe, out: str) -> None:
@@ -208,7 +215,7 @@ def before_run(recipe: AntidoteRecipe, out: str) -> None:
     import ray
 
     from actors.memory_bank import MemoryBank
-    from jobs.driver import read_table, work
+    from jobs.driver import read_table, work  # noqa: F811 (kept local: needs Ray)
 
     global _BANK  # keep the handle alive for the whole run
     _BANK = ray.remote(MemoryBank).options(name=bank_name(recipe), get_if_exists=True, num_cpus=0).remote(
@@ -226,14 +233,6 @@ _BANK = None
 
 # ----------------------------------------------------------------------------- export
 
-def _passed(rows: pa.Table, order: list[str], stage: str) -> list[bool]:
-    """Rows that got through ``stage`` (ok, or stopped at a later stage)."""
-    pos = {s: k for k, s in enumerate(order)}
-    k = pos[stage]
-    return [st == R.OK or pos.get(sg, -1) > k
-            for st, sg in zip(rows.column(R.STATUS).to_pylist(), rows.column(R.STAGE).to_pylist())]
-
-
 FINAL_COLUMNS = ("id", "caption", "caption_rewritten", "present", "no_exist", "present_final",
                  "no_exist_final", "prompt_weighted", "prompt_neg", "image", "present_detected",
                  "present_scores", "present_boxes", "no_exist_detected", "no_exist_scores",
@@ -245,22 +244,20 @@ def export(rows: pa.Table, recipe: AntidoteRecipe, out: str) -> dict:
     order = [s.name for s in stages(recipe) if recipe.stages.get(s.name) is None or recipe.stages[s.name].enabled]
     counts = {}
     if "factual_filter" in order:
-        mask = pa.array(_passed(rows, order, "factual_filter"))
+        mask = pa.array(reached(rows, order, "factual_filter", through=True))
         final = rows.filter(mask)
         cols = [c for c in FINAL_COLUMNS if c in final.column_names]
         table = final.select(cols)
         if "image" in table.column_names:  # portable: relative to OUT
             table = table.set_column(table.column_names.index("image"), "image",
                                      pa.array([A.image_rel_path(i) for i in table.column("id").to_pylist()]))
-        from jobs.driver import write_table
-
         write_table(table, io.join(out, "captions_final.parquet"))
         counts["captions_final"] = table.num_rows
         recs = final.select(["id", "desc_text", "desc_hint"]).to_pylist() if "desc_text" in final.column_names else []
         counts["desc_list"] = _write_queries(out, "desc_list", [A.query_record(r["id"], r["desc_text"], r["desc_hint"])
                                                                for r in recs if r["desc_text"]])
     if "cpq_verdict" in order:
-        sel = rows.filter(pa.array(_passed(rows, order, "cpq_verdict"))).to_pylist()
+        sel = rows.filter(pa.array(reached(rows, order, "cpq_verdict", through=True))).to_pylist()
         counts["cpq_list"] = _write_queries(out, "cpq_list", [
             A.query_record(r["id"], r["hall_question"], A.cpq_hint(r["hall_object"], r["hall_question"])) for r in sel])
         counts["tpq_list"] = _write_queries(out, "tpq_list", [

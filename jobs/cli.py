@@ -50,6 +50,7 @@ def _load(name: str):
 
 
 def run_pipeline(name: str, argv: list[str]) -> int:
+    """``python -m jobs <pipeline> ...``: plan (and stop there with ``--dry-run``) or run."""
     from jobs import driver
     from jobs.recipe import load_recipe
 
@@ -93,11 +94,15 @@ def submit(argv: list[str]) -> int:
     _load(args.pipeline)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    from jobs.runtime import forwarded_env
+
     client = JobSubmissionClient(args.address)
     entry = "python -m jobs " + " ".join(shlex.quote(a) for a in [args.pipeline, *rest])
+    # working_dir = the current folder, as `ray job submit --working-dir .`; API keys are not
+    # forwarded: give the cluster's nodes the variable the recipe names (api_key_env).
     job_id = client.submit_job(entrypoint=entry, runtime_env={
-        "working_dir": root, "excludes": [".venv/", ".git/", "out/", "benchmarks/results/", "**/__pycache__/"]})
+        "working_dir": os.getcwd(), "env_vars": forwarded_env(),
+        "excludes": [".venv/", ".git/", "out/", "benchmarks/results/", "**/__pycache__/"]})
     print(f"submitted {job_id}: {entry}")
     if args.no_wait:
         return 0
@@ -126,6 +131,7 @@ def status(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m jobs`` and ``mmsynth``; returns the exit status."""
     from jobs.driver import PlanError
     from jobs.recipe import RecipeError
 

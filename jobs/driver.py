@@ -22,6 +22,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,11 @@ PACKAGES = ("ray", "torch", "transformers", "diffusers", "open_clip_torch", "sen
 
 
 IO_NUM_CPUS = 0.1  # CPU share of the Ray Data read and write tasks
+UNSUPPORTED_IN_PIPELINES = {
+    "vllm": "backend 'vllm' is not wired into pipeline stages yet (actors.llm.build_vllm_processor builds "
+            "the ray.data.llm processor); serve the model with `vllm serve` and use backend 'openai' "
+            "with options.base_url pointing at it",
+}
 
 
 class PlanError(ValueError):
@@ -97,6 +103,8 @@ def plan(pipeline, recipe: Recipe) -> Plan:
                 resolved = resolve(cfg.model)
             except ModelResolutionError as e:
                 raise PlanError(f"stage {stage.name!r}: {e}") from None
+            if resolved.spec.backend in UNSUPPORTED_IN_PIPELINES:
+                raise PlanError(f"stage {stage.name!r}: {UNSUPPORTED_IN_PIPELINES[resolved.spec.backend]}")
             if resolved.placeholder:
                 placeholders.add(stage.name)
         ins, outs = stage.columns(cfg.params)
@@ -132,17 +140,30 @@ def describe_plan(p: Plan) -> str:
 # ---------------------------------------------------------------- storage of rows
 
 def work(out: str, *parts: str) -> str:
+    """URI of ``OUT/_work/<parts>`` (the run's internal state)."""
     return io.join(out, "_work", *parts)
 
 
 def read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
-    """All parquet files under ``uri`` as one table, schemas unified (null → typed); None if absent."""
+    """All parquet files under ``uri`` as one table, schemas unified (null → typed); None if absent.
+
+    A file that cannot be read (cut short by a killed writer) is skipped with a warning: its
+    rows were never committed to the checkpoint, so the next run computes them again.
+    """
     files = io.list_files(uri, ".parquet")
     if not files:
         return None
     fs, _ = io.filesystem(uri)
-    paths = [io.filesystem(f)[1] for f in files]
-    schemas = [pq.read_schema(p, filesystem=fs) for p in paths]
+    paths, schemas = [], []
+    for f in files:
+        path = io.filesystem(f)[1]
+        try:
+            schemas.append(pq.read_schema(path, filesystem=fs))
+            paths.append(path)
+        except (OSError, pa.ArrowInvalid) as e:
+            print(f"warning: skipping unreadable {f}: {e}", file=sys.stderr)
+    if not paths:
+        return None
     schema = pa.unify_schemas(schemas, promote_options="permissive")
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
@@ -150,12 +171,14 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
 
 
 def write_table(table: pa.Table, uri: str) -> None:
+    """Write one parquet file at ``uri`` (local or s3)."""
     fs, path = io.filesystem(uri)
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(table, path, filesystem=fs)
 
 
 def write_jsonl(records: list[dict], uri: str) -> None:
+    """Write records as JSON lines at ``uri``."""
     io.write_text(uri, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
 
 
@@ -175,12 +198,28 @@ def _ray_init(address: str | None) -> None:
                  log_to_driver=False)
 
 
-def _ingest(pipeline, recipe: Recipe, out: str) -> pa.Table:
-    """Normalized input rows; written once to ``_work/input`` so a rerun sees the same rows."""
-    existing = read_table(work(out, "input"))
-    if existing is not None:
-        return existing
-    table, rejects = pipeline.ingest(recipe)
+def fingerprint(recipe: Recipe) -> dict:
+    """What decides a run's rows: input, limit, seed and the pipeline's own settings (stage
+    settings may change between a run and its resume)."""
+    return recipe.model_dump(mode="json", exclude={"stages", "output", "profile", "block_rows"})
+
+
+def _ingest(pipeline, recipe: Recipe, out: str) -> tuple[pa.Table, int]:
+    """Normalized input rows and the number of rows ``--limit``/``total_num`` left out.
+
+    Written once to ``_work/input`` (``.complete`` marks a finished ingest) so a rerun sees
+    the same rows. Raises ``RecipeError`` when OUT holds a run of a different input/limit.
+    """
+    marker = work(out, "input", ".complete")
+    if io.exists(marker):
+        info = json.loads(io.read_text(marker))
+        if info["fingerprint"] != fingerprint(recipe):
+            old = {k: v for k, v in info["fingerprint"].items() if fingerprint(recipe).get(k) != v}
+            raise RecipeError(f"{out} holds a run with different settings {old}; "
+                              "rerun with those settings to resume, or use a new --output")
+        return read_table(work(out, "input")), info["not_selected"]
+    io.delete(work(out, "input"))
+    table, rejects, not_selected = pipeline.ingest(recipe)
     n = table.num_rows
     for name in R.CONTROL_COLUMNS:
         table = table.append_column(name, pa.array([R.OK if name == R.STATUS else ""] * n, pa.string()))
@@ -189,7 +228,8 @@ def _ingest(pipeline, recipe: Recipe, out: str) -> pa.Table:
     block = max(1, recipe.block_rows)
     for k in range(max(1, math.ceil(n / block))):
         write_table(table.slice(k * block, block), work(out, "input", f"part-{k:05d}.parquet"))
-    return table
+    io.write_text(marker, json.dumps({"fingerprint": fingerprint(recipe), "rows": n, "not_selected": not_selected}))
+    return table, not_selected
 
 
 def _stage_wall_times(ds, names: list[str]) -> dict[str, dict]:
@@ -204,11 +244,12 @@ def _stage_wall_times(ds, names: list[str]) -> dict[str, dict]:
         s = stack.pop()
         stack.extend(getattr(s, "parents", []) or [])
         for op in s.operators_stats:
-            for name in names:
-                if name in op.operator_name.split("->")[0] or f"({name})" in op.operator_name:
-                    wall = op.time_total_s or 0.0
-                    out[name] = {"operator": op.operator_name, "wall_s": round(wall, 3),
-                                 "rows_out": op.output_num_rows.get("sum") if isinstance(op.output_num_rows, dict) else None}
+            # "MapBatches(a)->MapBatches(b)": stages Ray fused into one operator share its time
+            fused = re.findall(r"MapBatches\(([^()]+)\)", op.operator_name)
+            for name in fused:
+                if name in names:
+                    out[name] = {"operator": op.operator_name, "wall_s": round(op.time_total_s or 0.0, 3),
+                                 "fused_with": [f for f in fused if f != name]}
     return out
 
 
@@ -242,34 +283,52 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table) 
     rows_uri = work(out, "rows")
     # min_bytes_per_file=1: every block is committed as soon as it is done (the resume unit),
     # instead of Ray combining small blocks into one file written at the end.
-    ds.write_parquet(_ray_path(rows_uri), filesystem=fs, min_bytes_per_file=1,
-                     ray_remote_args={"num_cpus": IO_NUM_CPUS})
+    try:
+        ds.write_parquet(_ray_path(rows_uri), filesystem=fs, min_bytes_per_file=1,
+                         ray_remote_args={"num_cpus": IO_NUM_CPUS})
+    finally:
+        ctx.checkpoint_config = None  # do not leak into later writes of this process
     return _stage_wall_times(ds, [sp.stage.name for sp in p.stages])
 
 
-def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int) -> list[dict]:
-    """Per-stage counts: rows in = out + rejected + errored (computed from the committed rows)."""
+def reached(rows: pa.Table, order: list[str], stage: str, through: bool = False) -> list[bool]:
+    """Per row: did it enter ``stage`` (``through=True``: get through it)? A row is ok, or
+    stopped (rejected/errored) at a stage of ``order``; rows stopped at ingest never enter."""
+    pos = {s: k for k, s in enumerate(order)}
+    k = pos[stage]
+    return [st == R.OK or (pos.get(sg, -1) > k if through else pos.get(sg, -1) >= k)
+            for st, sg in zip(rows.column(R.STATUS).to_pylist(), rows.column(R.STAGE).to_pylist())]
+
+
+def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selected: int = 0) -> list[dict]:
+    """Per-stage counts: rows in = out + rejected + errored (computed from the committed rows).
+
+    The ingest row also counts ``not_selected`` (valid rows left out by ``--limit``). LLM
+    stages add ``llm_attempts_total``, ``llm_repaired_total`` and ``llm_parse_failures``
+    (rows whose first reply did not validate); the image stage adds
+    ``prompt_weights_stripped`` (rows whose (object:w) weights the pipeline could not apply).
+    """
+    order = [sp.stage.name for sp in p.stages]
+    result = [{"stage": "ingest", "in": n_input + ingest_rejects + not_selected, "out": n_input,
+               "rejected": ingest_rejects, "errored": 0, "not_selected": not_selected}]
     status = rows.column(R.STATUS).to_pylist()
     stage = rows.column(R.STAGE).to_pylist()
-    order = {sp.stage.name: k for k, sp in enumerate(p.stages)}
-    result = [{"stage": "ingest", "in": n_input + ingest_rejects, "out": n_input,
-               "rejected": ingest_rejects, "errored": 0}]
-    for k, sp in enumerate(p.stages):
-        reached = rej = err = 0
-        for s, st in zip(status, stage):
-            pos = order.get(st, len(order)) if s != R.OK else len(order)
-            if pos >= k:
-                reached += 1
-                if pos == k:
-                    rej += s == R.REJECTED
-                    err += s == R.ERROR
-        row = {"stage": sp.stage.name, "in": reached, "out": reached - rej - err,
+    for sp in p.stages:
+        entered = sum(reached(rows, order, sp.stage.name))
+        rej = sum(1 for s, st in zip(status, stage) if st == sp.stage.name and s == R.REJECTED)
+        err = sum(1 for s, st in zip(status, stage) if st == sp.stage.name and s == R.ERROR)
+        row = {"stage": sp.stage.name, "in": entered, "out": entered - rej - err,
                "rejected": rej, "errored": err}
         for c in ("llm_attempts", "llm_repaired"):
             col = f"{sp.stage.name}_{c}"
             if col in rows.column_names:
                 vals = [v for v in rows.column(col).to_pylist() if v is not None]
                 row[f"{c}_total"] = int(sum(int(v) for v in vals))
+                if c == "llm_attempts":
+                    row["llm_parse_failures"] = sum(1 for v in vals if int(v) > 1) + (
+                        rej if not sp.cfg.params.get("max_repairs", 1) else 0)
+        if "prompt_weights_stripped" in sp.outputs and "prompt_weights_stripped" in rows.column_names:
+            row["prompt_weights_stripped"] = sum(1 for v in rows.column("prompt_weights_stripped").to_pylist() if v)
         if sp.audit:
             row["audit_would_reject"] = sum(1 for a in rows.column(R.AUDIT).to_pylist()
                                             if a and f"{sp.stage.name}:" in a)
@@ -329,20 +388,24 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     _ray_init(address)
     import ray
 
-    input_table = _ingest(pipeline, recipe, out)
+    input_table, not_selected = _ingest(pipeline, recipe, out)
     done = read_table(work(out, "rows"), columns=[R.ID])
     done_ids = set(done.column(R.ID).to_pylist()) if done is not None else set()
     todo = [i for i in input_table.column(R.ID).to_pylist() if i not in done_ids]
     stage_stats: dict[str, dict] = {}
     if todo:
         stage_stats = execute(pipeline, recipe, p, out, input_table)
-    rows = read_table(work(out, "rows"))
+    rows = _exactly_once(read_table(work(out, "rows")), input_table)
     ingest_rej = read_table(work(out, "ingest_rejects"))
     n_ingest_rej = ingest_rej.num_rows if ingest_rej is not None else 0
-    fun = funnel(p, rows, n_ingest_rej, input_table.num_rows)
+    fun = funnel(p, rows, n_ingest_rej, input_table.num_rows, not_selected)
+    previous = load_manifest(out) if io.exists(io.join(out, "manifest.json")) else None
+    if not stage_stats and previous:  # nothing ran now: keep the timings of the run that did the work
+        stage_stats = {r["stage"]: r for r in previous.get("funnel", []) if "wall_s" in r}
     for r in fun:
         if r["stage"] in stage_stats:
-            r.update(wall_s=stage_stats[r["stage"]]["wall_s"], operator=stage_stats[r["stage"]]["operator"])
+            r.update({k: stage_stats[r["stage"]][k] for k in ("wall_s", "operator", "fused_with")
+                      if k in stage_stats[r["stage"]]})
     _split_outputs(rows, out)
     exported = pipeline.export(rows, recipe, out)
     manifest = {
@@ -360,12 +423,32 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         "wall_s": round(time.time() - t0, 2),
         "resumed": bool(done_ids),
         "rows_processed_this_run": len(todo),
+        "runs": (previous or {}).get("runs", []) + [{"started": started.isoformat(), "rows_processed": len(todo),
+                                                     "wall_s": round(time.time() - t0, 2), "command": argv}],
         "funnel": fun,
         "outputs": exported,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     io.write_text(io.join(out, "manifest.json"), json.dumps(manifest, indent=2, default=str))
     return manifest
+
+
+def _exactly_once(rows: pa.Table, input_table: pa.Table) -> pa.Table:
+    """Committed rows, one per input id. Ray Data commits each block once; a row could only
+    appear twice if a block were recomputed after a crash between its write and its
+    checkpoint record, and then the first copy is kept. Raises ``RuntimeError`` if an
+    input id has no committed row (a row would be lost)."""
+    ids = rows.column(R.ID).to_pylist()
+    first: dict[str, int] = {}
+    for k, i in enumerate(ids):
+        first.setdefault(i, k)
+    if len(first) != len(ids):
+        rows = rows.take(pa.array(sorted(first.values()), pa.int64()))
+    missing = set(input_table.column(R.ID).to_pylist()) - set(first)
+    if missing:
+        raise RuntimeError(f"{len(missing)} input rows have no committed result (e.g. {sorted(missing)[:3]}); "
+                           "rerun the same command to process them")
+    return rows
 
 
 def load_manifest(out: str) -> dict:

@@ -29,7 +29,7 @@ class StageConfig(BaseModel):
 
     The pool is fixed (``concurrency``) or autoscaling (``min_actors``..``max_actors``,
     mapped to ``ray.data.ActorPoolStrategy(min_size, max_size)``). On a 2-CPU box give model
-    actors a fractional ``num_cpus`` so CPU stages still get scheduled (NOTES.md).
+    actors a fractional ``num_cpus`` so CPU stages still get scheduled.
     """
 
     model_config = ConfigDict(extra="forbid")

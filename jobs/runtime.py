@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,11 +32,13 @@ TRANSIENT_ERRORS = {"TimeoutError", "ConnectionError", "OutOfMemoryError", "APIT
 class Stage:
     """A pipeline stage.
 
-    ``target`` is a function ``fn(batch, params) -> dict`` (a task stage) or the import path
+    ``target`` is a function ``fn(batch, params) -> dict`` (a task stage; a filter's function
+    is called as ``fn(batch, params, audit=...)``) or the import path
     ``"module:Class"`` of a model actor class (``Class(model=..., params=...)`` callable on a
     batch, with ``Params`` and ``columns(params)``). ``inputs``/``outputs`` are the columns a
     task stage reads and writes (actor stages declare theirs through ``columns``).
-    ``filter``: the stage may reject rows. ``evidence``: stages whose placeholder models make
+    ``filter``: the stage may reject rows (``ROW_REJECT`` of other stages is only recorded in
+    ``_audit``). ``evidence``: stages whose placeholder models make
     this filter's verdicts meaningless, so it runs in audit mode. ``rename`` maps an actor's
     generic output names to stage-specific ones (e.g. ``generated_text`` →
     ``caption_parse_text``).
@@ -59,9 +60,11 @@ class Stage:
 
     @property
     def is_actor(self) -> bool:
+        """True for model stages (an actor class named by import path)."""
         return isinstance(self.target, str)
 
     def actor_class(self):
+        """The model actor class named by ``target`` (imported)."""
         module, _, cls = self.target.partition(":")
         return getattr(importlib.import_module(module), cls)
 
@@ -198,7 +201,7 @@ def apply_stage(table: pa.Table, call: Callable, run: StageRun) -> pa.Table:
             status[i], stage_col[i] = R.ERROR, run.name
             reason[i] = R.error_record(run.name, str(res[R.ROW_ERROR]))
         elif res.get(R.ROW_REJECT):
-            if run.audit:
+            if run.audit or not run.filter:  # recorded, not applied
                 audit[i] = _append(audit[i], f"{run.name}: {res[R.ROW_REJECT]}")
             else:
                 status[i], stage_col[i], reason[i] = R.REJECTED, run.name, str(res[R.ROW_REJECT])
@@ -287,16 +290,13 @@ LLM_OUTPUTS = {"generated_text": "text", "parsed": "parsed", "finish_reason": "f
                "llm_repaired": "llm_repaired"}
 
 
-def llm_stage(name: str, schema: str | None = None, **defaults: Any) -> Stage:
+def llm_stage(name: str, schema: str | None = None, filter: bool = True, **defaults: Any) -> Stage:
     """A stage of the shared LLM actor (``actors.llm:LLMStage``) whose outputs are renamed
     ``<name>_text``, ``<name>_parsed``, ``<name>_llm_attempts`` … so several LLM calls can live
-    in one row. ``schema``: import path of the pydantic response model."""
+    in one row. ``schema``: import path of the pydantic response model. ``filter``: a reply
+    that stays invalid after the repairs rejects the row; with ``filter=False`` the row goes
+    on with ``<name>_parsed`` = None (the next stage falls back) and the reason in ``_audit``."""
     if schema:
         defaults["response_schema"] = schema
-    return Stage(name, "actors.llm:LLMStage", filter=True,
+    return Stage(name, "actors.llm:LLMStage", filter=filter,
                  rename={k: f"{name}_{v}" for k, v in LLM_OUTPUTS.items()}, defaults=defaults)
-
-
-def json_cell(value: Any) -> str:
-    """Serialize a dict/list cell as compact JSON (stages store structured evidence as JSON)."""
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -145,13 +145,13 @@ def test_memory_bank_actor_serializes_parallel_adds(ray_local):
 def test_ingest_real_caption_pools(tmp_path, style):
     path = f"{SHARED}/data/captions/" + ("coco2017_mini.jsonl" if style == "coco" else "cc3m_val_subset.jsonl")
     r = load_recipe(J.RECIPE, "antidote", "offline", input=path, output=str(tmp_path), limit=50)
-    table, rejects = J.ingest(r)
+    table, rejects, _ = J.ingest(r)
     caps = table.column("caption").to_pylist()
     assert table.num_rows == 50 and len(set(caps)) == 50
     assert all(A.word_count(c) >= 8 for c in caps)
     assert all(x["reason"].startswith(("caption has", "duplicate caption")) for x in rejects)
     assert any(x["reason"].startswith("caption has") for x in rejects)
-    again, _ = J.ingest(r)  # shuffle is seeded
+    again, _, _ = J.ingest(r)  # shuffle is seeded
     assert again.column("id").to_pylist() == table.column("id").to_pylist()
 
 
@@ -159,15 +159,40 @@ def test_ingest_formats_and_bad_records(tmp_path):
     words = "one two three four five six seven eight"
     (tmp_path / "pool.json").write_text(json.dumps({"k1": words, "k2": words, "k3": "too short"}))
     r = load_recipe(J.RECIPE, "antidote", "offline", input=str(tmp_path / "pool.json"), output="o")
-    t, rej = J.ingest(r)
+    t, rej, _ = J.ingest(r)
     assert t.column("id").to_pylist() == ["k1"]
     assert {x["id"]: x["reason"] for x in rej} == {"k2": "duplicate caption of k1", "k3": "caption has 2 words (< 8)"}
     (tmp_path / "pool.jsonl").write_text(json.dumps({"id": "a", "caption": words}) + "\n{broken\n"
                                          + json.dumps({"id": "b"}) + "\n")
-    t, rej = J.ingest(r.model_copy(update={"input": str(tmp_path / "pool.jsonl")}))
+    t, rej, _ = J.ingest(r.model_copy(update={"input": str(tmp_path / "pool.jsonl")}))
     assert t.column("id").to_pylist() == ["a"]
     assert any("line 2: invalid JSON" in x["reason"] for x in rej)
     assert any(x["id"] == "b" and "field 'caption'" in x["reason"] for x in rej)
     (tmp_path / "pool.csv").write_text(f"id,caption\nc1,{words}\n")
-    t, _ = J.ingest(r.model_copy(update={"input": str(tmp_path / "pool.csv")}))
+    t, _, _ = J.ingest(r.model_copy(update={"input": str(tmp_path / "pool.csv")}))
     assert t.column("id").to_pylist() == ["c1"]
+
+
+def test_prompt_builders_carry_the_row_and_the_avoid_list():
+    b = _batch(id=["a"], caption_rewritten=["a man walking a dog"], present=[["man", "dog"]],
+               no_exist=[["leash"]], prompt_weighted=["a (man:1.2) walking a (dog:1.3)"], prompt_neg=["(leash:1.1)"],
+               present_final=[["man", "dog"]], no_exist_final=[["leash"]],
+               avoid_questions=[["What color is the leash?"]], hall_question=["What color is the leash?"],
+               hall_object=["leash"], truth_question=["What is the man doing?"], truth_object=["man"])
+    judge = json.loads(A.judge_prompts(b, None)["messages"][0])
+    assert judge[0]["role"] == "system" and '"no-exist": ["leash"]' in judge[1]["content"]
+    q = json.loads(A.question_prompts(b, None)["messages"][0])[1]["content"]
+    assert "Do not write questions resembling" in q and "What color is the leash?" in q
+    b2 = {**b, "avoid_questions": _batch(x=[[]])["x"]}
+    assert "resembling" not in json.loads(A.question_prompts(b2, None)["messages"][0])[1]["content"]
+    pope = json.loads(A.pope_prompts(b, None)["messages"][0])[1]["content"]
+    assert "Is there a man in the image?" in pope
+    cj = json.loads(A.cpq_judge_prompts(b, None)["messages"][0])[1]["content"]
+    assert '"hall_object": "leash"' in cj
+
+
+def test_image_paths_match_the_generator_file_names():
+    from udfs.images import image_file_name
+
+    assert A.image_rel_path("coco-1") == "images/coco-1.png"
+    assert A.image_rel_path("img 1") == "images/" + image_file_name("img 1") != "images/img 1.png"

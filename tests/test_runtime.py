@@ -104,6 +104,10 @@ def test_errors_rejects_funnel_manifest(tmp_path, ray_local):
     counts = lambda fun: [(f["stage"], f["in"], f["out"], f["rejected"], f["errored"]) for f in fun]  # noqa: E731
     assert m2["rows_processed_this_run"] == 0 and counts(m2["funnel"]) == counts(m["funnel"])
     assert m["funnel"][1]["operator"].startswith("MapBatches(upper)")  # Ray Data's stats, named by stage
+    assert m2["funnel"][1]["wall_s"] == m["funnel"][1]["wall_s"] and len(m2["runs"]) == 2
+    # an output folder belongs to one input and limit
+    with pytest.raises(RecipeError, match="different settings"):
+        driver.run(toy, r.model_copy(update={"limit": 5}), ["toy"])
 
 
 def test_resume_after_interrupt(tmp_path):

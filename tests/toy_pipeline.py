@@ -57,9 +57,8 @@ def stages(recipe):
 
 def ingest(recipe):
     recs = [json.loads(line) for line in io.read_text(recipe.input).splitlines() if line.strip()]
-    if recipe.limit:
-        recs = recs[: recipe.limit]
-    return pa.Table.from_pylist([{"id": r["id"], "text": r["text"]} for r in recs]), []
+    n = recipe.limit or len(recs)
+    return pa.Table.from_pylist([{"id": r["id"], "text": r["text"]} for r in recs[:n]]), [], len(recs[n:])
 
 
 def export(rows, recipe, out):

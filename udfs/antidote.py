@@ -16,11 +16,12 @@ import random
 import re
 from typing import Annotated, Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from udfs import rows as R
+from udfs.images import image_file_name
 from udfs.phrases import object_key
+from udfs.prompt_weights import weighted_objects
 
 # ----------------------------------------------------------------------------- schemas
 
@@ -108,14 +109,6 @@ def parse_prompts(batch: dict, params: Any) -> dict:
         _messages("You are a helpful assistant.", f"{PARSE_INSTRUCTIONS}\nCaption: {c}")
         for c in batch["caption"]]
     return batch
-
-
-WEIGHTED = re.compile(r"\(([^():]+):\s*([0-9]*\.?[0-9]+)\)")
-
-
-def weighted_objects(text: str) -> list[tuple[str, float]]:
-    """``(object, weight)`` pairs written as ``(object:weight)`` in ``text``."""
-    return [(m.group(1).strip(), float(m.group(2))) for m in WEIGHTED.finditer(text or "")]
 
 
 def _norm(name: str) -> tuple[str, ...]:
@@ -277,8 +270,9 @@ DESCRIBE_QUESTIONS = (
 
 
 def image_rel_path(row_id: str) -> str:
-    """Image path of a row relative to the output folder (``images/<id>.png``)."""
-    return f"images/{row_id}.png"
+    """Image path of a row relative to the output folder: ``images/`` + the name the
+    image stage wrote (``udfs.images.image_file_name``: ``<id>.png`` for file-safe ids)."""
+    return f"images/{image_file_name(row_id)}"
 
 
 def desc_queries(batch: dict, params: Any) -> dict:
@@ -440,12 +434,3 @@ def pope_hint(obj: str, question: str) -> str:
 def query_record(row_id: str, text: str, hint: str) -> dict:
     """One query line (original fields ``image``, ``text``, ``text_hint`` plus ``id``)."""
     return {"id": row_id, "image": image_rel_path(row_id), "text": text, "text_hint": hint}
-
-
-def as_list(v: Any) -> list:
-    """A list cell as a Python list (Arrow/numpy/None tolerant)."""
-    if v is None:
-        return []
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    return list(v)

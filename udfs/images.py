@@ -8,7 +8,9 @@ per-row error instead of failing its batch.
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 import warnings
 
 import numpy as np
@@ -98,3 +100,13 @@ def encode_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=6)
     return buf.getvalue()
+
+
+def image_file_name(row_id: str) -> str:
+    """``<id>.png``; ids with characters unsafe in file names/URIs get them replaced by ``_``
+    plus an 8-hex hash of the raw id, so two ids never share a file."""
+    safe = re.sub(r"[^A-Za-z0-9._=-]", "_", row_id)
+    safe = re.sub(r"^\.+", lambda m: "_" * len(m.group()), safe)  # no hidden files, no ".."
+    if safe != row_id or safe in ("", ".", ".."):
+        safe = f"{safe}-{hashlib.sha256(row_id.encode()).hexdigest()[:8]}"
+    return f"{safe}.png"

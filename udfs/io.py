@@ -124,12 +124,3 @@ def delete(uri: str) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
-
-
-def open_output(uri: str):
-    """Writable binary stream at ``uri`` (parents created)."""
-    fs, path = filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    return fs.open_output_stream(path)
-
-

@@ -19,7 +19,6 @@ import json
 import traceback
 
 ID = "id"
-PARENT_ID = "parent_id"
 STATUS = "_status"
 OK, REJECTED, ERROR = "ok", "rejected", "error"
 STAGE = "_stage"          # name of the stage that rejected or failed the row
@@ -39,11 +38,6 @@ def content_id(*parts: str, length: int = 16) -> str:
     """
     h = hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
     return h[:length]
-
-
-def derive_id(parent_id: str, suffix: str) -> str:
-    """Id of a fan-out row: ``"{parent_id}-{suffix}"`` (no ``:`` so it is a safe file name)."""
-    return f"{parent_id}-{suffix}"
 
 
 def seed_from_id(row_id: str, salt: str = "") -> int:

@@ -16,6 +16,7 @@ import importlib
 import os
 import shlex
 import sys
+import time
 
 PIPELINES = {"antidote": "jobs.antidote"}
 
@@ -100,14 +101,19 @@ def submit(argv: list[str]) -> int:
     entry = "python -m jobs " + " ".join(shlex.quote(a) for a in [args.pipeline, *rest])
     # working_dir = the current folder, as `ray job submit --working-dir .`; API keys are not
     # forwarded: give the cluster's nodes the variable the recipe names (api_key_env).
-    job_id = client.submit_job(entrypoint=entry, runtime_env={
-        "working_dir": os.getcwd(), "env_vars": forwarded_env(),
-        "excludes": [".venv/", ".git/", "out/", "benchmarks/results/", "**/__pycache__/"]})
+    runtime_env = {"working_dir": os.getcwd(), "env_vars": forwarded_env(),
+                   "excludes": [".venv/", ".git/", "out/", "benchmarks/results/", "**/__pycache__/"]}
+    for attempt in range(10):  # a head that just started may have no job agent yet
+        try:
+            job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
+            break
+        except RuntimeError as e:
+            if "try again later" not in str(e) or attempt == 9:
+                raise
+            time.sleep(3)
     print(f"submitted {job_id}: {entry}")
     if args.no_wait:
         return 0
-    import time
-
     while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
         time.sleep(2)
     print(client.get_job_logs(job_id)[-4000:])

@@ -40,7 +40,7 @@ def s3(monkeypatch):
     import boto3
 
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-west-2").create_bucket(
-        Bucket="bkt", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+        Bucket="antidote-e2e", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
     io._s3.cache_clear()
     yield env
     srv.stop()
@@ -48,7 +48,7 @@ def s3(monkeypatch):
 
 @pytest.mark.slow
 def test_antidote_offline_end_to_end(tmp_path, s3):
-    out = "s3://bkt/antidote"
+    out = "s3://antidote-e2e/out"
     res = _run(out, env=s3)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "placeholder models in generate_images, detect_objects" in res.stdout
@@ -56,7 +56,7 @@ def test_antidote_offline_end_to_end(tmp_path, s3):
     names = [f["stage"] for f in m["funnel"]]
     assert names[0] == "ingest" and "factual_filter" in names and names[-1] == "pope_fields"
     for f in m["funnel"]:
-        assert f["in"] == f["out"] + f["rejected"] + f["errored"], f
+        assert f["in"] == f["out"] + f["rejected"] + f["errored"] + f.get("not_selected", 0), f
     assert m["funnel"][1]["in"] == 6
     assert m["placeholder_stages"] == ["generate_images", "detect_objects"]
     assert "factual_filter" in m["audit_stages"]

@@ -92,7 +92,7 @@ def test_errors_rejects_funnel_manifest(tmp_path, ray_local):
     assert fun["upper"] == {**fun["upper"], "in": 20, "out": 18, "errored": 2, "rejected": 0}
     assert fun["length_filter"]["in"] == 18 and fun["length_filter"]["rejected"] == 1
     for f in m["funnel"]:
-        assert f["in"] == f["out"] + f["rejected"] + f["errored"]
+        assert f["in"] == f["out"] + f["rejected"] + f["errored"] + f.get("not_selected", 0)
     ok = [json.loads(line) for line in open(f"{out}/toy.jsonl")]
     assert len(ok) == 17 and len({o["id"] for o in ok}) == 17
     manifest = json.load(open(f"{out}/manifest.json"))
@@ -161,19 +161,19 @@ def test_s3_round_trip(tmp_path, ray_local, monkeypatch):
         import boto3
 
         boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-west-2").create_bucket(
-            Bucket="bkt", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+            Bucket="runtime-s3", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
         from udfs import io
 
         io._s3.cache_clear()
-        io.write_text("s3://bkt/in/in.jsonl", open(_input(tmp_path, n=10, bad=(2,), short=())).read())
-        r = load_recipe(toy.RECIPE, "toy", recipe_file=_recipe_file(tmp_path), input="s3://bkt/in/in.jsonl",
-                        output="s3://bkt/out")
+        io.write_text("s3://runtime-s3/in/in.jsonl", open(_input(tmp_path, n=10, bad=(2,), short=())).read())
+        r = load_recipe(toy.RECIPE, "toy", recipe_file=_recipe_file(tmp_path), input="s3://runtime-s3/in/in.jsonl",
+                        output="s3://runtime-s3/out")
         driver.run(toy, r, ["toy"])
-        assert io.exists("s3://bkt/out/manifest.json")
-        toy_out = [json.loads(x) for x in io.read_text("s3://bkt/out/toy.jsonl").splitlines()]
+        assert io.exists("s3://runtime-s3/out/manifest.json")
+        toy_out = [json.loads(x) for x in io.read_text("s3://runtime-s3/out/toy.jsonl").splitlines()]
         assert len(toy_out) == 9
-        errs = io.read_text("s3://bkt/out/errors/errors.jsonl").splitlines()
+        errs = io.read_text("s3://runtime-s3/out/errors/errors.jsonl").splitlines()
         assert [json.loads(e)["id"] for e in errs] == ["bad-2"]
-        assert driver.load_manifest("s3://bkt/out")["funnel"][1]["errored"] == 1
+        assert driver.load_manifest("s3://runtime-s3/out")["funnel"][1]["errored"] == 1
     finally:
         srv.stop()

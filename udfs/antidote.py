@@ -27,10 +27,13 @@ from udfs.prompt_weights import weighted_objects
 
 ObjectName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z '\-]{0,31}$")]
 _W = r"\([A-Za-z][A-Za-z '\-]{0,31}:[0-9](\.[0-9]{1,2})?\)"
-#: a caption with at least one (object:weight) and no other parentheses (rule 5's format)
-WEIGHTED_PROMPT = rf"^[^()]*({_W}[^()]*)+$"
-#: a comma-separated list of (object:weight) items (rule 6's format)
-WEIGHTED_LIST = rf"^{_W}(, ?{_W})*$"
+# Lengths are bounded inside the patterns: xgrammar ignores maxLength next to a pattern
+# (measured: "pattern combined with minLength/maxLength is not supported"), and an unbounded
+# pattern lets a small model ramble until max_tokens.
+#: a caption with 1-8 (object:weight) groups and no other parentheses (rule 5's format)
+WEIGHTED_PROMPT = rf"^[^()]{{0,120}}({_W}[^()]{{0,80}}){{1,8}}$"
+#: a comma-separated list of 1-6 (object:weight) items (rule 6's format)
+WEIGHTED_LIST = rf"^{_W}(, ?{_W}){{0,5}}$"
 
 
 class CaptionParse(BaseModel):

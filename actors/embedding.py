@@ -34,6 +34,7 @@ class TextEmbedder:
 
     @classmethod
     def columns(cls, params: dict) -> tuple[list[str], list[str]]:
+        """(required input columns, output columns) for the dry-run check."""
         p = EmbedParams.model_validate(params)
         return [p.text_column], [p.output_column]
 

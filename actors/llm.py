@@ -39,6 +39,7 @@ from actors.llm_base import (
     LLMRequest,
     Sampling,
     describe_error,
+    row_inputs,
 )
 from actors.llm_batch import read_batch_results, write_batch_requests
 from actors.llm_vllm import build_vllm_processor, vllm_processor_config
@@ -47,13 +48,10 @@ from udfs import rows
 from udfs.llm_output import (
     OutputFormat,
     OutputValidationError,
-    normalize_messages,
-    normalize_sampling,
     parse_response_format,
     reject_reason,
     repair_messages,
     to_python,
-    with_system_prompt,
 )
 
 
@@ -159,15 +157,10 @@ class LLMStage:
         out = []
         for i in range(n):
             rid = None if ids[i] is None else str(ids[i])
-            field_name = "messages"
             try:
-                msgs = with_system_prompt(normalize_messages(messages[i]), self.params.system_prompt)
-                field_name = "sampling"
-                samp = self.params.sampling(normalize_sampling(sampling[i]))
-                field_name = "response_format"
-                fmt = self._row_format(formats[i])
-            except Exception as e:  # one bad row never fails the batch
-                err = rows.InputError(rid or f"#{i}", field_name, str(e))
+                msgs, samp, fmt = row_inputs(rid or f"#{i}", messages[i], sampling[i], self.params,
+                                             lambda: self._row_format(formats[i]))
+            except rows.InputError as err:  # one bad row never fails the batch
                 results[i].error = describe_error(err)
                 continue
             out.append(LLMRequest(index=i, row_id=rid, messages=msgs, sampling=samp, fmt=fmt, original=msgs))

@@ -6,12 +6,14 @@ Kept apart from ``actors.llm`` so backends (``llm_hf``, ``llm_openai``, ``llm_ba
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.batching import error_text
-from udfs.llm_output import OutputFormat, output_format
+from udfs import rows
+from udfs.llm_output import (OutputFormat, normalize_messages, normalize_sampling, output_format,
+                             with_system_prompt)
 
 #: columns every LLM backend adds (one entry per row)
 OUTPUT_COLUMNS = ["generated_text", "parsed", "finish_reason", "prompt_tokens", "completion_tokens",
@@ -113,3 +115,19 @@ class LLMEngine(Protocol):
 
 
 describe_error = error_text  # default ROW_ERROR text: "ExceptionType: message"
+
+
+def row_inputs(row_id: str, messages: Any, sampling: Any, params: "LLMParams",
+               response_format: Callable[[], OutputFormat]) -> tuple[list[dict], "Sampling", OutputFormat]:
+    """One row's normalized LLM inputs: chat messages (with the stage's system prompt), its
+    sampling parameters and its output format (``response_format()`` is called last).
+    Raises ``rows.InputError`` naming the row and the field that is invalid."""
+    field = "messages"
+    try:
+        msgs = with_system_prompt(normalize_messages(messages), params.system_prompt)
+        field = "sampling"
+        samp = params.sampling(normalize_sampling(sampling))
+        field = "response_format"
+        return msgs, samp, response_format()
+    except Exception as e:  # noqa: BLE001 - any failure is this row's invalid input
+        raise rows.InputError(row_id, field, str(e)) from None

@@ -20,11 +20,11 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from actors.llm_base import LLMParams, LLMReply, LLMRequest, describe_error
+from actors.llm_base import LLMParams, LLMReply, LLMRequest, describe_error, row_inputs
 from actors.llm_openai import chat_body
 from actors.models import ModelSpec, ResolvedModel, resolve
 from udfs import io, rows
-from udfs.llm_output import normalize_messages, normalize_sampling, parse_response_format, with_system_prompt
+from udfs.llm_output import parse_response_format
 
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 190 * 1024 * 1024
@@ -62,15 +62,8 @@ def batch_request_lines(rows_in: Iterable[dict[str, Any]], model: ResolvedModel 
         if rid in seen:
             raise rows.InputError(rid, rows.ID, "duplicate id: custom_id must be unique")
         seen.add(rid)
-        field = "messages"
-        try:
-            msgs = with_system_prompt(normalize_messages(row.get("messages")), p.system_prompt)
-            field = "sampling"
-            samp = p.sampling(normalize_sampling(row.get("sampling")))
-            field = "response_format"
-            fmt = parse_response_format(row.get("response_format")) or default_fmt
-        except ValueError as e:
-            raise rows.InputError(rid, field, str(e)) from None
+        msgs, samp, fmt = row_inputs(rid, row.get("messages"), row.get("sampling"), p,
+                                     lambda: parse_response_format(row.get("response_format")) or default_fmt)
         body = chat_body(resolved.spec.model, msgs, samp, fmt, resolved.spec.options)
         yield {"custom_id": rid, "method": "POST", "url": CHAT_URL, "body": body}
 

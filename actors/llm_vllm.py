@@ -19,17 +19,14 @@ import os
 from functools import lru_cache, partial
 from typing import Any
 
-from actors.llm_base import LLMParams
+from actors.llm_base import LLMParams, row_inputs
 from actors.models import ResolvedModel, materialize
 from udfs import rows
 from udfs.llm_output import (
     OutputFormat,
     OutputValidationError,
-    normalize_messages,
-    normalize_sampling,
     parse_response_format,
     reject_reason,
-    with_system_prompt,
 )
 
 #: keys of ``stage_options`` copied verbatim into ``vLLMEngineProcessorConfig``
@@ -129,16 +126,11 @@ def vllm_preprocess(row: dict[str, Any], params: dict[str, Any]) -> dict[str, An
     out = dict(row)
     out[_COLUMNS_KEY] = json.dumps(sorted(row))
     out[_ORIG_MESSAGES] = row.get("messages")  # restored by vllm_postprocess
-    field = "messages"
     try:
-        msgs = with_system_prompt(normalize_messages(row.get("messages")), p.system_prompt)
-        field = "sampling"
-        samp = p.sampling(normalize_sampling(row.get("sampling")))
-        field = "response_format"
-        fmt = _format_of(row, default_fmt)
-    except Exception as e:
-        rid = str(row.get(rows.ID, "?"))
-        out[_INPUT_ERROR] = f"InputError: {rows.InputError(rid, field, str(e))}"
+        msgs, samp, fmt = row_inputs(str(row.get(rows.ID, "?")), row.get("messages"), row.get("sampling"), p,
+                                     lambda: _format_of(row, default_fmt))
+    except rows.InputError as e:
+        out[_INPUT_ERROR] = f"InputError: {e}"
         out["messages"] = [{"role": "user", "content": "."}]
         out["sampling_params"] = {"temperature": 0.0, "max_tokens": 1}
         out[_FORMAT_KEY] = ""

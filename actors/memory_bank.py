@@ -44,4 +44,5 @@ class MemoryBank:
         return similar_questions(self.emb, self.questions, q, self.threshold, self.min_entries, self.top_k)
 
     def size(self) -> int:
+        """Number of stored entries."""
         return len(self.questions)

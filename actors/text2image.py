@@ -25,7 +25,6 @@ C11.10: it prompts with the plain ``caption``).
 from __future__ import annotations
 
 import inspect
-import re
 from typing import Any
 
 import numpy as np

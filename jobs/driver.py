@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
@@ -57,6 +58,8 @@ class PlanError(ValueError):
 
 @dataclass
 class StagePlan:
+    """One enabled stage as it will run: its recipe config, resolved model, columns, audit flag."""
+
     stage: Stage
     cfg: Any
     resolved: ResolvedModel | None
@@ -67,12 +70,16 @@ class StagePlan:
 
 @dataclass
 class Plan:
+    """The validated stage list of a run (``plan()``); nothing is loaded."""
+
     stages: list[StagePlan] = field(default_factory=list)
 
     def placeholder_stages(self) -> list[str]:
+        """Names of stages whose model is a tiny random-init placeholder."""
         return [p.stage.name for p in self.stages if p.resolved is not None and p.resolved.placeholder]
 
     def audit_stages(self) -> list[str]:
+        """Names of filters that record verdicts without applying them."""
         return [p.stage.name for p in self.stages if p.audit]
 
 
@@ -132,6 +139,10 @@ def describe_plan(p: Plan) -> str:
             if sp.resolved.placeholder:
                 model += " [PLACEHOLDER: tiny random-init weights]"
         flags = " [audit mode: verdicts recorded, not applied]" if sp.audit else ""
+        key_env = sp.resolved.spec.options.get("api_key_env", "OPENAI_API_KEY") if sp.resolved else None
+        if sp.resolved is not None and sp.resolved.spec.backend == "openai" and key_env \
+                and key_env not in os.environ:
+            flags += f" [API key variable {key_env} is not set here; the nodes that run it need it]"
         lines.append(f"  {sp.stage.name:<22} {kind:<5} in={','.join(sp.inputs) or '-'} "
                      f"out={','.join(sp.outputs)}{model}{flags}")
     return "\n".join(lines)
@@ -359,7 +370,7 @@ def _split_outputs(rows: pa.Table, out: str) -> None:
     """Write rejects/ and errors/ (full rows as parquet, id/stage/reason as JSONL)."""
     status = rows.column(R.STATUS)
     for st, folder in ((R.REJECTED, "rejects"), (R.ERROR, "errors")):
-        mask = pa.compute.equal(status, st)
+        mask = pc.equal(status, st)
         sel = rows.filter(mask)
         ingest = read_table(work(out, "ingest_rejects")) if st == R.REJECTED else None
         recs = [{"id": i, "stage": s, "reason": (json.loads(r) if st == R.ERROR else r)}
@@ -377,8 +388,6 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     ``address``: a Ray cluster to connect to; default ``$RAY_ADDRESS`` (set inside a Ray
     job), else a private local cluster.
     """
-    import pyarrow.compute  # noqa: F401  (used through pa.compute)
-
     if not recipe.output:
         raise RecipeError("--output is required")
     out = recipe.output.rstrip("/")

@@ -6,6 +6,7 @@ import os
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import BaseModel
 
 from jobs.recipe import Recipe
@@ -62,6 +63,6 @@ def ingest(recipe):
 
 
 def export(rows, recipe, out):
-    ok = rows.filter(pa.compute.equal(rows.column(R.STATUS), R.OK)).select(["id", "upper"]).to_pylist()
+    ok = rows.filter(pc.equal(rows.column(R.STATUS), R.OK)).select(["id", "upper"]).to_pylist()
     io.write_text(io.join(out, "toy.jsonl"), "".join(json.dumps(r) + "\n" for r in ok))
     return {"toy": len(ok)}

@@ -103,12 +103,12 @@ def submit(argv: list[str]) -> int:
     # forwarded: give the cluster's nodes the variable the recipe names (api_key_env).
     runtime_env = {"working_dir": os.getcwd(), "env_vars": forwarded_env(),
                    "excludes": [".venv/", ".git/", "out/", "benchmarks/results/", "**/__pycache__/"]}
-    for attempt in range(10):  # a head that just started may have no job agent yet
+    for attempt in range(20):  # a head that just started may have no job agent yet (up to ~60 s)
         try:
             job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)
             break
         except RuntimeError as e:
-            if "try again later" not in str(e) or attempt == 9:
+            if "try again later" not in str(e) or attempt == 19:
                 raise
             time.sleep(3)
     print(f"submitted {job_id}: {entry}")

@@ -27,13 +27,17 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head():
-    port, dash = _free_port(), _free_port()
+    # every port of its own: the session's other Ray cluster holds the defaults (the dashboard
+    # agent's 52365 among them, and without an agent no job can be submitted)
+    port, dash, agent_http, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(6))
     tmp = tempfile.mkdtemp(prefix="rh", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled",
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
     proc = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", f"--temp-dir={tmp}",
+                             f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+                             f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
                              "--disable-usage-stats", "--include-dashboard=true"],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"

@@ -24,7 +24,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from jobs.driver import reached, write_table
+from jobs.driver import read_table, reached, work, write_table
 from jobs.recipe import Recipe
 from jobs.runtime import Stage, llm_stage
 from udfs import antidote as A
@@ -215,7 +215,6 @@ def before_run(recipe: AntidoteRecipe, out: str) -> None:
     import ray
 
     from actors.memory_bank import MemoryBank
-    from jobs.driver import read_table, work  # noqa: F811 (kept local: needs Ray)
 
     global _BANK  # keep the handle alive for the whole run
     _BANK = ray.remote(MemoryBank).options(name=bank_name(recipe), get_if_exists=True, num_cpus=0).remote(

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.batching import (batch_len, error_text, is_missing, object_column, row_ids, run_halving_on_oom,
                              set_threads)
-from actors.models import ResolvedModel, materialize, torch_device_dtype
+from actors.models import ResolvedModel, load_spec
 from udfs import rows
 from udfs.images import load_image
 
@@ -133,13 +133,8 @@ class CLIPScorer:
         if self.params.mode == "zero_shot" and not self.params.keywords:
             raise ValueError("CLIPScorer zero_shot mode needs params.keywords")
         set_threads(self.params.num_threads)
-        self.resolved = ResolvedModel.model_validate(model)
+        self.resolved, self.device, self.dtype, _ = load_spec(model, ("open_clip",), "CLIPScorer")
         self.placeholder = self.resolved.placeholder
-        spec = self.resolved.spec
-        if spec.backend != "open_clip":
-            raise ValueError(f"CLIPScorer needs backend 'open_clip', got {spec.backend!r}")
-        self.device, self.dtype = torch_device_dtype(spec)
-        materialize(self.resolved)
         self.model_name = clip_model_name(self.resolved)
         pretrained = clip_pretrained(self.resolved)
         if not self.model_name.startswith(("local-dir:", "hf-hub:")) and not pretrained:

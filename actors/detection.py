@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.batching import (batch_len, cell_strings, error_text, group_by, object_column, row_ids,
                              run_halving_on_oom, set_threads)
-from actors.models import ResolvedModel, materialize, torch_device_dtype
+from actors.models import load_spec
 from udfs import rows
 from udfs.images import load_image
 from udfs.phrases import match_phrases
@@ -105,13 +105,10 @@ class GroundingDINO:
 
         self.params = self.Params.model_validate(params)
         set_threads(self.params.num_threads)
-        self.resolved = ResolvedModel.model_validate(model)
+        self.resolved, self.device, self.dtype, path = load_spec(model, ("grounding_dino", "transformers"),
+                                                                 "GroundingDINO")
         self.placeholder = self.resolved.placeholder
         spec = self.resolved.spec
-        if spec.backend not in ("grounding_dino", "transformers"):
-            raise ValueError(f"GroundingDINO needs backend 'grounding_dino' or 'transformers', got {spec.backend!r}")
-        self.device, self.dtype = torch_device_dtype(spec)
-        path = materialize(self.resolved)
         kwargs = {"revision": spec.revision} if spec.revision else {}
         self.processor = AutoProcessor.from_pretrained(path, **kwargs)
         self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path, dtype=self.dtype, **kwargs)

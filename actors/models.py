@@ -179,3 +179,18 @@ def torch_device_dtype(spec: ModelSpec):
     if device.type == "cuda":
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return device, torch.float32
+
+
+def load_spec(model: dict, backends: tuple[str, ...], stage: str):
+    """What every model actor does first: validate the ``ResolvedModel`` dict it was given,
+    check its backend, pick device and dtype, and materialize the weights.
+
+    Returns ``(resolved, device, dtype, path)``. Raises ``ValueError`` naming ``stage`` when
+    the spec's backend is not one of ``backends``.
+    """
+    resolved = ResolvedModel.model_validate(model)
+    if resolved.spec.backend not in backends:
+        raise ValueError(f"{stage} needs backend {' or '.join(repr(b) for b in backends)}, "
+                         f"got {resolved.spec.backend!r}")
+    device, dtype = torch_device_dtype(resolved.spec)
+    return resolved, device, dtype, materialize(resolved)

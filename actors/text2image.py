@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.batching import (batch_len, error_text, is_missing, object_column, row_ids, run_halving_on_oom,
                              set_threads)
-from actors.models import ResolvedModel, materialize, torch_device_dtype
+from actors.models import load_spec
 from udfs import io as uio
 from udfs import rows
 from udfs.images import encode_png, image_file_name
@@ -146,13 +146,9 @@ class Text2Image:
 
         self.params = self.Params.model_validate(params)
         set_threads(self.params.num_threads)
-        self.resolved = ResolvedModel.model_validate(model)
+        self.resolved, self.device, self.dtype, path = load_spec(model, ("diffusers",), "Text2Image")
         self.placeholder = self.resolved.placeholder
         spec = self.resolved.spec
-        if spec.backend != "diffusers":
-            raise ValueError(f"Text2Image needs a model spec with backend 'diffusers', got {spec.backend!r}")
-        self.device, self.dtype = torch_device_dtype(spec)
-        path = materialize(self.resolved)
         opts = dict(spec.options)
         load_kwargs: dict[str, Any] = {"dtype": self.dtype}
         if spec.revision:

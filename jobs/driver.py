@@ -366,17 +366,17 @@ def _versions() -> dict[str, str]:
     return v
 
 
-def _split_outputs(rows: pa.Table, out: str) -> None:
-    """Write rejects/ and errors/ (full rows as parquet, id/stage/reason as JSONL)."""
+def _split_outputs(rows: pa.Table, out: str, ingest: pa.Table | None) -> None:
+    """Write rejects/ and errors/ (full rows as parquet, id/stage/reason as JSONL); ``ingest``
+    holds the rejects of the ingest step, listed first in ``rejects.jsonl``."""
     status = rows.column(R.STATUS)
     for st, folder in ((R.REJECTED, "rejects"), (R.ERROR, "errors")):
         mask = pc.equal(status, st)
         sel = rows.filter(mask)
-        ingest = read_table(work(out, "ingest_rejects")) if st == R.REJECTED else None
         recs = [{"id": i, "stage": s, "reason": (json.loads(r) if st == R.ERROR else r)}
                 for i, s, r in zip(sel.column(R.ID).to_pylist(), sel.column(R.STAGE).to_pylist(),
                                    sel.column(R.REASON).to_pylist())]
-        if ingest is not None:
+        if ingest is not None and st == R.REJECTED:
             recs = ingest.select(["id", "stage", "reason"]).to_pylist() + recs
         write_table(sel, io.join(out, folder, f"{folder}.parquet"))
         write_jsonl(recs, io.join(out, folder, f"{folder}.jsonl"))
@@ -415,7 +415,7 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         if r["stage"] in stage_stats:
             r.update({k: stage_stats[r["stage"]][k] for k in ("wall_s", "operator", "fused_with")
                       if k in stage_stats[r["stage"]]})
-    _split_outputs(rows, out)
+    _split_outputs(rows, out, ingest_rej)
     exported = pipeline.export(rows, recipe, out)
     manifest = {
         "pipeline": recipe.pipeline,

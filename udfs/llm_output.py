@@ -150,6 +150,19 @@ def with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+def _json_cell(cell: Any, what: str) -> Any:
+    """A per-row JSON override cell as plain Python with Arrow's ``None`` values dropped;
+    ``None`` for an empty cell. Raises ``ValueError`` naming ``what`` on invalid JSON."""
+    if cell is None or (isinstance(cell, str) and not cell.strip()):
+        return None
+    if isinstance(cell, str):
+        try:
+            cell = json.loads(cell)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} is not valid JSON: {e}") from None
+    return strip_nones(to_python(cell))
+
+
 def normalize_sampling(cell: Any) -> dict[str, Any]:
     """Parse a row's ``sampling`` override into a dict of known sampling keys.
 
@@ -157,14 +170,9 @@ def normalize_sampling(cell: Any) -> dict[str, Any]:
     (Arrow struct artefacts). Raises ``ValueError`` on invalid JSON, a non-object, or a key
     not in ``SAMPLING_KEYS``.
     """
-    if cell is None or (isinstance(cell, str) and not cell.strip()):
+    cell = _json_cell(cell, "sampling")
+    if cell is None:
         return {}
-    if isinstance(cell, str):
-        try:
-            cell = json.loads(cell)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"sampling is not valid JSON: {e}") from None
-    cell = strip_nones(to_python(cell))
     if not isinstance(cell, dict):
         raise ValueError(f"sampling must be a JSON object, got {type(cell).__name__}")
     unknown = sorted(set(cell) - set(SAMPLING_KEYS))
@@ -415,14 +423,7 @@ def parse_response_format(cell: Any) -> OutputFormat | None:
     ``cell``: a JSON-schema string/dict, an OpenAI ``response_format`` object
     (``{"type": "json_schema", ...}`` or ``{"type": "json_object"}``). Raises ``ValueError``.
     """
-    if cell is None or (isinstance(cell, str) and not cell.strip()):
-        return None
-    if isinstance(cell, str):
-        try:
-            cell = json.loads(cell)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"response_format is not valid JSON: {e}") from None
-    cell = strip_nones(to_python(cell))
+    cell = _json_cell(cell, "response_format")
     if not cell:
         return None
     return output_format(response_schema=cell)

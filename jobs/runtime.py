@@ -237,7 +237,8 @@ def _task(table: pa.Table, fn: Callable, params: Any, run: StageRun) -> pa.Table
 
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "MMSYNTH_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
-                 "AWS_DEFAULT_REGION", "KERAS_BACKEND", "TOKENIZERS_PARALLELISM", "OMP_WAIT_POLICY")
+                 "AWS_DEFAULT_REGION", "KERAS_BACKEND", "TOKENIZERS_PARALLELISM", "OMP_WAIT_POLICY",
+                 "DEEPFACE_HOME", "DEEPFACE_BACKEND_ENGINE")
 
 
 def forwarded_env() -> dict[str, str]:

@@ -33,6 +33,9 @@ PLACEHOLDER_BUILDERS: dict[str, str] = {
     "tiny-sd3": "actors.placeholders:build_tiny_sd3",
     "tiny-grounding-dino": "actors.placeholders:build_tiny_grounding_dino",
     "tiny-clip": "actors.placeholders:build_tiny_clip",
+    "tiny-nsfw-vit": "actors.placeholders:build_tiny_nsfw_vit",
+    "tiny-canary-t5": "actors.placeholders:build_tiny_canary_t5",
+    "tiny-canary-distilbert": "actors.placeholders:build_tiny_canary_distilbert",
 }
 #: bump to invalidate cached placeholders when a builder changes
 PLACEHOLDER_VERSION = "1"

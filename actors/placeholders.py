@@ -23,7 +23,9 @@ behaviour. Outputs of these models are meaningless; ``actors.models`` marks them
 placeholder and filters using them run in audit mode.
 
 Registered in ``actors.models.PLACEHOLDER_BUILDERS`` (``placeholder:tiny-sd3``,
-``placeholder:tiny-grounding-dino``, ``placeholder:tiny-clip``); ``build_tiny_sd`` is used
+``placeholder:tiny-grounding-dino``, ``placeholder:tiny-clip``, and for the NSFW and
+dialogue-safety stages ``placeholder:tiny-nsfw-vit``, ``placeholder:tiny-canary-t5``,
+``placeholder:tiny-canary-distilbert``: transformers layout); ``build_tiny_sd`` is used
 by the tests for the weighted-prompt (compel) path and can be loaded by folder path.
 Sizes: tiny SD3 transformer 41 k parameters (whole pipeline 1.6 MB on disk), Grounding DINO 0.44 M,
 CLIP 1.76 M (mostly the 49,408-entry token embedding the stock open_clip tokenizer needs).
@@ -105,14 +107,19 @@ def tiny_clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def tiny_t5_tokenizer():
-    """Unigram (sentencepiece-style) T5 tokenizer: whole ``OBJECT_WORDS`` plus single characters."""
+def tiny_t5_tokenizer(extra_pieces: tuple[str, ...] = ()):
+    """Unigram (sentencepiece-style) T5 tokenizer: whole ``OBJECT_WORDS`` plus single characters.
+
+    ``extra_pieces`` are appended after the default vocabulary (score -4.0 each), so the ids of
+    the default pieces, and every placeholder built with the default tokenizer, stay unchanged.
+    """
     from transformers import T5Tokenizer
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     vocab += [(f"▁{w}", -3.0) for w in OBJECT_WORDS]
     vocab += [(c, -6.0) for c in LETTERS + PUNCT]
     vocab += [(f"▁{c}", -6.5) for c in LETTERS]
+    vocab += [(piece, -4.0) for piece in extra_pieces]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
 
 
@@ -277,3 +284,74 @@ def build_tiny_clip(target: Path) -> None:
         logging.disable(previous)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(target / "open_clip_model.safetensors"))
+
+
+def build_tiny_nsfw_vit(target: Path) -> None:
+    """Write a tiny random-init NSFW image classifier (transformers layout) into ``target``.
+
+    ``ViTForImageClassification``: 64 x 64 px input, patch 16, hidden 32, 2 layers, 2 heads
+    (42 k parameters), labels ``{0: "normal", 1: "nsfw"}`` as in Falconsai/nsfw_image_detection;
+    ``ViTImageProcessor`` resizing to 64 x 64 with mean/std 0.5 (Falconsai's processor uses
+    0.5 at 224 px). Files: ``config.json``, ``model.safetensors``, ``preprocessor_config.json``;
+    loaded by ``pipeline("image-classification", model=target)`` (faces-train-serve notes §5).
+    """
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    cfg = ViTConfig(image_size=64, patch_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, num_labels=2, id2label={0: "normal", 1: "nsfw"},
+                    label2id={"normal": 0, "nsfw": 1})
+    _seed(0)
+    ViTForImageClassification(cfg).save_pretrained(str(target))
+    ViTImageProcessor(size={"height": 64, "width": 64}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(str(target))
+
+
+#: pieces that let the tiny T5 spell the Canary labels the way a sentencepiece T5 does, in
+#: several pieces (``__needs_caution__`` -> ``▁__ needs _ caution __``), not as one token.
+CANARY_PIECES = ("▁__", "__", "_", "casual", "possibly", "probably", "needs", "caution", "intervention")
+
+
+def build_tiny_canary_t5(target: Path) -> None:
+    """Write a tiny random-init seq2seq dialogue-safety model (Canary stand-in) into ``target``.
+
+    ``T5ForConditionalGeneration``: d_model 64, d_ff 128, 4 heads x 16, 2 encoder + 2 decoder
+    layers, decoder start = pad (T5's convention); the ``tiny_t5_tokenizer`` extended with
+    ``CANARY_PIECES``, so each of the five Canary labels is spelled in 3-7 pieces and the
+    stage's label trie is exercised over several decoding steps (mirror-text notes §2).
+    ``initializer_factor=2``: at T5's default init every text got the same label (32 of 32
+    counselling utterances, measured), so batching mistakes could not show. Loaded by
+    ``AutoTokenizer`` + ``AutoModelForSeq2SeqLM``. Its labels are arbitrary.
+    """
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = tiny_t5_tokenizer(CANARY_PIECES)
+    cfg = T5Config(vocab_size=len(tok), d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2,
+                   num_decoder_layers=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                   decoder_start_token_id=tok.pad_token_id, initializer_factor=2.0)
+    _seed(0)
+    T5ForConditionalGeneration(cfg).save_pretrained(str(target))
+    tok.save_pretrained(str(target))
+
+
+def build_tiny_canary_distilbert(target: Path) -> None:
+    """Write a tiny random-init sequence classifier over the five Canary labels into ``target``.
+
+    ``DistilBertForSequenceClassification``: dim 32, 2 layers, 2 heads, hidden 64, 128
+    positions, ``id2label`` = the Canary labels in severity order (faces-train-serve notes
+    §6); WordPiece tokenizer over ``tiny_bert_vocab`` (lower-cased, ``model_max_length``
+    128). ``initializer_range=0.3``: at the default 0.02 every text got the same label with
+    p = 0.2031 (measured). Loaded by ``pipeline("text-classification", model=target)``.
+    """
+    from transformers import BertTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    from udfs.safety import CANARY_LABELS
+
+    vocab = tiny_bert_vocab()
+    tok = BertTokenizer(vocab=vocab, do_lower_case=True, model_max_length=128)
+    cfg = DistilBertConfig(vocab_size=len(vocab), dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                           max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                           num_labels=len(CANARY_LABELS), id2label=dict(enumerate(CANARY_LABELS)),
+                           label2id={label: i for i, label in enumerate(CANARY_LABELS)}, initializer_range=0.3)
+    _seed(0)
+    DistilBertForSequenceClassification(cfg).save_pretrained(str(target))
+    tok.save_pretrained(str(target))

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from actors.models import resolve
-from tests.test_vision import numpy_batch, run_ray, single
+from tests.helpers import numpy_batch, run_ray, single
 from udfs import faces as F
 from udfs import rows
 

@@ -21,13 +21,13 @@ import pytest
 from pydantic import ValidationError
 
 from actors import placeholders
-from actors.models import ModelResolutionError, materialize, resolve
+from actors.models import ModelResolutionError, resolve
 from jobs.runtime import Stage, StageRun, apply_stage
+from tests.helpers import coco_images, numpy_batch, placeholder_models, run_ray, single
 from udfs import rows
 from udfs import safety as S
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-COCO = SHARED / "data" / "captions" / "coco_mini_images"
 COUNSELING = SHARED / "data" / "counseling"
 NSFW = {"backend": "transformers", "model": "placeholder:tiny-nsfw-vit"}
 T5 = {"backend": "seq2seq", "model": "placeholder:tiny-canary-t5"}
@@ -60,44 +60,12 @@ def real_texts(n: int) -> list[str]:
     return texts[:n]
 
 
-def numpy_batch(rows_: list[dict]) -> dict[str, np.ndarray]:
-    """A batch as Ray Data's numpy format gives it (object arrays; list cells as arrays)."""
-    out = {}
-    for key in rows_[0]:
-        col = np.empty(len(rows_), dtype=object)
-        for i, r in enumerate(rows_):
-            v = r[key]
-            col[i] = np.asarray(v, dtype=object) if isinstance(v, list) else v
-        out[key] = col
-    return out
-
-
-def single(batch: dict, i: int) -> dict:
-    return {k: v[i:i + 1] for k, v in batch.items()}
-
-
-def coco_images(n: int) -> list[str]:
-    files = sorted(str(p) for p in COCO.glob("*.jpg"))
-    assert len(files) >= n
-    return files[:n]
-
-
 # -- fixtures ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The three placeholders built once into a private cache (MMSYNTH_CACHE)."""
-    mp = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("mmsynth-cache-safety")
-    mp.setenv("MMSYNTH_CACHE", str(root))
-    out = {}
-    for name, spec in (("nsfw", NSFW), ("t5", T5), ("bert", BERT)):
-        resolved = resolve(spec)
-        assert resolved.placeholder and resolved.path.startswith(str(root))
-        materialize(resolved)
-        out[name] = resolved.model_dump()
-    yield out
-    mp.undo()
+    yield from placeholder_models(tmp_path_factory, "mmsynth-cache-safety", {"nsfw": NSFW, "t5": T5, "bert": BERT})
 
 
 @pytest.fixture(scope="module")
@@ -570,18 +538,11 @@ def test_filters_in_audit_mode_through_the_runtime(canary_t5, models):
 def test_dialogue_safety_in_a_ray_data_actor_pool(ray_local, models, canary_t5):
     """The same actor class as a Ray Data actor pool (list<struct> cells arrive as numpy arrays
     of dicts): results equal the direct call's."""
-    import os
-
-    import ray.data
-
     from actors.safety import DialogueSafetyClassifier
 
     items = [r for r in dialogue_batch()[0] if r["id"] != "as-json"]
-    ds = ray.data.from_items(items).map_batches(
-        DialogueSafetyClassifier, fn_constructor_kwargs={"model": models["t5"], "params": {"batch_size": 8}},
-        batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), batch_size=2, num_cpus=0.5,
-        runtime_env={"env_vars": {"MMSYNTH_CACHE": os.environ["MMSYNTH_CACHE"], "OMP_NUM_THREADS": "1"}})
-    got = {r["id"]: r for r in ds.take_all()}
+    got = {r["id"]: r for r in run_ray(ray_local, DialogueSafetyClassifier, models["t5"], {"batch_size": 8},
+                                       items, batch_size=2)}
     direct = canary_t5(numpy_batch(items))
     assert sorted(got) == sorted(r["id"] for r in items)
     for i, r in enumerate(items):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,10 @@ from PIL import Image
 
 from actors import placeholders
 from actors.models import materialize, resolve
+from tests.helpers import coco_images, numpy_batch, placeholder_models, run_ray, single  # noqa: F401 (re-exported)
 from udfs import rows
 from udfs.images import encode_png, load_image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-COCO = SHARED / "data" / "captions" / "coco_mini_images"
 SD3 = {"backend": "diffusers", "model": "placeholder:tiny-sd3"}
 DINO = {"backend": "grounding_dino", "model": "placeholder:tiny-grounding-dino"}
 CLIP = {"backend": "open_clip", "model": "placeholder:tiny-clip"}
@@ -30,40 +28,8 @@ T2I_PARAMS = {"height": 64, "width": 64, "num_inference_steps": 2, "num_threads"
 DINO_PARAMS = {"image_size": 64, "max_size": 96, "num_threads": 1}
 
 
-def coco_images(n: int) -> list[str]:
-    files = sorted(str(p) for p in COCO.glob("*.jpg"))
-    assert len(files) >= n, f"need {n} COCO images in {COCO}"
-    return files[:n]
-
-
-def numpy_batch(rows_: list[dict]) -> dict[str, np.ndarray]:
-    """The batch Ray Data's numpy format gives an actor (object arrays, list cells as arrays)."""
-    out = {}
-    for key in rows_[0]:
-        col = np.empty(len(rows_), dtype=object)
-        for i, r in enumerate(rows_):
-            v = r[key]
-            col[i] = np.asarray(v, dtype=object) if isinstance(v, list) else v
-        out[key] = col
-    return out
-
-
-def single(batch: dict, i: int) -> dict:
-    return {k: v[i:i + 1] for k, v in batch.items()}
-
-
 def decode(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
-
-
-def run_ray(ray, actor_cls, model: dict, params: dict, items: list[dict], batch_size: int) -> list[dict]:
-    import ray.data
-
-    ds = ray.data.from_items(items).map_batches(
-        actor_cls, fn_constructor_kwargs={"model": model, "params": params}, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1), batch_size=batch_size, num_cpus=0.5,
-        runtime_env={"env_vars": {"MMSYNTH_CACHE": os.environ["MMSYNTH_CACHE"], "OMP_NUM_THREADS": "1"}})
-    return sorted(ds.take_all(), key=lambda r: r["id"])
 
 
 # -- fixtures ----------------------------------------------------------------------------
@@ -71,17 +37,7 @@ def run_ray(ray, actor_cls, model: dict, params: dict, items: list[dict], batch_
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     """A private model cache with the three placeholders built once (MMSYNTH_CACHE)."""
-    mp = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("mmsynth-cache")
-    mp.setenv("MMSYNTH_CACHE", str(root))
-    models = {}
-    for name, spec in (("sd3", SD3), ("dino", DINO), ("clip", CLIP)):
-        resolved = resolve(spec)
-        assert resolved.placeholder and resolved.path.startswith(str(root))
-        materialize(resolved)
-        models[name] = resolved.model_dump()
-    yield models
-    mp.undo()
+    yield from placeholder_models(tmp_path_factory, "mmsynth-cache", {"sd3": SD3, "dino": DINO, "clip": CLIP})
 
 
 @pytest.fixture(scope="session")

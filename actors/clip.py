@@ -28,6 +28,7 @@ from actors.batching import (batch_len, error_text, is_missing, object_column, r
 from actors.models import ResolvedModel, load_spec
 from udfs import rows
 from udfs.images import load_image
+from udfs.mmgen import assign_keywords
 
 __all__ = ["CLIPScorer", "clip_model_name", "clip_pretrained", "HF_CLIP_ALIASES"]
 
@@ -219,7 +220,7 @@ class CLIPScorer:
             kw_scores: list[Any] = [None] * n
             for i, e in image_emb.items():
                 sims = (self.keyword_embeddings @ e).tolist()
-                keyword[i] = p.keywords[int(np.argmax(sims))]
+                keyword[i] = p.keywords[int(assign_keywords(np.array([sims]))[0])]  # ties: first keyword
                 kw_scores[i] = json.dumps({k: round(float(s), 6) for k, s in zip(p.keywords, sims)},
                                           ensure_ascii=False, separators=(",", ":"))
                 img_col[i] = e.cpu().numpy().astype(np.float32).tolist()

@@ -131,3 +131,80 @@ def row_inputs(row_id: str, messages: Any, sampling: Any, params: "LLMParams",
         return msgs, samp, response_format()
     except Exception as e:  # noqa: BLE001 - any failure is this row's invalid input
         raise rows.InputError(row_id, field, str(e)) from None
+
+
+class ImageInliner:
+    """Turns image references in chat messages into bounded base64 data URLs, once per image.
+
+    Rows keep images as paths/URIs (``{"type": "image_url", "image_url": {"url": "s3://..."}}``);
+    API backends need the bytes inline. Each distinct reference is read, shrunk to at most
+    ``max_side`` px on its longer side and encoded (PNG or JPEG, whichever is smaller with
+    ``image_format="auto"``) **once per actor** (LRU cache of ``cache_size`` entries), so an
+    in-context example image shared by many prompts is not re-encoded for each of them (the
+    original MM-GEN re-encoded full-size JPEGs in every request, SPEC D9.9). ``data:`` and
+    ``http(s)://`` URLs are passed through unchanged.
+
+    Model-spec options read by ``from_options``: ``image_max_side`` (int px, default 1024),
+    ``image_format`` (``auto``/``png``/``jpeg``), ``jpeg_quality`` (default 90).
+    """
+
+    def __init__(self, max_side: int = 1024, image_format: str = "auto", jpeg_quality: int = 90,
+                 cache_size: int = 512):
+        import threading
+        from collections import OrderedDict
+
+        if image_format not in ("auto", "png", "jpeg"):
+            raise ValueError(f"image_format must be auto, png or jpeg, got {image_format!r}")
+        self.max_side, self.image_format, self.jpeg_quality = int(max_side), image_format, int(jpeg_quality)
+        self.cache_size = int(cache_size)
+        self._cache: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[str, Any] = {}
+        #: number of images read and encoded (cache misses); the actor's threads never encode one twice
+        self.encoded = 0
+
+    def _encode(self, ref: str) -> str:
+        """Cached, thread-safe: concurrent requests for one image wait for a single encoding."""
+        import threading
+
+        from udfs.images import image_data_url
+
+        with self._lock:
+            if ref in self._cache:
+                self._cache.move_to_end(ref)
+                return self._cache[ref]
+            key_lock = self._key_locks.setdefault(ref, threading.Lock())
+        with key_lock:
+            with self._lock:
+                if ref in self._cache:
+                    return self._cache[ref]
+            url = image_data_url(ref, "?", "messages", self.max_side, self.image_format, self.jpeg_quality)
+            with self._lock:
+                self._cache[ref] = url
+                self.encoded += 1
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+                self._key_locks.pop(ref, None)
+            return url
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> "ImageInliner":
+        """An inliner configured from a model spec's ``options``."""
+        return cls(int(options.get("image_max_side", 1024)), options.get("image_format", "auto"),
+                   int(options.get("jpeg_quality", 90)))
+
+    def url(self, ref: str, row_id: str | None = None) -> str:
+        """Data URL for one reference. Raises ``rows.InputError`` naming the row and the
+        ``messages`` field when the image cannot be read or decoded."""
+        if ref.startswith(("data:", "http://", "https://")):
+            return ref
+        try:
+            return self._encode(ref)
+        except rows.InputError as e:
+            raise rows.InputError(row_id or "?", "messages", e.problem) from None
+
+    def __call__(self, messages: list[dict[str, Any]], row_id: str | None = None) -> list[dict[str, Any]]:
+        """Copy of ``messages`` with every image reference inlined (see ``url``)."""
+        from udfs.llm_output import map_image_urls
+
+        return map_image_urls(messages, lambda u: self.url(u, row_id))

@@ -20,7 +20,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from actors.llm_base import LLMParams, LLMReply, LLMRequest, describe_error, row_inputs
+from actors.llm_base import ImageInliner, LLMParams, LLMReply, LLMRequest, describe_error, row_inputs
 from actors.llm_openai import chat_body
 from actors.models import ModelSpec, ResolvedModel, resolve
 from udfs import io, rows
@@ -53,6 +53,7 @@ def batch_request_lines(rows_in: Iterable[dict[str, Any]], model: ResolvedModel 
     resolved = _resolved(model)
     p = params if isinstance(params, LLMParams) else LLMParams.model_validate(params or {})
     default_fmt = p.output_format()
+    inline = ImageInliner.from_options(resolved.spec.options)  # image paths -> bounded data URLs, once each
     seen: set[str] = set()
     for n, row in enumerate(rows_in):
         rid = row.get(rows.ID)
@@ -64,7 +65,7 @@ def batch_request_lines(rows_in: Iterable[dict[str, Any]], model: ResolvedModel 
         seen.add(rid)
         msgs, samp, fmt = row_inputs(rid, row.get("messages"), row.get("sampling"), p,
                                      lambda: parse_response_format(row.get("response_format")) or default_fmt)
-        body = chat_body(resolved.spec.model, msgs, samp, fmt, resolved.spec.options)
+        body = chat_body(resolved.spec.model, inline(msgs, rid), samp, fmt, resolved.spec.options)
         yield {"custom_id": rid, "method": "POST", "url": CHAT_URL, "body": body}
 
 

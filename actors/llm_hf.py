@@ -10,6 +10,11 @@
 - Constrained decoding: xgrammar 0.2.8 grammars compiled once per format (JSON schema with
   compact separators, regex, EBNF) and applied through a new
   ``xgr.contrib.hf.LogitsProcessor`` per ``generate`` call.
+- Vision-language models (a config with ``vision_config``: LLaVA, Qwen2-VL, the
+  ``placeholder:tiny-llava`` model) load through ``AutoModelForImageTextToText`` +
+  ``AutoProcessor`` (``actors.vlm``); OpenAI ``image_url`` parts (paths, URIs or data URLs)
+  become the processor's image tokens, images are decoded once per actor (LRU) and each row's
+  image count is checked (the processor only checks the batch total).
 - Sampling is done by our own logits processors after the grammar mask (penalties →
   grammar → temperature/top-p → draw with a ``torch.Generator``); ``generate`` itself runs
   greedy over the result. So temperature 0 is exact greedy decoding (batched == one by one),
@@ -25,7 +30,7 @@ from typing import Any
 
 from actors.llm_base import LLMParams, LLMReply, LLMRequest, describe_error
 from actors.models import ResolvedModel, build_once, cache_dir, materialize, torch_device_dtype
-from udfs.llm_output import OutputFormat, text_only_messages
+from udfs.llm_output import OutputFormat, multimodal_messages, text_only_messages
 
 log = logging.getLogger(__name__)
 _CONVERT_LOCK = threading.Lock()
@@ -144,13 +149,24 @@ class TransformersEngine:
         kw = {"trust_remote_code": bool(opts.get("trust_remote_code", False))}
         if resolved.source == "hub" and resolved.spec.revision:
             kw["revision"] = resolved.spec.revision
-        self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        from actors.vlm import ImageCache, is_vision_config, load_vlm
+
+        self.processor = None
+        if opts.get("vision", is_vision_config(path, **kw)):
+            self.model, self.processor = load_vlm(path, self.device, self.dtype, **kw)
+            self.tokenizer = self.processor.tokenizer
+            self.images = ImageCache()
+            templated = self.processor
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+            templated = self.tokenizer
         self.tokenizer.padding_side = "left"
         if opts.get("chat_template"):
-            self.tokenizer.chat_template = opts["chat_template"]
-        if not getattr(self.tokenizer, "chat_template", None):
+            templated.chat_template = opts["chat_template"]
+        if not getattr(templated, "chat_template", None):
             raise ValueError(f"model {resolved.spec.model!r} has no chat template; set options.chat_template")
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **kw).to(self.device).eval()
+        if self.processor is None:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **kw).to(self.device).eval()
         gen_eos = self.model.generation_config.eos_token_id
         eos = gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else []
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
@@ -161,7 +177,7 @@ class TransformersEngine:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.convert_ids_to_tokens(eos[0])
         self.pad_id = self.tokenizer.pad_token_id
-        self.max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_positions = getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
         self.any_whitespace = bool(opts.get("any_whitespace", False))
         self._compiler = None
         self._grammars: dict[str, Any] = {}
@@ -178,7 +194,8 @@ class TransformersEngine:
         import xgrammar as xgr
 
         if self._compiler is None:
-            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.model.config.vocab_size,
+            info = xgr.TokenizerInfo.from_huggingface(self.tokenizer,
+                                                      vocab_size=self.model.config.get_text_config().vocab_size,
                                                       stop_token_ids=self.eos_ids)
             self._compiler = xgr.GrammarCompiler(info)
         c = self._compiler
@@ -201,29 +218,52 @@ class TransformersEngine:
 
     def prompt(self, messages: list[dict[str, Any]]) -> str:
         """Chat-templated prompt text (generation prompt appended). Raises ``MessagesError``
-        for image parts (text-only backend)."""
+        for image parts on a text-only model."""
+        if self.processor is not None:
+            return self.processor.apply_chat_template(multimodal_messages(messages)[0], tokenize=False,
+                                                      add_generation_prompt=True)
         return self.tokenizer.apply_chat_template(text_only_messages(messages), tokenize=False,
                                                   add_generation_prompt=True)
+
+    def request_images(self, req: LLMRequest) -> list:
+        """Decoded images of a request's image parts, in order ([] on text-only models).
+        Raises ``rows.InputError`` naming the row when an image cannot be read."""
+        if self.processor is None:
+            return []
+        return [self.images.get(ref, req.row_id or f"#{req.index}", "messages")
+                for ref in multimodal_messages(req.messages)[1]]
+
+    def _encode(self, prompts: list[str], images: list[list] | None, reqs: list[LLMRequest]):
+        if self.processor is None:
+            return self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        from actors.vlm import encode
+
+        return encode(self.processor, prompts, images or [[] for _ in prompts],
+                      [r.row_id or f"#{r.index}" for r in reqs])
 
     def generate(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:
         """Generate one reply per request. Requests are grouped by sampling parameters and
         output format; each group (chunked by ``max_batch_size``) is one batched call."""
         results: list[LLMReply | BaseException | None] = [None] * len(requests)
         prompts: dict[int, str] = {}
+        images: dict[int, list] = {}
         for i, req in enumerate(requests):
             try:
                 prompts[i] = self.prompt(req.messages)
+                images[i] = self.request_images(req)
             except Exception as e:
+                prompts.pop(i, None)
                 results[i] = e
         groups: dict[tuple, list[int]] = {}
         for i, req in enumerate(requests):
-            if i in prompts:
-                groups.setdefault(self._group_key(req), []).append(i)
+            if i in prompts:  # rows with and without images are encoded separately
+                groups.setdefault((*self._group_key(req), bool(images[i])), []).append(i)
         chunk = int(self.options.get("max_batch_size") or 0) or None
         for members in groups.values():
             for start in range(0, len(members), chunk or len(members)):
                 part = members[start:start + (chunk or len(members))]
-                for i, rep in zip(part, self._generate_safe([requests[i] for i in part], [prompts[i] for i in part])):
+                for i, rep in zip(part, self._generate_safe([requests[i] for i in part], [prompts[i] for i in part],
+                                                            [images[i] for i in part])):
                     results[i] = rep
         return results  # type: ignore[return-value]
 
@@ -235,28 +275,32 @@ class TransformersEngine:
                 None if greedy else s["seed"], s["max_tokens"], s["frequency_penalty"], s["presence_penalty"],
                 req.fmt.key())
 
-    def _generate_safe(self, reqs: list[LLMRequest], prompts: list[str]) -> list[LLMReply | BaseException]:
+    def _generate_safe(self, reqs: list[LLMRequest], prompts: list[str],
+                       images: list[list] | None = None) -> list[LLMReply | BaseException]:
         import torch
 
+        images = images or [[] for _ in reqs]
         try:
-            return self._generate_batch(reqs, prompts)
+            return self._generate_batch(reqs, prompts, images)
         except torch.cuda.OutOfMemoryError as e:
             if len(reqs) == 1:
                 return [e]
             torch.cuda.empty_cache()
             h = len(reqs) // 2
             log.warning("CUDA OOM at batch %d; retrying as %d + %d", len(reqs), h, len(reqs) - h)
-            return self._generate_safe(reqs[:h], prompts[:h]) + self._generate_safe(reqs[h:], prompts[h:])
+            return (self._generate_safe(reqs[:h], prompts[:h], images[:h])
+                    + self._generate_safe(reqs[h:], prompts[h:], images[h:]))
         except Exception as e:  # the whole call failed: every row of it errors
             return [e] * len(reqs)
 
-    def _generate_batch(self, reqs: list[LLMRequest], prompts: list[str]) -> list[LLMReply | BaseException]:
+    def _generate_batch(self, reqs: list[LLMRequest], prompts: list[str],
+                        images: list[list] | None = None) -> list[LLMReply | BaseException]:
         import torch
         import xgrammar as xgr
         from transformers import GenerationConfig
 
         s = reqs[0].sampling
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = self._encode(prompts, images, reqs)
         lengths = enc["attention_mask"].sum(dim=1).tolist()
         out: list[LLMReply | BaseException | None] = [None] * len(reqs)
         keep = list(range(len(reqs)))
@@ -270,10 +314,11 @@ class TransformersEngine:
             if not keep:
                 return out  # type: ignore[return-value]
             if len(keep) < len(reqs):
-                enc = self.tokenizer([prompts[i] for i in keep], return_tensors="pt", padding=True,
-                                     add_special_tokens=False)
+                enc = self._encode([prompts[i] for i in keep], [images[i] for i in keep] if images else None,
+                                   [reqs[i] for i in keep])
             max_new = max(1, min(max_new, self.max_positions - enc["input_ids"].shape[1]))
-        enc = {k: v.to(self.device) for k, v in enc.items()}
+        enc = {k: v.to(self.device, self.dtype) if k == "pixel_values" else v.to(self.device)
+               for k, v in enc.items()}
         prompt_len = enc["input_ids"].shape[1]
 
         processors = []

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from actors.llm_base import LLMParams, LLMReply, LLMRequest, describe_error
+from actors.llm_base import ImageInliner, LLMParams, LLMReply, LLMRequest, describe_error
 from actors.models import ResolvedModel
 from udfs.llm_output import OutputFormat, strip_nones
 
@@ -111,7 +111,10 @@ class OpenAIEngine:
     auth), ``qps`` (float), ``max_retries`` (default 3), ``timeout_s`` (default 60),
     ``backoff_s`` (default 1.0), ``max_backoff_s`` (default 30), ``max_concurrency``
     (threads per actor, default 8), ``json_schema_mode`` (default False),
-    ``json_object_mode`` (default True), ``strict_schema``, ``extra_body``.
+    ``json_object_mode`` (default True), ``strict_schema``, ``extra_body``; for vision
+    models ``image_max_side`` / ``image_format`` / ``jpeg_quality`` (``ImageInliner``): image
+    parts given as paths or ``s3://`` URIs are sent as bounded base64 data URLs, each image
+    encoded once per actor.
 
     Raises ``ValueError`` when the API key variable is not set.
     """
@@ -139,6 +142,7 @@ class OpenAIEngine:
         self.client = openai.OpenAI(api_key=key, base_url=opts.get("base_url"), timeout=self.timeout_s,
                                     max_retries=0)
         self.limiter = RateLimiter(opts.get("qps"))
+        self.inline_images = ImageInliner.from_options(opts)
         self.pool = ThreadPoolExecutor(max_workers=int(opts.get("max_concurrency", 8)),
                                        thread_name_prefix="llm-openai")
 
@@ -177,7 +181,11 @@ class OpenAIEngine:
         return delay * random.uniform(0.9, 1.1)
 
     def _call(self, req: LLMRequest) -> LLMReply | BaseException:
-        body = chat_body(self.model_name, req.messages, req.sampling, req.fmt, self.options)
+        try:
+            messages = self.inline_images(req.messages, req.row_id)
+        except Exception as e:  # an unreadable image is this row's input error
+            return e
+        body = chat_body(self.model_name, messages, req.sampling, req.fmt, self.options)
         kwargs = {k: v for k, v in body.items() if k in _CLIENT_KWARGS}
         extra = {k: v for k, v in body.items() if k not in _CLIENT_KWARGS}
         if extra:

@@ -19,7 +19,7 @@ import os
 from functools import lru_cache, partial
 from typing import Any
 
-from actors.llm_base import LLMParams, row_inputs
+from actors.llm_base import ImageInliner, LLMParams, row_inputs
 from actors.models import ResolvedModel, materialize
 from udfs import rows
 from udfs.llm_output import (
@@ -115,8 +115,14 @@ def _format_of(row: dict[str, Any], default: OutputFormat) -> OutputFormat:
     return parse_response_format(row.get("response_format")) or default
 
 
-def vllm_preprocess(row: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+def vllm_preprocess(row: dict[str, Any], params: dict[str, Any],
+                    image_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Row → engine input: normalized ``messages`` and ``sampling_params``; other columns kept.
+
+    Image parts given as paths / ``s3://`` URIs become bounded base64 data URLs
+    (``ImageInliner``; ``image_options``: ``image_max_side``, ``image_format``,
+    ``jpeg_quality`` from the model spec's options), which ray.data.llm's multimodal
+    preparation stage decodes for vision models.
 
     A row with invalid ``messages``/``sampling``/``response_format`` is not dropped: it gets
     a one-token dummy request and ``__llm_input_error__``, which ``vllm_postprocess`` turns
@@ -135,12 +141,25 @@ def vllm_preprocess(row: dict[str, Any], params: dict[str, Any]) -> dict[str, An
         out["sampling_params"] = {"temperature": 0.0, "max_tokens": 1}
         out[_FORMAT_KEY] = ""
         return out
+    try:  # image paths/URIs -> bounded data URLs (vLLM workers need no access to the files)
+        msgs = _inliner(json.dumps(image_options or {}, sort_keys=True))(msgs, str(row.get(rows.ID)))
+    except rows.InputError as e:
+        out[_INPUT_ERROR] = f"InputError: {e}"
+        out["messages"] = [{"role": "user", "content": "."}]
+        out["sampling_params"] = {"temperature": 0.0, "max_tokens": 1}
+        out[_FORMAT_KEY] = ""
+        return out
     out[_INPUT_ERROR] = ""
     out["messages"] = msgs
     out["sampling_params"] = vllm_sampling_params(samp, fmt)
     out[_FORMAT_KEY] = json.dumps({"kind": fmt.kind, "schema": fmt.schema, "grammar": fmt.grammar,
                                    "model": _model_path(fmt)})
     return out
+
+
+@lru_cache(maxsize=8)
+def _inliner(options_json: str) -> ImageInliner:
+    return ImageInliner.from_options(json.loads(options_json))
 
 
 def _model_path(fmt: OutputFormat) -> str | None:
@@ -216,6 +235,8 @@ def build_vllm_processor(model: ResolvedModel | dict, params: LLMParams | dict |
     if isinstance(p.response_schema, type):
         pdict["response_schema"] = f"{p.response_schema.__module__}:{p.response_schema.__qualname__}"
     config = vllm_processor_config(resolved, p, stage_options)
-    return build_processor(config, preprocess=partial(vllm_preprocess, params=pdict),
+    image_options = {k: v for k, v in resolved.spec.options.items()
+                     if k in ("image_max_side", "image_format", "jpeg_quality")}
+    return build_processor(config, preprocess=partial(vllm_preprocess, params=pdict, image_options=image_options),
                            postprocess=partial(vllm_postprocess, model_name=resolved.spec.model))
 

@@ -33,6 +33,7 @@ PLACEHOLDER_BUILDERS: dict[str, str] = {
     "tiny-sd3": "actors.placeholders:build_tiny_sd3",
     "tiny-grounding-dino": "actors.placeholders:build_tiny_grounding_dino",
     "tiny-clip": "actors.placeholders:build_tiny_clip",
+    "tiny-llava": "actors.placeholders:build_tiny_llava",
     "tiny-nsfw-vit": "actors.placeholders:build_tiny_nsfw_vit",
     "tiny-canary-t5": "actors.placeholders:build_tiny_canary_t5",
     "tiny-canary-distilbert": "actors.placeholders:build_tiny_canary_distilbert",

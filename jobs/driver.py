@@ -66,6 +66,7 @@ class StagePlan:
     inputs: list[str]
     outputs: list[str]
     audit: bool = False
+    phase: str = "rows"  # "ingest": run by the pipeline's ingest (not a map over the rows)
 
 
 @dataclass
@@ -73,6 +74,10 @@ class Plan:
     """The validated stage list of a run (``plan()``); nothing is loaded."""
 
     stages: list[StagePlan] = field(default_factory=list)
+
+    def row_stages(self) -> list[StagePlan]:
+        """The stages mapped over the rows (not the ones the pipeline's ingest runs)."""
+        return [sp for sp in self.stages if sp.phase == "rows"]
 
     def placeholder_stages(self) -> list[str]:
         """Names of stages whose model is a tiny random-init placeholder."""
@@ -83,15 +88,25 @@ class Plan:
         return [p.stage.name for p in self.stages if p.audit]
 
 
+def _ingest_stages(pipeline, recipe: Recipe) -> list[Stage]:
+    return list(pipeline.ingest_stages(recipe)) if hasattr(pipeline, "ingest_stages") else []
+
+
 def plan(pipeline, recipe: Recipe) -> Plan:
     """Validate every stage's params, resolve its model and check its input columns.
 
-    Nothing is loaded. Raises ``PlanError`` naming the stage and the problem.
+    A pipeline may also declare ``ingest_stages(recipe)``: model stages its ``ingest`` runs
+    over other rows than the main ones (MM-GEN's CLIP partition of the reference and
+    candidate images). They are validated, resolved, reported and recorded in the manifest
+    like the others (phase ``ingest``), but their columns are not checked against the row
+    flow and ``execute`` does not map them. Nothing is loaded. Raises ``PlanError`` naming
+    the stage and the problem.
     """
     available = set(pipeline.INPUT_COLUMNS) | {R.ID, *R.CONTROL_COLUMNS}
     result = Plan()
     placeholders: set[str] = set()
-    for stage in pipeline.stages(recipe):
+    pre = {s.name for s in _ingest_stages(pipeline, recipe)}
+    for stage in [*_ingest_stages(pipeline, recipe), *pipeline.stages(recipe)]:
         cfg = recipe.stages.get(stage.name)
         if cfg is None:
             raise PlanError(f"stage {stage.name!r}: missing from the recipe's stages")
@@ -115,6 +130,9 @@ def plan(pipeline, recipe: Recipe) -> Plan:
             if resolved.placeholder:
                 placeholders.add(stage.name)
         ins, outs = stage.columns(cfg.params)
+        if stage.name in pre:
+            result.stages.append(StagePlan(stage, cfg, resolved, ins, outs, False, phase="ingest"))
+            continue
         missing = [c for c in ins if c not in available]
         if missing:
             raise PlanError(f"stage {stage.name!r}: input columns {missing} are not produced upstream")
@@ -122,7 +140,7 @@ def plan(pipeline, recipe: Recipe) -> Plan:
                                        any(e in placeholders for e in stage.evidence)))
         result.stages.append(StagePlan(stage, cfg, resolved, ins, outs, audit))
         available |= set(outs)
-    extra = set(recipe.stages) - {s.name for s in pipeline.stages(recipe)}
+    extra = set(recipe.stages) - {s.name for s in pipeline.stages(recipe)} - pre
     if extra:
         raise PlanError(f"recipe names unknown stages {sorted(extra)}")
     return result
@@ -132,7 +150,7 @@ def describe_plan(p: Plan) -> str:
     """Human-readable dry-run report: one line per stage with model, placeholder and audit flags."""
     lines = []
     for sp in p.stages:
-        kind = "actor" if sp.stage.is_actor else "task"
+        kind = ("actor" if sp.stage.is_actor else "task") + (" (ingest)" if sp.phase == "ingest" else "")
         model = ""
         if sp.resolved is not None:
             model = f" model={sp.resolved.spec.backend}:{sp.resolved.spec.model}"
@@ -143,7 +161,7 @@ def describe_plan(p: Plan) -> str:
         if sp.resolved is not None and sp.resolved.spec.backend == "openai" and key_env \
                 and key_env not in os.environ:
             flags += f" [API key variable {key_env} is not set here; the nodes that run it need it]"
-        lines.append(f"  {sp.stage.name:<22} {kind:<5} in={','.join(sp.inputs) or '-'} "
+        lines.append(f"  {sp.stage.name:<22} {kind:<14} in={','.join(sp.inputs) or '-'} "
                      f"out={','.join(sp.outputs)}{model}{flags}")
     return "\n".join(lines)
 
@@ -232,8 +250,9 @@ def _ingest(pipeline, recipe: Recipe, out: str) -> tuple[pa.Table, int]:
     io.delete(work(out, "input"))
     table, rejects, not_selected = pipeline.ingest(recipe)
     n = table.num_rows
-    for name in R.CONTROL_COLUMNS:
-        table = table.append_column(name, pa.array([R.OK if name == R.STATUS else ""] * n, pa.string()))
+    for name in R.CONTROL_COLUMNS:  # an ingest may preset _placeholder (its own placeholder stages)
+        if name not in table.column_names:
+            table = table.append_column(name, pa.array([R.OK if name == R.STATUS else ""] * n, pa.string()))
     if rejects:
         write_table(pa.Table.from_pylist(rejects), work(out, "ingest_rejects", "rejects.parquet"))
     block = max(1, recipe.block_rows)
@@ -289,7 +308,7 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table) 
     ds = ray.data.read_parquet(_ray_path(in_uri), filesystem=fs, num_cpus=IO_NUM_CPUS).repartition(n_blocks)
     if hasattr(pipeline, "before_run"):
         pipeline.before_run(recipe, out)
-    for sp in p.stages:
+    for sp in p.row_stages():
         ds = add_stage(ds, sp.stage, sp.cfg, sp.resolved, audit=sp.audit)
     rows_uri = work(out, "rows")
     # min_bytes_per_file=1: every block is committed as soon as it is done (the resume unit),
@@ -299,7 +318,7 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table) 
                          ray_remote_args={"num_cpus": IO_NUM_CPUS})
     finally:
         ctx.checkpoint_config = None  # do not leak into later writes of this process
-    return _stage_wall_times(ds, [sp.stage.name for sp in p.stages])
+    return _stage_wall_times(ds, [sp.stage.name for sp in p.row_stages()])
 
 
 def reached(rows: pa.Table, order: list[str], stage: str, through: bool = False) -> list[bool]:
@@ -319,12 +338,12 @@ def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selec
     (rows whose first reply did not validate); the image stage adds
     ``prompt_weights_stripped`` (rows whose (object:w) weights the pipeline could not apply).
     """
-    order = [sp.stage.name for sp in p.stages]
+    order = [sp.stage.name for sp in p.row_stages()]
     result = [{"stage": "ingest", "in": n_input + ingest_rejects + not_selected, "out": n_input,
                "rejected": ingest_rejects, "errored": 0, "not_selected": not_selected}]
     status = rows.column(R.STATUS).to_pylist()
     stage = rows.column(R.STAGE).to_pylist()
-    for sp in p.stages:
+    for sp in p.row_stages():
         entered = sum(reached(rows, order, sp.stage.name))
         rej = sum(1 for s, st in zip(status, stage) if st == sp.stage.name and s == R.REJECTED)
         err = sum(1 for s, st in zip(status, stage) if st == sp.stage.name and s == R.ERROR)
@@ -417,6 +436,9 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
                       if k in stage_stats[r["stage"]]})
     _split_outputs(rows, out, ingest_rej)
     exported = pipeline.export(rows, recipe, out)
+    # a pipeline whose last step selects among sub-row units (MM-GEN's loss filter over
+    # samples) reports it as extra funnel rows: {"stage", "in", "out", "rejected", "errored", "unit"}
+    fun.extend(exported.pop("funnel", []) if isinstance(exported, dict) else [])
     manifest = {
         "pipeline": recipe.pipeline,
         "command": argv,

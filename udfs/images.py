@@ -19,7 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from udfs import io as uio
 from udfs.rows import InputError
 
-__all__ = ["load_image", "encode_png", "describe_source"]
+__all__ = ["load_image", "load_image_ref", "encode_png", "describe_source", "bounded", "image_data_url"]
 
 
 def describe_source(value) -> str:
@@ -110,3 +110,71 @@ def image_file_name(row_id: str) -> str:
     if safe != row_id or safe in ("", ".", ".."):
         safe = f"{safe}-{hashlib.sha256(row_id.encode()).hexdigest()[:8]}"
     return f"{safe}.png"
+
+
+def _decode_data_url(url: str, row_id: str, field: str) -> bytes:
+    """Bytes of a ``data:<mime>;base64,<payload>`` URL. Raises ``InputError``."""
+    import base64
+    import binascii
+
+    head, sep, payload = url.partition(",")
+    if not sep or ";base64" not in head:
+        raise InputError(row_id, field, f"unsupported data URL (expected base64): {url[:40]}...")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InputError(row_id, field, f"data URL is not valid base64: {exc}") from None
+
+
+def load_image_ref(ref, row_id: str, field: str = "image") -> Image.Image:
+    """``load_image`` that also accepts a ``data:image/...;base64,...`` URL (OpenAI image parts)."""
+    if isinstance(ref, str) and ref.startswith("data:"):
+        return load_image(_decode_data_url(ref, row_id, field), row_id, field)
+    return load_image(ref, row_id, field)
+
+
+def bounded(img: Image.Image, max_side: int) -> Image.Image:
+    """``img`` shrunk (aspect kept, Lanczos) so that its longer side is at most ``max_side`` px;
+    returned unchanged when it already fits. Raises ``ValueError`` for ``max_side < 1``."""
+    if max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img
+    s = max_side / max(w, h)
+    return img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
+
+
+def image_data_url(ref, row_id: str, field: str = "image", max_side: int = 1024, image_format: str = "auto",
+                   jpeg_quality: int = 90) -> str:
+    """Base64 data URL of an image, re-encoded at a bounded size for an API request.
+
+    Args:
+        ref: anything ``load_image_ref`` takes (path/URI, bytes, data URL, PIL image).
+        max_side: longest side in pixels after re-encoding (aspect kept; never upscaled).
+        image_format: ``png``, ``jpeg`` or ``auto`` — encode both and keep the smaller: JPEG
+            wins on photos, PNG on flat charts and diagrams (notes/mmgen-vlm.md §6 measured a
+            336 px photo at 206 KB PNG vs 40 KB JPEG q90, flat shapes at 1.7 KB PNG vs 6.8 KB JPEG).
+        jpeg_quality: JPEG quality 1-95 (default 90, as in that measurement).
+
+    Returns:
+        ``"data:image/png;base64,..."`` or ``"data:image/jpeg;base64,..."``.
+
+    Raises:
+        InputError: the image cannot be read or decoded (names row, field and file).
+        ValueError: unknown ``image_format``.
+    """
+    import base64
+
+    if image_format not in ("auto", "png", "jpeg"):
+        raise ValueError(f"image_format must be auto, png or jpeg, got {image_format!r}")
+    img = bounded(load_image_ref(ref, row_id, field), max_side)
+    candidates = []
+    if image_format in ("auto", "png"):
+        candidates.append(("image/png", encode_png(img)))
+    if image_format in ("auto", "jpeg"):
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=int(jpeg_quality))
+        candidates.append(("image/jpeg", buf.getvalue()))
+    mime, data = min(candidates, key=lambda c: len(c[1]))
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")

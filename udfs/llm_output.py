@@ -143,6 +143,74 @@ def text_only_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def image_url_of(part: dict[str, Any]) -> str | None:
+    """The image reference of an OpenAI content part, or ``None`` for non-image parts.
+
+    ``{"type": "image_url", "image_url": {"url": U}}`` (or ``"image_url": U``) gives ``U``: a
+    ``data:`` URL, an ``http(s)://`` URL, or a path / ``file://`` / ``s3://`` URI of an image
+    that the sending stage reads itself (pipelines keep paths in their rows and let the LLM
+    stage encode each image once, instead of storing base64 in every row).
+    """
+    if not isinstance(part, dict) or part.get("type") != "image_url":
+        return None
+    ref = part.get("image_url")
+    if isinstance(ref, dict):
+        ref = ref.get("url")
+    return ref if isinstance(ref, str) and ref else None
+
+
+def count_images(messages: list[dict[str, Any]]) -> int:
+    """Number of image parts in chat ``messages``."""
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for p in m["content"] if image_url_of(p) is not None)
+
+
+def map_image_urls(messages: list[dict[str, Any]], fn) -> list[dict[str, Any]]:
+    """Copy of ``messages`` with every image part's URL replaced by ``fn(url)`` (e.g. a path
+    turned into a bounded base64 data URL). Text parts and string contents are unchanged."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                url = image_url_of(p)
+                parts.append(p if url is None else {"type": "image_url", "image_url": {**(
+                    p["image_url"] if isinstance(p.get("image_url"), dict) else {}), "url": fn(url)}})
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
+def multimodal_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """OpenAI messages → (Hugging Face chat-template messages, image references in order).
+
+    Image parts become ``{"type": "image"}`` (what processors' chat templates expand into
+    their image tokens), text parts stay ``{"type": "text", "text": ...}``, string contents
+    stay strings. Raises ``MessagesError`` for a part type other than text / image_url.
+    """
+    refs: list[str] = []
+    out = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                url = image_url_of(p)
+                if url is not None:
+                    refs.append(url)
+                    parts.append({"type": "image"})
+                elif p.get("type") == "text":
+                    parts.append({"type": "text", "text": p.get("text", "")})
+                else:
+                    raise MessagesError(f"message {i} has an unsupported {p.get('type')!r} part")
+            m = {**m, "content": parts}
+        elif content is None:
+            m = {**m, "content": ""}
+        out.append(m)
+    return out, refs
+
+
 def with_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
     """Prepend ``system_prompt`` as a system message unless the messages already start with one."""
     if not system_prompt or (messages and messages[0].get("role") == "system"):

@@ -1,0 +1,666 @@
+"""MM-GEN pure logic: reference files, keyword partition, allocation, samplers, prompts, records.
+
+MM-GEN (Joshi et al., 2025, "MM-GEN: Enhancing Task Performance Through Targeted Multimodal
+Data Curation"; repository ``MM-Gen`` — SPEC part D) turns a few reference samples of a task
+and a pool of candidate images into LLaVA-format training data: partition the references by
+keyword with CLIP (stage 1) and the candidates the same way (stage 1b), allocate prompts to
+subgroups in proportion to their references (stage 2), ask a strong VLM for question/answer
+pairs or descriptions in the style of in-context examples from the same subgroup (stage 3),
+and keep the samples a target model finds hardest (stage 4).
+
+Everything here is pure Python (no Ray, no model); ``jobs.mmgen`` wires it into stages.
+The prompts are written in our own words from SPEC D4/D5's descriptions of the original's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from udfs.rows import seed_from_id
+
+MODES = ("vqa", "vqa_nr", "tqa", "descript", "generic", "vqa_task_desc", "descript_task_desc")
+#: modes whose prompts show in-context examples (SPEC D5 "ICL in prompt")
+ICL_MODES = ("vqa", "vqa_nr", "tqa", "descript")
+#: modes whose prompts end with the candidate image (all but tqa)
+CANDIDATE_MODES = tuple(m for m in MODES if m != "tqa")
+#: JSON keys of one generated item per mode (SPEC D5): Question, Reasoning, Answer, Image description
+ITEM_KEYS = {"vqa": ("Q", "R", "A"), "vqa_nr": ("Q", "A"), "tqa": ("I", "Q", "R", "A"), "descript": ("A",),
+             "generic": ("A",), "vqa_task_desc": ("Q", "A"), "descript_task_desc": ("A",)}
+DESCRIPTION_MODES = ("descript", "generic", "descript_task_desc")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
+_IMAGE_TAG = re.compile(r"<image[^<>]*>", re.IGNORECASE)
+_ANY_TAG = re.compile(r"<[^<>]*>")
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+# ----------------------------------------------------------------------------- references
+
+@dataclass
+class References:
+    """Reference samples of the task, normalized to MM-GEN's data-file layout (SPEC D1).
+
+    ``image_folder``: folder (path or URI) that each sample's ``image_1`` is relative to;
+    ``samples``: ``{"id", "image_1", "conversations"}`` dicts (conversations alternate
+    ``human``/``gpt``); ``rejects``: ``{"id", "stage", "reason"}`` for malformed records.
+    """
+
+    image_folder: str
+    dataset_description: str
+    samples: list[dict[str, Any]]
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    source_format: str = "mmgen"
+
+
+def parent_uri(uri: str) -> str:
+    """Folder of a path or URI (``s3://b/x/f.json`` → ``s3://b/x``; ``f.json`` → ``.``)."""
+    head, sep, _ = uri.rstrip("/").rpartition("/")
+    if not sep:
+        return "."
+    return head or "/"
+
+
+def join_uri(base: str, rel: str) -> str:
+    """``rel`` resolved against folder ``base``; absolute paths and URIs are returned as is."""
+    if not rel:
+        return base
+    if rel.startswith("/") or "://" in rel or not base or base == ".":
+        return rel
+    while rel.startswith("./"):
+        rel = rel[2:]
+    return base.rstrip("/") + "/" + rel
+
+
+def mcq_text(question: str, choices: Sequence[str] | None) -> str:
+    """Question followed by lettered options, one per line (``A. ...``), as MM-GEN's prompts
+    ask generated multiple-choice questions to be written."""
+    if not choices:
+        return question.strip()
+    return question.strip() + "\n" + "\n".join(f"{_LETTERS[i]}. {c}" for i, c in enumerate(choices))
+
+
+def mcq_answer(answer: Any, choices: Sequence[str] | None) -> str:
+    """Answer text: ``"B. text"`` when ``answer`` is a choice index or one of the choices,
+    else ``str(answer)``. Raises ``ValueError`` for an index outside the choices."""
+    if choices:
+        if isinstance(answer, bool):
+            answer = str(answer).lower()
+        if isinstance(answer, int):
+            if not 0 <= answer < len(choices):
+                raise ValueError(f"answer index {answer} outside {len(choices)} choices")
+            return f"{_LETTERS[answer]}. {choices[answer]}"
+        if isinstance(answer, str) and answer in choices:
+            k = list(choices).index(answer)
+            return f"{_LETTERS[k]}. {answer}"
+    return str(answer).strip()
+
+
+def _conversations_ok(conv: Any) -> bool:
+    return (isinstance(conv, list) and len(conv) >= 2 and all(isinstance(t, dict) for t in conv)
+            and str(conv[0].get("from")) in ("human", "user") and str(conv[1].get("from")) in ("gpt", "assistant")
+            and isinstance(conv[0].get("value"), str) and isinstance(conv[1].get("value"), str))
+
+
+def parse_references(uri: str, data: bytes, dataset_description: str | None = None,
+                     image_folder: str | None = None) -> References:
+    """Read a reference file in one of three formats.
+
+    1. MM-GEN data file (JSON object): ``image_folder`` (relative to the file's folder),
+       ``dataset_description``, ``samples`` with ``image_1`` and ``conversations`` (SPEC D1).
+    2. LLaVA JSON list: ``[{"id", "image", "conversations"}]``; images relative to the file's
+       folder (or ``image_folder``).
+    3. JSONL of ``{"image", "question", "choices", "answer"}`` (e.g. ScienceQA): the question
+       gets lettered options and the answer is ``"<letter>. <choice>"`` (``answer`` may be an
+       index or the choice text); images relative to the file's folder.
+
+    ``dataset_description`` / ``image_folder`` override the file's. Malformed records go to
+    ``References.rejects`` with the record number and field. Raises ``ValueError`` when the
+    file is not valid JSON/JSONL, has no description at all, or holds no valid sample.
+    """
+    base = parent_uri(uri)
+    low = uri.lower()
+    rejects: list[dict] = []
+    samples: list[dict] = []
+    if low.endswith(".jsonl"):
+        fmt, desc, folder = "jsonl", None, base
+        for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            rid = f"ref-line-{n}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                rejects.append({"id": rid, "stage": "ingest", "reason": f"{uri} line {n}: invalid JSON ({e.msg})"})
+                continue
+            rid = str(rec.get("id") or rid) if isinstance(rec, dict) else rid
+            problem = None
+            if not isinstance(rec, dict):
+                problem = "record is not an object"
+            elif not isinstance(rec.get("image"), str) or not rec["image"]:
+                problem = "field 'image': missing or not a string"
+            elif not isinstance(rec.get("question"), str) or not rec["question"].strip():
+                problem = "field 'question': missing or empty"
+            elif rec.get("answer") is None:
+                problem = "field 'answer': missing"
+            elif rec.get("choices") is not None and not (isinstance(rec["choices"], list)
+                                                          and all(isinstance(c, str) for c in rec["choices"])):
+                problem = "field 'choices': not a list of strings"
+            if problem is None:
+                try:
+                    answer = mcq_answer(rec["answer"], rec.get("choices"))
+                except ValueError as e:
+                    problem = f"field 'answer': {e}"
+            if problem:
+                rejects.append({"id": rid, "stage": "ingest", "reason": f"{uri} line {n}: {problem}"})
+                continue
+            samples.append({"id": rid, "image_1": rec["image"], "conversations": [
+                {"from": "human", "value": "<image>\n" + mcq_text(rec["question"], rec.get("choices"))},
+                {"from": "gpt", "value": answer}]})
+    else:
+        try:
+            obj = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{uri}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if isinstance(obj, dict):
+            fmt = "mmgen"
+            if not isinstance(obj.get("samples"), list):
+                raise ValueError(f"{uri}: an MM-GEN data file needs a 'samples' list")
+            desc = obj.get("dataset_description")
+            folder = join_uri(base, str(obj.get("image_folder") or ""))
+            raw, image_key = obj["samples"], "image_1"
+        elif isinstance(obj, list):
+            fmt, desc, folder, raw, image_key = "llava", None, base, obj, "image"
+        else:
+            raise ValueError(f"{uri}: expected an MM-GEN data file (object) or a LLaVA list")
+        for n, rec in enumerate(raw, 1):
+            rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") is not None else f"ref-{n}"
+            if not isinstance(rec, dict):
+                problem = "record is not an object"
+            elif not isinstance(rec.get(image_key), str) or not rec[image_key]:
+                problem = f"field {image_key!r}: missing or not a string"
+            elif not _conversations_ok(rec.get("conversations")):
+                problem = "field 'conversations': needs a human turn followed by a gpt turn"
+            else:
+                problem = None
+            if problem:
+                rejects.append({"id": rid, "stage": "ingest", "reason": f"{uri} sample {n}: {problem}"})
+                continue
+            samples.append({"id": rid, "image_1": rec[image_key], "conversations": rec["conversations"]})
+    if image_folder:
+        folder = image_folder
+    desc = dataset_description or desc
+    if not desc or not str(desc).strip():
+        raise ValueError(f"{uri}: no dataset_description in the file; pass --task-description")
+    if not samples:
+        raise ValueError(f"{uri}: no valid reference sample ({len(rejects)} malformed)")
+    ids = [s["id"] for s in samples]
+    if len(set(ids)) != len(ids):  # ids must be unique: fall back to positions
+        for k, s in enumerate(samples):
+            s["id"] = f"ref-{k}"
+    return References(folder, str(desc).strip(), samples, rejects, fmt)
+
+
+def question_answer(sample: dict[str, Any]) -> tuple[str, str]:
+    """The first human turn and the first gpt turn of a reference sample."""
+    conv = sample["conversations"]
+    q = next(t["value"] for t in conv if str(t.get("from")) in ("human", "user"))
+    a = next(t["value"] for t in conv if str(t.get("from")) in ("gpt", "assistant"))
+    return q, a
+
+
+def is_image_path(path: str) -> bool:
+    """True for file names with a common image extension."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------- partition
+
+def assign_keywords(similarities: np.ndarray) -> np.ndarray:
+    """Index of the best keyword per image: ``argmax`` over cosine similarities.
+
+    ``similarities``: float array ``[n_images, n_keywords]`` of cosines between L2-normalised
+    image and keyword embeddings (MM-GEN stage 1: raw keywords, no prompt templates, no
+    threshold, every image in exactly one subgroup — SPEC D2). Ties go to the keyword listed
+    first (``numpy.argmax`` semantics). Returns ``int64 [n_images]``. Raises ``ValueError``
+    for a non-2-D array or zero keywords.
+    """
+    s = np.asarray(similarities, dtype=np.float64)
+    if s.ndim != 2 or s.shape[1] == 0:
+        raise ValueError(f"similarities must be [n_images, n_keywords>0], got shape {s.shape}")
+    return np.argmax(s, axis=1).astype(np.int64)
+
+
+def task_file(refs: References, keywords: Sequence[str], assigned: Sequence[str]) -> dict[str, Any]:
+    """MM-GEN's task file (SPEC D2 output schema): ``image_folder``, ``dataset_description``,
+    ``subgroups`` (one per keyword, in keyword order, with ``reference_sample_idx`` — indices
+    into ``samples``; empty subgroups kept) and the ``samples``. ``assigned[i]`` is the keyword
+    of sample ``i``. Raises ``ValueError`` on a length mismatch or an unknown keyword."""
+    if len(assigned) != len(refs.samples):
+        raise ValueError(f"{len(assigned)} assignments for {len(refs.samples)} samples")
+    groups: dict[str, list[int]] = {k: [] for k in keywords}
+    for i, kw in enumerate(assigned):
+        if kw not in groups:
+            raise ValueError(f"sample {i}: keyword {kw!r} is not one of {list(keywords)}")
+        groups[kw].append(i)
+    return {"image_folder": refs.image_folder, "dataset_description": refs.dataset_description,
+            "subgroups": [{"keyword": k, "reference_sample_idx": v} for k, v in groups.items()],
+            "samples": refs.samples}
+
+
+# ----------------------------------------------------------------------------- allocation
+
+def allocate(reference_counts: dict[str, int], total_gen: int, min_gen_per_candidate: int = 1) -> dict[str, int]:
+    """Prompts per subgroup: ``n_k = ceil(total_gen * p_k / min_gen_per_candidate)`` with
+    ``p_k = |ref_k| / sum |ref|`` (SPEC D4; the total may exceed ``total_gen`` by rounding up).
+
+    ``reference_counts``: keyword → number of reference samples (ints ≥ 0, sum > 0).
+    Raises ``ValueError`` for a non-positive ``total_gen``/``min_gen_per_candidate`` or no
+    references at all.
+    """
+    if total_gen < 1 or min_gen_per_candidate < 1:
+        raise ValueError("total_gen and min_gen_per_candidate must be >= 1")
+    total = sum(reference_counts.values())
+    if total <= 0:
+        raise ValueError("no reference samples in any subgroup")
+    # exact rational arithmetic: a float share like 0.1 * 30 would round 3 up to 4
+    return {k: -(-total_gen * c // (total * min_gen_per_candidate)) for k, c in reference_counts.items()}
+
+
+class EpochSampler:
+    """Draws items without replacement, reshuffling when the pool is exhausted (epoch cycling).
+
+    MM-GEN stage 2 samples candidates (one per prompt) and in-context examples this way
+    (SPEC D4); the original was unseeded, here ``rng`` (a ``random.Random``) makes it
+    reproducible. Within an epoch no item repeats. ``take(k)`` with ``k <= len(items)`` never
+    returns duplicates, also across an epoch boundary: items already drawn in the same call
+    are moved to the end of the next epoch's order. Raises ``ValueError`` for an empty pool.
+    """
+
+    def __init__(self, items: Sequence[Any], rng: random.Random):
+        if not items:
+            raise ValueError("EpochSampler needs at least one item")
+        self.items = list(items)
+        self.rng = rng
+        self.epoch = 0
+        self._order: list[Any] = []
+        self._pos = 0
+        self._new_epoch([])
+
+    def _new_epoch(self, avoid: list[Any]) -> None:
+        order = self.items[:]
+        self.rng.shuffle(order)
+        if avoid:
+            later = [x for x in order if x in avoid]
+            order = [x for x in order if x not in avoid] + later
+        self._order, self._pos = order, 0
+        self.epoch += 1
+
+    def take(self, k: int = 1) -> list[Any]:
+        """The next ``k`` items."""
+        out: list[Any] = []
+        while len(out) < k:
+            if self._pos >= len(self._order):
+                self._new_epoch(out if k <= len(self.items) else [])
+            out.append(self._order[self._pos])
+            self._pos += 1
+        return out
+
+
+def subgroup_rng(seed: int, keyword: str, what: str) -> random.Random:
+    """Independent seeded generator per (recipe seed, subgroup, purpose)."""
+    return random.Random(seed_from_id(keyword, f"{seed}:{what}"))
+
+
+def plan_prompts(task: dict[str, Any], candidates: dict[str, list[str]], total_gen: int,
+                 min_gen_per_candidate: int = 1, num_icl_samples: int = 1, seed: int = 0
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """MM-GEN stage 2 without the text: which candidate and which examples each prompt gets.
+
+    For every subgroup (task order) ``allocate`` gives ``n_k``; candidates of the subgroup
+    are drawn one per prompt and ``num_icl_samples`` reference indices of the **same**
+    subgroup per prompt, both with seeded ``EpochSampler`` s. Returns ``(prompts, skipped)``:
+    prompts ``{"id": "p<k>-<j>", "keyword", "subgroup", "candidate", "icl_indices"}``;
+    ``skipped`` one ``{"id", "stage", "reason"}`` per subgroup that has references but no
+    candidate image (its ``n_k`` prompts cannot be made).
+    """
+    counts = {g["keyword"]: len(g["reference_sample_idx"]) for g in task["subgroups"]}
+    alloc = allocate(counts, total_gen, min_gen_per_candidate)
+    prompts, skipped = [], []
+    for k, g in enumerate(task["subgroups"]):
+        kw, n = g["keyword"], alloc[g["keyword"]]
+        if n == 0:
+            continue
+        pool = candidates.get(kw) or []
+        if not pool:
+            skipped.append({"id": f"subgroup-{k}", "stage": "ingest",
+                            "reason": f"subgroup {kw!r} has {counts[kw]} references but no candidate image; "
+                                      f"its {n} prompts were not generated"})
+            continue
+        cand = EpochSampler(sorted(pool), subgroup_rng(seed, kw, "candidates"))
+        icl = EpochSampler(list(g["reference_sample_idx"]), subgroup_rng(seed, kw, "icl"))
+        for j in range(n):
+            prompts.append({"id": f"p{k:02d}-{j:06d}", "keyword": kw, "subgroup": k,
+                            "candidate": cand.take(1)[0], "icl_indices": icl.take(num_icl_samples)})
+    return prompts, skipped
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def ordinal(n: int) -> str:
+    """``1`` → ``first`` … ``10`` → ``tenth``, then ``11th``, ``12th``, ``13th``, ``21st`` …"""
+    if 1 <= n <= len(_ORDINALS):
+        return _ORDINALS[n - 1]
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def clean_example_text(text: str, image_position: int) -> str:
+    """Reference text for an in-context example: the ``<image…>`` token becomes "Refer to the
+    <ordinal> image." (the example's image is the ``image_position``-th image of the prompt)
+    and other ``<…>`` tags are removed (SPEC D4)."""
+    text = _IMAGE_TAG.sub(f"Refer to the {ordinal(image_position)} image.", text)
+    return _ANY_TAG.sub("", text).strip()
+
+
+def icl_items(task: dict[str, Any], indices: Sequence[int]) -> list[dict[str, str]]:
+    """Prompt items of the in-context examples: per example ``j`` (1-based) the text
+    ``Example j``, its image (``image_folder`` joined with ``image_1``) and
+    ``Q: <question>\\n A: <answer>`` (SPEC D4). Items are ``{"text": ...}`` or ``{"image": uri}``."""
+    items: list[dict[str, str]] = []
+    for j, idx in enumerate(indices, 1):
+        sample = task["samples"][idx]
+        q, a = question_answer(sample)
+        items += [{"text": f"Example {j}"}, {"image": join_uri(task["image_folder"], sample["image_1"])},
+                  {"text": f"Q: {clean_example_text(q, j)}\n A: {clean_example_text(a, j)}"}]
+    return items
+
+
+#: System prompts per mode, in our own words from SPEC D5's description of the original's;
+#: ``{task}`` is replaced by the dataset description.
+SYSTEM_PROMPTS = {
+    "vqa": (
+        "You are a specialist in the following task: {task}\n"
+        "You will see one or more worked examples, each an image with a question and its answer, followed by a "
+        "new image. Study how the example questions probe the image, then look closely at the new image and write "
+        "new questions about it that test the same skills in the same style. When a question is multiple choice, "
+        "put its options inside the question. For every question, first explain step by step how the image leads "
+        "to the answer, then state the answer briefly."),
+    "vqa_nr": (
+        "You are a specialist in the following task: {task}\n"
+        "You will see one or more worked examples, each an image with a question and its answer, followed by a "
+        "new image. Study how the example questions probe the image, then look closely at the new image and write "
+        "a varied set of new question-answer pairs about it that test the same skills in the same style. When a "
+        "question is multiple choice, put its options inside the question. Give only the answers, without "
+        "explanations."),
+    "tqa": (
+        "You are a specialist in the following task: {task}\n"
+        "You will see one or more worked examples, each an image with a question and its answer. Invent a new "
+        "image that would suit this task and describe it in enough detail that it can be reasoned about without "
+        "seeing it. Then write a multiple-choice question about your described image in the style of the "
+        "examples, explain step by step how the description leads to the answer, and state the answer briefly."),
+    "descript": (
+        "You are a specialist in the following task: {task}\n"
+        "You will see one or more worked examples, each an image with a question and its answer, followed by a "
+        "new image. Work out which skills the examples call for, then describe the new image the way an expert "
+        "applying those skills would: point out every detail that such questions would depend on."),
+    "generic": (
+        "You describe images. Look carefully at the image and write detailed descriptions of what it shows: "
+        "the objects, text, layout, colours and relations between its parts."),
+    "vqa_task_desc": (
+        "You are a specialist in the following task: {task}\n"
+        "Look closely at the image and write question-answer pairs about it that a model working on this task "
+        "should be able to answer. When a question is multiple choice, put its options inside the question."),
+    "descript_task_desc": (
+        "You are a specialist in the following task: {task}\n"
+        "Look closely at the image and describe it in detail, paying most attention to what matters for this "
+        "task."),
+}
+
+_KEY_NAMES = {"Q": "the question", "R": "the step-by-step reasoning", "A": "the answer", "I": "the image description"}
+
+
+def generation_instruction(mode: str, num: int) -> str:
+    """The closing user text of a prompt (SPEC D5, our wording): how many items, the JSON keys,
+    options as lettered lines, answers grounded in the image, variety; descriptions for the
+    description modes."""
+    keys = ITEM_KEYS[mode]
+    layout = ", ".join(f'"{k}" ({_KEY_NAMES[k]})' for k in keys)
+    subject = "the last image above" if mode in CANDIDATE_MODES and mode in ICL_MODES else \
+        ("the image above" if mode in CANDIDATE_MODES else "your invented image")
+    if mode in DESCRIPTION_MODES:
+        body = (f"Write exactly {num} different descriptions of {subject}, each several sentences long and "
+                "not repeating the others.")
+    else:
+        body = (f"Write exactly {num} new items about {subject}. Vary the kinds of questions. Write the options "
+                "of a multiple-choice question as separate lines starting with A., B., C. and so on. Every answer "
+                "must follow from what the image shows.")
+    return (f"{body}\nReply with a JSON array only, one object per item, each with the keys {layout}.")
+
+
+def system_prompt(mode: str, dataset_description: str) -> str:
+    """The mode's system prompt with the task description filled in. Raises ``KeyError`` for
+    an unknown mode."""
+    return SYSTEM_PROMPTS[mode].replace("{task}", dataset_description.strip())
+
+
+def prompt_items(mode: str, task: dict[str, Any], icl_indices: Sequence[int], candidate: str) -> list[dict[str, str]]:
+    """Ordered prompt items (SPEC D4): the in-context examples for ICL modes, then the candidate
+    image last for every mode but ``tqa``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
+    items = icl_items(task, icl_indices) if mode in ICL_MODES else []
+    if mode in CANDIDATE_MODES:
+        items.append({"image": candidate})
+    return items
+
+
+def chat_messages(mode: str, dataset_description: str, items: Sequence[dict[str, str]], num: int) -> list[dict]:
+    """OpenAI chat messages of one prompt: the system prompt, then one user turn whose parts
+    are the items in order (images as ``image_url`` parts holding the path/URI; the LLM stage
+    encodes them) and the generation instruction."""
+    parts: list[dict[str, Any]] = []
+    for it in items:
+        if "image" in it:
+            parts.append({"type": "image_url", "image_url": {"url": it["image"]}})
+        else:
+            parts.append({"type": "text", "text": it["text"]})
+    parts.append({"type": "text", "text": generation_instruction(mode, num)})
+    return [{"role": "system", "content": system_prompt(mode, dataset_description)},
+            {"role": "user", "content": parts}]
+
+
+# ----------------------------------------------------------------------------- output schema
+
+#: printable ASCII without quote, backslash and angle brackets: decodes one token per char at
+#: worst, so a grammar's token budget is bounded (notes/mmgen-vlm.md §3, traps T4/T6)
+ASCII_CHARS = r"A-Za-z0-9 ,.?!'()%:;/+=*&#$@_-"
+
+
+def item_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any",
+                max_items: int | None = None) -> dict[str, Any]:
+    """JSON schema of a reply: an array of 1..``max_items`` (default ``2 * num``) objects with
+    exactly the mode's keys, each a string of 1..``max_chars`` characters.
+
+    ``charset="ascii"``: the bound lives inside a ``pattern`` over ``ASCII_CHARS`` (xgrammar
+    ignores ``maxLength`` next to a ``pattern``; a pattern also keeps control bytes, quotes
+    and ``<image>`` out — notes/mmgen-vlm.md §3), so constrained decoding of a random model
+    always fits ``max_tokens >= worst_case_tokens(...)``. ``charset="any"``: plain
+    ``minLength``/``maxLength`` strings (API models; the count is only validated).
+    """
+    if charset not in ("ascii", "any"):
+        raise ValueError(f"charset must be 'ascii' or 'any', got {charset!r}")
+    if charset == "ascii":
+        s = {"type": "string", "pattern": f"^[{ASCII_CHARS}]{{1,{max_chars}}}$"}
+    else:
+        s = {"type": "string", "minLength": 1, "maxLength": max_chars}
+    keys = ITEM_KEYS[mode]
+    return {"type": "array", "minItems": 1, "maxItems": max_items or 2 * num,
+            "items": {"type": "object", "required": list(keys), "additionalProperties": False,
+                      "properties": {k: dict(s) for k in keys}}}
+
+
+def worst_case_tokens(mode: str, max_items: int, max_chars: int) -> int:
+    """Upper bound on the tokens of a compact reply to ``item_schema(..., charset="ascii")``
+    (one token per character at worst): ``2 + N * (2 + sum over keys (8 + L)) + 2 (N - 1)``."""
+    per_item = 2 + sum(8 + max_chars for _ in ITEM_KEYS[mode])
+    return 2 + max_items * per_item + 2 * (max_items - 1)
+
+
+def clean_generated(text: Any) -> str:
+    """Generated text with ``<…>`` tags removed (the original stripped them; a leaked
+    ``<image>`` would add a bogus image placeholder to a LLaVA record) and whitespace trimmed."""
+    return _ANY_TAG.sub("", str(text)).strip()
+
+
+def parse_items(mode: str, parsed: Any, num: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Validated reply → clean items and a report.
+
+    ``parsed``: the JSON array (or its JSON string). Every item keeps the mode's keys (tags
+    stripped); a ``choices`` key, when present, is appended to the question as lettered lines
+    (SPEC D6). Items missing a key or left empty are dropped. Report: ``expected`` (= ``num``),
+    ``returned``, ``kept``, ``count_mismatch`` (kept != expected; recorded, never rejected, as
+    in the original which only logged it).
+    """
+    if isinstance(parsed, str):
+        parsed = json.loads(parsed)
+    if isinstance(parsed, dict):
+        parsed = [parsed]
+    if not isinstance(parsed, list):
+        raise ValueError(f"expected a JSON array of items, got {type(parsed).__name__}")
+    keys = ITEM_KEYS[mode]
+    items = []
+    for it in parsed:
+        if not isinstance(it, dict):
+            continue
+        clean = {k: clean_generated(it.get(k, "")) for k in keys}
+        if "Q" in clean and it.get("choices"):
+            ch = it["choices"]
+            extra = "\n".join(f"{_LETTERS[i]}. {c}" for i, c in enumerate(ch)) if isinstance(ch, list) else str(ch)
+            clean["Q"] = f"{clean['Q']}\n{clean_generated(extra)}"
+        if all(clean[k] for k in keys):
+            items.append(clean)
+    report = {"expected": num, "returned": len(parsed), "kept": len(items), "count_mismatch": len(items) != num}
+    return items, report
+
+
+# ----------------------------------------------------------------------------- records
+
+REASONING_REQUEST = "Think it through step by step, then give the answer."
+CONCISE_REQUEST = "Answer briefly."
+
+
+def describe_request(mode: str, dataset_description: str) -> str:
+    """Human turn of a description record. ``descript`` modes ask for a description as an
+    expert in the task (the original meant to, but a bug gave every mode the generic request,
+    SPEC D9.8); ``generic`` asks for a plain description."""
+    if mode == "generic":
+        return "Describe the image."
+    return f"Describe the image as an expert in {dataset_description.strip().rstrip('.')}."
+
+
+def records_for(mode: str, items: Sequence[dict[str, str]], prompt: dict[str, Any],
+                dataset_description: str) -> list[dict[str, Any]]:
+    """LLaVA-format records of one prompt's items (SPEC D5 record rules).
+
+    ``prompt``: ``{"id", "keyword", "icl_indices", "image_1"}`` (``image_1`` relative to the
+    export's ``image_folder``). Per item:
+
+    - ``vqa``: two records, ``<image>`` Q + reasoning request → "R\\nA" and Q + concise request → A;
+    - ``vqa_nr`` / ``vqa_task_desc``: one record ``<image>`` Q → A;
+    - ``tqa``: two records; the first is text-only (no ``image_1``): description I, Q and the
+      reasoning request → "R\\nA"; the second pairs Q + concise request with the prompt's
+      candidate image → A (the original's record layout);
+    - description modes: one record, ``describe_request`` → A.
+
+    Record ids: ``<prompt id>-<item>-<record>``; every record carries ``keyword``,
+    ``icl_indices``, ``mode`` and ``prompt_id``.
+    """
+    out = []
+
+    def rec(k: int, r: int, human: str, gpt: str, image: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": f"{prompt['id']}-{k}-{r}"}
+        if image:
+            d["image_1"] = prompt["image_1"]
+        d["conversations"] = [{"from": "human", "value": ("<image>\n" if image else "") + human},
+                              {"from": "gpt", "value": gpt}]
+        d.update(keyword=prompt["keyword"], icl_indices=list(prompt["icl_indices"]), mode=mode,
+                 prompt_id=prompt["id"])
+        return d
+
+    for k, it in enumerate(items):
+        if mode == "vqa":
+            out += [rec(k, 0, f"{it['Q']}\n{REASONING_REQUEST}", f"{it['R']}\n{it['A']}"),
+                    rec(k, 1, f"{it['Q']}\n{CONCISE_REQUEST}", it["A"])]
+        elif mode in ("vqa_nr", "vqa_task_desc"):
+            out.append(rec(k, 0, it["Q"], it["A"]))
+        elif mode == "tqa":
+            out += [rec(k, 0, f"{it['I']}\n{it['Q']}\n{REASONING_REQUEST}", f"{it['R']}\n{it['A']}", image=False),
+                    rec(k, 1, f"{it['Q']}\n{CONCISE_REQUEST}", it["A"])]
+        elif mode in DESCRIPTION_MODES:
+            out.append(rec(k, 0, describe_request(mode, dataset_description), it["A"]))
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+    return out
+
+
+def llava_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """Standard LLaVA training record: ``id``, ``image`` (omitted for text-only records),
+    ``conversations``."""
+    d = {"id": rec["id"]}
+    if rec.get("image_1") is not None:
+        d["image"] = rec["image_1"]
+    d["conversations"] = rec["conversations"]
+    return d
+
+
+# ----------------------------------------------------------------------------- loss filter
+
+def select_highest(losses: Sequence[float], keep_fraction: float, ids: Sequence[str] | None = None) -> list[bool]:
+    """Keep mask of the ``ceil(keep_fraction * n)`` highest-loss samples (MM-GEN stage 4 keeps
+    the top 50 % by the target model's loss, SPEC D7). Exactly that many are kept: ties are
+    broken by ``ids`` (ascending), then by position. ``None`` losses are never kept. Raises
+    ``ValueError`` for ``keep_fraction`` outside (0, 1]."""
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    valid = [i for i, v in enumerate(losses) if v is not None and not math.isnan(v)]
+    k = math.ceil(keep_fraction * len(valid))
+    order = sorted(valid, key=lambda i: (-float(losses[i]), ids[i] if ids is not None else "", i))
+    keep = set(order[:k])
+    return [i in keep for i in range(len(losses))]
+
+
+def common_folder(uris: Iterable[str]) -> str:
+    """Deepest folder containing every path/URI (``s3://b/x/a.png``, ``s3://b/y/c.png`` →
+    ``s3://b``). Raises ``ValueError`` for an empty input or mixed schemes/buckets."""
+    uris = list(uris)
+    parts_list = [u.split("/") for u in uris]
+    if not parts_list:
+        raise ValueError("no paths")
+    folders = [p[:-1] for p in parts_list]
+    common = folders[0]
+    for f in folders[1:]:
+        n = 0
+        while n < min(len(common), len(f)) and common[n] == f[n]:
+            n += 1
+        common = common[:n]
+    root = "/".join(common)
+    if any("://" in u for u in uris) and len(common) < 3:
+        raise ValueError("image paths span several buckets or schemes; they need one common folder")
+    return root or "/"
+
+
+def relative_to(folder: str, uri: str) -> str:
+    """``uri`` relative to ``folder`` (which must contain it). Raises ``ValueError`` otherwise."""
+    prefix = folder.rstrip("/") + "/"
+    if folder == "/":
+        prefix = "/"
+    if not uri.startswith(prefix):
+        raise ValueError(f"{uri} is not inside {folder}")
+    return uri[len(prefix):]

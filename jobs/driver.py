@@ -10,6 +10,12 @@ Layout of an output folder (local or ``s3://``)::
     OUT/manifest.json     recipe, models, versions, funnel, stage wall times
     OUT/...               the pipeline's own outputs (``pipeline.export``)
 
+A pipeline whose rows change granularity (MIRROR: face images, client records, dialogues,
+client turns) declares ``PHASES``, a list of ``Phase``: each phase has its own input rows
+(built by its ingest from the committed rows of the earlier phases), stages, checkpoint and
+funnel, in ``OUT/_work/<phase>/`` and ``OUT/rejects|errors/<phase>.*``; ``export`` then gets
+``{phase: rows}``.
+
 Resume: rerunning the same command continues where the previous run stopped. Ray Data's
 checkpointing (``CheckpointConfig`` on ``id``) skips rows already committed to
 ``_work/rows``; when every input id is committed the Ray pipeline is not started at all (no
@@ -27,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -66,7 +72,34 @@ class StagePlan:
     inputs: list[str]
     outputs: list[str]
     audit: bool = False
-    phase: str = "rows"  # "ingest": run by the pipeline's ingest (not a map over the rows)
+    phase: str = "rows"  # the Phase whose rows it maps ("rows" for single-phase pipelines)
+    ingest: bool = False  # run by the phase's ingest over other rows, not mapped by execute
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One row granularity of a multi-phase pipeline.
+
+    ``ingest(recipe, previous)`` builds this phase's input rows from ``previous`` (``{phase
+    name: committed rows}`` of the earlier phases) and returns ``(table, rejects, not_selected)``
+    like a single-phase pipeline's ``ingest``; ``stages(recipe)`` are mapped over them;
+    ``ingest_stages(recipe)`` are model stages the ingest itself runs (planned and reported,
+    not mapped). A single-phase pipeline module is one phase named ``rows``.
+    """
+
+    name: str
+    input_columns: tuple[str, ...]
+    stages: Callable[[Recipe], list[Stage]]
+    ingest: Callable[[Recipe, dict[str, pa.Table]], tuple[pa.Table, list[dict], int]]
+    ingest_stages: Callable[[Recipe], list[Stage]] | None = None
+
+
+def phases_of(pipeline) -> list[Phase]:
+    """The pipeline's ``PHASES``, or the module itself as the single phase ``rows``."""
+    if hasattr(pipeline, "PHASES"):
+        return list(pipeline.PHASES)
+    return [Phase("rows", tuple(pipeline.INPUT_COLUMNS), pipeline.stages,
+                  lambda recipe, previous: pipeline.ingest(recipe), getattr(pipeline, "ingest_stages", None))]
 
 
 @dataclass
@@ -75,9 +108,9 @@ class Plan:
 
     stages: list[StagePlan] = field(default_factory=list)
 
-    def row_stages(self) -> list[StagePlan]:
-        """The stages mapped over the rows (not the ones the pipeline's ingest runs)."""
-        return [sp for sp in self.stages if sp.phase == "rows"]
+    def row_stages(self, phase: str = "rows") -> list[StagePlan]:
+        """The stages mapped over the rows of ``phase`` (not the ones its ingest runs)."""
+        return [sp for sp in self.stages if sp.phase == phase and not sp.ingest]
 
     def placeholder_stages(self) -> list[str]:
         """Names of stages whose model is a tiny random-init placeholder."""
@@ -88,59 +121,59 @@ class Plan:
         return [p.stage.name for p in self.stages if p.audit]
 
 
-def _ingest_stages(pipeline, recipe: Recipe) -> list[Stage]:
-    return list(pipeline.ingest_stages(recipe)) if hasattr(pipeline, "ingest_stages") else []
-
-
 def plan(pipeline, recipe: Recipe) -> Plan:
     """Validate every stage's params, resolve its model and check its input columns.
 
-    A pipeline may also declare ``ingest_stages(recipe)``: model stages its ``ingest`` runs
-    over other rows than the main ones (MM-GEN's CLIP partition of the reference and
-    candidate images). They are validated, resolved, reported and recorded in the manifest
-    like the others (phase ``ingest``), but their columns are not checked against the row
-    flow and ``execute`` does not map them. Nothing is loaded. Raises ``PlanError`` naming
-    the stage and the problem.
+    Phases are planned in order (``phases_of``). A phase may also declare ingest stages: model
+    stages its ingest runs over other rows than the phase's own (MM-GEN's CLIP partition of
+    the reference and candidate images, MIRROR's face pass over the face pool). They are
+    validated, resolved, reported and recorded in the manifest like the others, but their
+    columns are not checked against the row flow and ``execute`` does not map them. A
+    filter's ``evidence`` may name a placeholder stage of an earlier phase. Nothing is loaded.
+    Raises ``PlanError`` naming the stage and the problem.
     """
-    available = set(pipeline.INPUT_COLUMNS) | {R.ID, *R.CONTROL_COLUMNS}
     result = Plan()
     placeholders: set[str] = set()
-    pre = {s.name for s in _ingest_stages(pipeline, recipe)}
-    for stage in [*_ingest_stages(pipeline, recipe), *pipeline.stages(recipe)]:
-        cfg = recipe.stages.get(stage.name)
-        if cfg is None:
-            raise PlanError(f"stage {stage.name!r}: missing from the recipe's stages")
-        if not cfg.enabled:
-            continue
-        try:
-            stage.validated_params(cfg.params)
-        except ValueError as e:
-            first = str(e).splitlines()
-            raise PlanError(f"stage {stage.name!r}: invalid params: {' '.join(first[:3])}") from None
-        resolved = None
-        if stage.is_actor:
-            if cfg.model is None:
-                raise PlanError(f"stage {stage.name!r}: needs a model spec")
+    known: set[str] = set()
+    for ph in phases_of(pipeline):
+        available = set(ph.input_columns) | {R.ID, *R.CONTROL_COLUMNS}
+        pre = list(ph.ingest_stages(recipe)) if ph.ingest_stages else []
+        for stage in [*pre, *ph.stages(recipe)]:
+            known.add(stage.name)
+            cfg = recipe.stages.get(stage.name)
+            if cfg is None:
+                raise PlanError(f"stage {stage.name!r}: missing from the recipe's stages")
+            if not cfg.enabled:
+                continue
             try:
-                resolved = resolve(cfg.model)
-            except ModelResolutionError as e:
-                raise PlanError(f"stage {stage.name!r}: {e}") from None
-            if resolved.spec.backend in UNSUPPORTED_IN_PIPELINES:
-                raise PlanError(f"stage {stage.name!r}: {UNSUPPORTED_IN_PIPELINES[resolved.spec.backend]}")
-            if resolved.placeholder:
-                placeholders.add(stage.name)
-        ins, outs = stage.columns(cfg.params)
-        if stage.name in pre:
-            result.stages.append(StagePlan(stage, cfg, resolved, ins, outs, False, phase="ingest"))
-            continue
-        missing = [c for c in ins if c not in available]
-        if missing:
-            raise PlanError(f"stage {stage.name!r}: input columns {missing} are not produced upstream")
-        audit = bool(stage.filter and (cfg.audit if cfg.audit is not None else
-                                       any(e in placeholders for e in stage.evidence)))
-        result.stages.append(StagePlan(stage, cfg, resolved, ins, outs, audit))
-        available |= set(outs)
-    extra = set(recipe.stages) - {s.name for s in pipeline.stages(recipe)} - pre
+                stage.validated_params(cfg.params)
+            except ValueError as e:
+                first = str(e).splitlines()
+                raise PlanError(f"stage {stage.name!r}: invalid params: {' '.join(first[:3])}") from None
+            resolved = None
+            if stage.is_actor:
+                if cfg.model is None:
+                    raise PlanError(f"stage {stage.name!r}: needs a model spec")
+                try:
+                    resolved = resolve(cfg.model)
+                except ModelResolutionError as e:
+                    raise PlanError(f"stage {stage.name!r}: {e}") from None
+                if resolved.spec.backend in UNSUPPORTED_IN_PIPELINES:
+                    raise PlanError(f"stage {stage.name!r}: {UNSUPPORTED_IN_PIPELINES[resolved.spec.backend]}")
+                if resolved.placeholder:
+                    placeholders.add(stage.name)
+            ins, outs = stage.columns(cfg.params)
+            if stage in pre:
+                result.stages.append(StagePlan(stage, cfg, resolved, ins, outs, False, ph.name, ingest=True))
+                continue
+            missing = [c for c in ins if c not in available]
+            if missing:
+                raise PlanError(f"stage {stage.name!r}: input columns {missing} are not produced upstream")
+            audit = bool(stage.filter and (cfg.audit if cfg.audit is not None else
+                                           any(e in placeholders for e in stage.evidence)))
+            result.stages.append(StagePlan(stage, cfg, resolved, ins, outs, audit, ph.name))
+            available |= set(outs)
+    extra = set(recipe.stages) - known
     if extra:
         raise PlanError(f"recipe names unknown stages {sorted(extra)}")
     return result
@@ -150,7 +183,9 @@ def describe_plan(p: Plan) -> str:
     """Human-readable dry-run report: one line per stage with model, placeholder and audit flags."""
     lines = []
     for sp in p.stages:
-        kind = ("actor" if sp.stage.is_actor else "task") + (" (ingest)" if sp.phase == "ingest" else "")
+        kind = ("actor" if sp.stage.is_actor else "task") + (" (ingest)" if sp.ingest else "")
+        if sp.phase != "rows":
+            kind = f"{sp.phase}: {kind}"
         model = ""
         if sp.resolved is not None:
             model = f" model={sp.resolved.spec.backend}:{sp.resolved.spec.model}"
@@ -161,7 +196,7 @@ def describe_plan(p: Plan) -> str:
         if sp.resolved is not None and sp.resolved.spec.backend == "openai" and key_env \
                 and key_env not in os.environ:
             flags += f" [API key variable {key_env} is not set here; the nodes that run it need it]"
-        lines.append(f"  {sp.stage.name:<22} {kind:<14} in={','.join(sp.inputs) or '-'} "
+        lines.append(f"  {sp.stage.name:<22} {kind:<20} in={','.join(sp.inputs) or '-'} "
                      f"out={','.join(sp.outputs)}{model}{flags}")
     return "\n".join(lines)
 
@@ -233,31 +268,33 @@ def fingerprint(recipe: Recipe) -> dict:
     return recipe.model_dump(mode="json", exclude={"stages", "output", "profile", "block_rows"})
 
 
-def _ingest(pipeline, recipe: Recipe, out: str) -> tuple[pa.Table, int]:
-    """Normalized input rows and the number of rows ``--limit``/``total_num`` left out.
+def _ingest(phase: Phase, recipe: Recipe, out: str, state: str,
+            previous: dict[str, pa.Table]) -> tuple[pa.Table, int]:
+    """Normalized input rows of ``phase`` and the number of rows ``--limit``/``total_num``
+    left out.
 
-    Written once to ``_work/input`` (``.complete`` marks a finished ingest) so a rerun sees
+    Written once to ``<state>/input`` (``.complete`` marks a finished ingest) so a rerun sees
     the same rows. Raises ``RecipeError`` when OUT holds a run of a different input/limit.
     """
-    marker = work(out, "input", ".complete")
+    marker = io.join(state, "input", ".complete")
     if io.exists(marker):
         info = json.loads(io.read_text(marker))
         if info["fingerprint"] != fingerprint(recipe):
             old = {k: v for k, v in info["fingerprint"].items() if fingerprint(recipe).get(k) != v}
             raise RecipeError(f"{out} holds a run with different settings {old}; "
                               "rerun with those settings to resume, or use a new --output")
-        return read_table(work(out, "input")), info["not_selected"]
-    io.delete(work(out, "input"))
-    table, rejects, not_selected = pipeline.ingest(recipe)
+        return read_table(io.join(state, "input")), info["not_selected"]
+    io.delete(io.join(state, "input"))
+    table, rejects, not_selected = phase.ingest(recipe, previous)
     n = table.num_rows
     for name in R.CONTROL_COLUMNS:  # an ingest may preset _placeholder (its own placeholder stages)
         if name not in table.column_names:
             table = table.append_column(name, pa.array([R.OK if name == R.STATUS else ""] * n, pa.string()))
     if rejects:
-        write_table(pa.Table.from_pylist(rejects), work(out, "ingest_rejects", "rejects.parquet"))
+        write_table(pa.Table.from_pylist(rejects), io.join(state, "ingest_rejects", "rejects.parquet"))
     block = max(1, recipe.block_rows)
     for k in range(max(1, math.ceil(n / block))):
-        write_table(table.slice(k * block, block), work(out, "input", f"part-{k:05d}.parquet"))
+        write_table(table.slice(k * block, block), io.join(state, "input", f"part-{k:05d}.parquet"))
     io.write_text(marker, json.dumps({"fingerprint": fingerprint(recipe), "rows": n, "not_selected": not_selected}))
     return table, not_selected
 
@@ -288,19 +325,22 @@ def _ray_path(uri: str) -> str:
     return uri if io.is_remote(uri) else io.filesystem(uri)[1]
 
 
-def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table) -> dict[str, dict]:
-    """Run the Ray Data pipeline over the rows not yet committed; returns per-stage stats."""
+def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, phase: str = "rows",
+            state: str | None = None) -> dict[str, dict]:
+    """Run ``phase``'s stages on Ray Data over its rows not yet committed (state folder
+    ``state``, default ``OUT/_work``); returns per-stage stats."""
     import ray.data
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
 
     fs, _ = io.filesystem(out)
+    state = state or work(out)
     ctx = DataContext.get_current()
     ctx.checkpoint_config = CheckpointConfig(
-        id_column=R.ID, checkpoint_path=_ray_path(work(out, "checkpoint")),
+        id_column=R.ID, checkpoint_path=_ray_path(io.join(state, "checkpoint")),
         delete_checkpoint_on_success=False, override_filesystem=fs if io.is_remote(out) else None)
     n_blocks = max(1, math.ceil(input_table.num_rows / max(1, recipe.block_rows)))
-    in_uri = work(out, "input")
+    in_uri = io.join(state, "input")
     # Split into blocks of block_rows rows: a block is the unit of progress a resumed run keeps
     # (the parquet reader would otherwise coalesce small files into one block).
     # Read/write tasks take a small CPU share: model actors hold most CPUs of a small box, and
@@ -308,9 +348,9 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table) 
     ds = ray.data.read_parquet(_ray_path(in_uri), filesystem=fs, num_cpus=IO_NUM_CPUS).repartition(n_blocks)
     if hasattr(pipeline, "before_run"):
         pipeline.before_run(recipe, out)
-    for sp in p.row_stages():
+    for sp in p.row_stages(phase):
         ds = add_stage(ds, sp.stage, sp.cfg, sp.resolved, audit=sp.audit)
-    rows_uri = work(out, "rows")
+    rows_uri = io.join(state, "rows")
     # min_bytes_per_file=1: every block is committed as soon as it is done (the resume unit),
     # instead of Ray combining small blocks into one file written at the end.
     try:
@@ -318,7 +358,7 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table) 
                          ray_remote_args={"num_cpus": IO_NUM_CPUS})
     finally:
         ctx.checkpoint_config = None  # do not leak into later writes of this process
-    return _stage_wall_times(ds, [sp.stage.name for sp in p.row_stages()])
+    return _stage_wall_times(ds, [sp.stage.name for sp in p.row_stages(phase)])
 
 
 def reached(rows: pa.Table, order: list[str], stage: str, through: bool = False) -> list[bool]:
@@ -330,7 +370,8 @@ def reached(rows: pa.Table, order: list[str], stage: str, through: bool = False)
             for st, sg in zip(rows.column(R.STATUS).to_pylist(), rows.column(R.STAGE).to_pylist())]
 
 
-def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selected: int = 0) -> list[dict]:
+def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selected: int = 0,
+           phase: str = "rows") -> list[dict]:
     """Per-stage counts: rows in = out + rejected + errored (computed from the committed rows).
 
     The ingest row also counts ``not_selected`` (valid rows left out by ``--limit``). LLM
@@ -338,12 +379,13 @@ def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selec
     (rows whose first reply did not validate); the image stage adds
     ``prompt_weights_stripped`` (rows whose (object:w) weights the pipeline could not apply).
     """
-    order = [sp.stage.name for sp in p.row_stages()]
-    result = [{"stage": "ingest", "in": n_input + ingest_rejects + not_selected, "out": n_input,
+    order = [sp.stage.name for sp in p.row_stages(phase)]
+    result = [{"stage": "ingest" if phase == "rows" else f"{phase}:ingest",
+               "in": n_input + ingest_rejects + not_selected, "out": n_input,
                "rejected": ingest_rejects, "errored": 0, "not_selected": not_selected}]
     status = rows.column(R.STATUS).to_pylist()
     stage = rows.column(R.STAGE).to_pylist()
-    for sp in p.row_stages():
+    for sp in p.row_stages(phase):
         entered = sum(reached(rows, order, sp.stage.name))
         rej = sum(1 for s, st in zip(status, stage) if st == sp.stage.name and s == R.REJECTED)
         err = sum(1 for s, st in zip(status, stage) if st == sp.stage.name and s == R.ERROR)
@@ -385,9 +427,10 @@ def _versions() -> dict[str, str]:
     return v
 
 
-def _split_outputs(rows: pa.Table, out: str, ingest: pa.Table | None) -> None:
+def _split_outputs(rows: pa.Table, out: str, ingest: pa.Table | None, name: str | None = None) -> None:
     """Write rejects/ and errors/ (full rows as parquet, id/stage/reason as JSONL); ``ingest``
-    holds the rejects of the ingest step, listed first in ``rejects.jsonl``."""
+    holds the rejects of the ingest step, listed first in ``rejects.jsonl``. ``name``: the
+    files' base name (default ``rejects``/``errors``; a phase's name in multi-phase runs)."""
     status = rows.column(R.STATUS)
     for st, folder in ((R.REJECTED, "rejects"), (R.ERROR, "errors")):
         mask = pc.equal(status, st)
@@ -397,8 +440,8 @@ def _split_outputs(rows: pa.Table, out: str, ingest: pa.Table | None) -> None:
                                    sel.column(R.REASON).to_pylist())]
         if ingest is not None and st == R.REJECTED:
             recs = ingest.select(["id", "stage", "reason"]).to_pylist() + recs
-        write_table(sel, io.join(out, folder, f"{folder}.parquet"))
-        write_jsonl(recs, io.join(out, folder, f"{folder}.jsonl"))
+        write_table(sel, io.join(out, folder, f"{name or folder}.parquet"))
+        write_jsonl(recs, io.join(out, folder, f"{name or folder}.jsonl"))
 
 
 def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -> dict:
@@ -416,28 +459,44 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     _ray_init(address)
     import ray
 
-    input_table, not_selected = _ingest(pipeline, recipe, out)
-    done = read_table(work(out, "rows"), columns=[R.ID])
-    done_ids = set(done.column(R.ID).to_pylist()) if done is not None else set()
-    todo = [i for i in input_table.column(R.ID).to_pylist() if i not in done_ids]
-    stage_stats: dict[str, dict] = {}
-    if todo:
-        stage_stats = execute(pipeline, recipe, p, out, input_table)
-    rows = _exactly_once(read_table(work(out, "rows")), input_table)
-    ingest_rej = read_table(work(out, "ingest_rejects"))
-    n_ingest_rej = ingest_rej.num_rows if ingest_rej is not None else 0
-    fun = funnel(p, rows, n_ingest_rej, input_table.num_rows, not_selected)
+    phases = phases_of(pipeline)
+    single = not hasattr(pipeline, "PHASES")
     previous = load_manifest(out) if io.exists(io.join(out, "manifest.json")) else None
-    if not stage_stats and previous:  # nothing ran now: keep the timings of the run that did the work
-        stage_stats = {r["stage"]: r for r in previous.get("funnel", []) if "wall_s" in r}
-    for r in fun:
-        if r["stage"] in stage_stats:
-            r.update({k: stage_stats[r["stage"]][k] for k in ("wall_s", "operator", "fused_with")
-                      if k in stage_stats[r["stage"]]})
-    _split_outputs(rows, out, ingest_rej)
-    exported = pipeline.export(rows, recipe, out)
+    old_stats = {r["stage"]: r for r in (previous or {}).get("funnel", []) if "wall_s" in r}
+    fun: list[dict] = []
+    by_phase: dict[str, pa.Table] = {}
+    processed, resumed = 0, False
+    for ph in phases:
+        state = work(out) if single else work(out, ph.name)
+        input_table, not_selected = _ingest(ph, recipe, out, state, by_phase)
+        done = read_table(io.join(state, "rows"), columns=[R.ID])
+        done_ids = set(done.column(R.ID).to_pylist()) if done is not None else set()
+        todo = [i for i in input_table.column(R.ID).to_pylist() if i not in done_ids]
+        resumed = resumed or bool(done_ids)
+        processed += len(todo)
+        stage_stats: dict[str, dict] = {}
+        if todo and input_table.num_rows:
+            stage_stats = execute(pipeline, recipe, p, out, input_table, ph.name, state)
+        committed = read_table(io.join(state, "rows"))
+        rows = _exactly_once(committed if committed is not None else input_table.slice(0, 0), input_table)
+        ingest_rej = read_table(io.join(state, "ingest_rejects"))
+        n_ingest_rej = ingest_rej.num_rows if ingest_rej is not None else 0
+        phase_fun = funnel(p, rows, n_ingest_rej, input_table.num_rows, not_selected, ph.name)
+        if not stage_stats:  # nothing ran now: keep the timings of the run that did the work
+            stage_stats = old_stats
+        for r in phase_fun:
+            if r["stage"] in stage_stats:
+                r.update({k: stage_stats[r["stage"]][k] for k in ("wall_s", "operator", "fused_with")
+                          if k in stage_stats[r["stage"]]})
+            if not single:
+                r["phase"] = ph.name
+        fun.extend(phase_fun)
+        _split_outputs(rows, out, ingest_rej, None if single else ph.name)
+        by_phase[ph.name] = rows
+    exported = pipeline.export(by_phase["rows"] if single else by_phase, recipe, out)
     # a pipeline whose last step selects among sub-row units (MM-GEN's loss filter over
-    # samples) reports it as extra funnel rows: {"stage", "in", "out", "rejected", "errored", "unit"}
+    # samples, MIRROR's whole-dialogue drop) reports it as extra funnel rows:
+    # {"stage", "in", "out", "rejected", "errored", "unit"}
     fun.extend(exported.pop("funnel", []) if isinstance(exported, dict) else [])
     manifest = {
         "pipeline": recipe.pipeline,
@@ -452,9 +511,9 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         "started": started.isoformat(),
         "finished": datetime.now(timezone.utc).isoformat(),
         "wall_s": round(time.time() - t0, 2),
-        "resumed": bool(done_ids),
-        "rows_processed_this_run": len(todo),
-        "runs": (previous or {}).get("runs", []) + [{"started": started.isoformat(), "rows_processed": len(todo),
+        "resumed": resumed,
+        "rows_processed_this_run": processed,
+        "runs": (previous or {}).get("runs", []) + [{"started": started.isoformat(), "rows_processed": processed,
                                                      "wall_s": round(time.time() - t0, 2), "command": argv}],
         "funnel": fun,
         "outputs": exported,

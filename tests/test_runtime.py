@@ -175,3 +175,35 @@ def test_s3_round_trip(tmp_path, ray_local, monkeypatch):
         assert driver.load_manifest("s3://runtime-s3/out")["funnel"][1]["errored"] == 1
     finally:
         srv.stop()
+
+
+def test_two_phase_pipeline_funnel_outputs_and_resume(ray_local, tmp_path):
+    """Phase 2's rows are built from phase 1's committed rows; each phase has its own funnel,
+    rejects/errors files and checkpoint; a rerun does no work."""
+    from jobs.recipe import load_recipe
+    from tests import toy_phases
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"id": "s1", "text": "hello big world"}, {"id": "s2", "text": "alone"}, {"id": "s3", "text": "go boom"}]))
+    rf = tmp_path / "phases.yaml"
+    rf.write_text("pipeline: toy_phases\nblock_rows: 2\nstages:\n  split_words: {num_cpus: 0.25}\n"
+                  "  two_words: {num_cpus: 0.25}\n  shout: {num_cpus: 0.25}\n")
+    out = tmp_path / "out"
+    r = load_recipe(toy_phases.RECIPE, "toy_phases", recipe_file=str(rf), input=str(src), output=str(out))
+    p = driver.plan(toy_phases, r)
+    assert [(sp.stage.name, sp.phase) for sp in p.stages] == [
+        ("split_words", "words"), ("two_words", "words"), ("shout", "letters")]
+    m = driver.run(toy_phases, r, ["test"])
+    fun = {f["stage"]: f for f in m["funnel"]}
+    assert fun["words:ingest"]["out"] == 3 and fun["two_words"]["rejected"] == 1
+    assert fun["letters:ingest"]["out"] == 5 and fun["shout"]["errored"] == 1 and fun["shout"]["out"] == 4
+    assert fun["shout"]["phase"] == "letters" and fun["sentences_complete"]["unit"] == "sentences"
+    assert (out / "shouts.jsonl").read_text().count("\n") == 4
+    rej = [json.loads(x) for x in (out / "rejects" / "words.jsonl").read_text().splitlines()]
+    assert rej == [{"id": "s2", "stage": "two_words", "reason": "fewer than 2 words"}]
+    err = [json.loads(x) for x in (out / "errors" / "letters.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in err] == ["s3-1"] and "cannot shout boom" in err[0]["reason"]["message"]
+    again = driver.run(toy_phases, r, ["test"])
+    assert again["rows_processed_this_run"] == 0 and again["resumed"]
+    assert [f["out"] for f in again["funnel"]] == [f["out"] for f in m["funnel"]]

@@ -37,6 +37,8 @@ PLACEHOLDER_BUILDERS: dict[str, str] = {
     "tiny-nsfw-vit": "actors.placeholders:build_tiny_nsfw_vit",
     "tiny-canary-t5": "actors.placeholders:build_tiny_canary_t5",
     "tiny-canary-distilbert": "actors.placeholders:build_tiny_canary_distilbert",
+    "tiny-sdxl-photomaker": "actors.placeholders:build_tiny_sdxl_photomaker",
+    "tiny-sd-ip-adapter": "actors.placeholders:build_tiny_sd_ip_adapter",
 }
 #: bump to invalidate cached placeholders when a builder changes
 PLACEHOLDER_VERSION = "1"

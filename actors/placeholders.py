@@ -26,7 +26,8 @@ Registered in ``actors.models.PLACEHOLDER_BUILDERS`` (``placeholder:tiny-sd3``,
 ``placeholder:tiny-grounding-dino``, ``placeholder:tiny-clip``, and for the NSFW and
 dialogue-safety stages ``placeholder:tiny-nsfw-vit``, ``placeholder:tiny-canary-t5``,
 ``placeholder:tiny-canary-distilbert``: transformers layout; for MM-GEN's vision LLM and loss
-target ``placeholder:tiny-llava``); ``build_tiny_sd`` is used
+target ``placeholder:tiny-llava``; for MIRROR's identity-conditioned client images
+``placeholder:tiny-sdxl-photomaker`` and ``placeholder:tiny-sd-ip-adapter``); ``build_tiny_sd`` is used
 by the tests for the weighted-prompt (compel) path and can be loaded by folder path.
 Sizes: tiny SD3 transformer 41 k parameters (whole pipeline 1.6 MB on disk), Grounding DINO 0.44 M,
 CLIP 1.76 M (mostly the 49,408-entry token embedding the stock open_clip tokenizer needs).
@@ -414,3 +415,173 @@ def build_tiny_llava(target: Path) -> None:
                           chat_template=TINY_LLAVA_CHAT_TEMPLATE)
     model.save_pretrained(str(target))
     proc.save_pretrained(str(target))
+
+
+def _tiny_clip_vision(projection_dim: int = 32):
+    """Tiny ``CLIPVisionConfig`` kwargs: 32 px input, patch 8, hidden 32, 2 layers, 4 heads."""
+    return {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 37,
+            "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": projection_dim}
+
+
+def build_tiny_sdxl_photomaker(target: Path) -> None:
+    """Write a tiny random-init SDXL pipeline plus a PhotoMaker-v1-layout checkpoint into ``target``.
+
+    Layout (notes/identity-generation.md §1, §8): ``target`` is a diffusers
+    ``StableDiffusionXLPipeline`` folder (UNet 2 blocks (32, 64), ``text_time`` conditioning,
+    cross attention 64 = 32 + 32 from the two CLIP text encoders, pooled width 32; VAE scale
+    factor 2, so 64 x 64 px by default; DDIM scheduler with SDXL's betas); beside it
+    ``photomaker/photomaker-v1.bin`` in the official two-key layout ``{"id_encoder",
+    "lora_weights"}``: a ``PhotoMakerIDEncoder`` state dict (CLIP ViT 32 px, patch 8, hidden 32,
+    projections 32 + 32 = the 64-d text width; its config in ``photomaker/id_encoder_config.json``
+    because the official v1 config is hard-wired) and rank-4 LoRA weights on every UNet attention
+    (``unet.<attn>.processor.to_{q,k,v,out}_lora.{down,up}.weight``, the old diffusers layout
+    that ``load_lora_weights`` converts). ``identity.json`` names the method and files, so
+    ``placeholder:tiny-sdxl-photomaker`` needs no spec options. About 2 M parameters, < 10 MB.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig
+
+    from actors.photomaker_id import CONFIG_FILE, PhotoMakerIDEncoder
+
+    tok, tok2 = tiny_clip_tokenizer(), tiny_clip_tokenizer()
+    tok2.pad_token = "!"  # SDXL's second tokenizer pads with "!" (notes §2)
+    cc = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+              num_hidden_layers=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    _seed(0)
+    te = CLIPTextModel(CLIPTextConfig(**cc))
+    _seed(1)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cc, projection_dim=32))
+    _seed(2)
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4,
+                                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=8, norm_num_groups=8, use_linear_projection=True,
+                                addition_embed_type="text_time", addition_time_embed_dim=8,
+                                projection_class_embeddings_input_dim=6 * 8 + 32)
+    _seed(3)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                        norm_num_groups=1)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                          clip_sample=False, set_alpha_to_one=False)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok2, unet=unet, scheduler=sched, add_watermarker=False)
+    with torch.no_grad():
+        pipe.save_pretrained(str(target), safe_serialization=True)
+
+    vision = _tiny_clip_vision(projection_dim=32)
+    _seed(4)
+    encoder = PhotoMakerIDEncoder(CLIPVisionConfig(**vision), projection_dim_2=32)
+    gen = torch.Generator().manual_seed(5)
+    lora: dict[str, torch.Tensor] = {}
+    for name, module in unet.attn_processors.items():  # "...attn1.processor" -> the Attention module
+        attn = unet.get_submodule(name.rsplit(".", 1)[0])
+        for proj, layer in (("to_q", attn.to_q), ("to_k", attn.to_k), ("to_v", attn.to_v),
+                            ("to_out", attn.to_out[0])):
+            lora[f"unet.{name}.{proj}_lora.down.weight"] = torch.randn(4, layer.in_features, generator=gen) * 0.3
+            lora[f"unet.{name}.{proj}_lora.up.weight"] = torch.randn(layer.out_features, 4, generator=gen) * 0.3
+    folder = Path(target) / "photomaker"
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().clone().contiguous() for k, v in encoder.state_dict().items()
+             if not k.endswith("position_ids")}
+    torch.save({"id_encoder": state, "lora_weights": lora}, str(folder / "photomaker-v1.bin"))
+    (folder / CONFIG_FILE).write_text(json.dumps(vision, indent=2, sort_keys=True))
+    (Path(target) / "identity.json").write_text(json.dumps(
+        {"identity_method": "photomaker", "adapter": "photomaker", "adapter_weight_name": "photomaker-v1.bin"},
+        indent=2))
+
+
+def _ip_adapter_attn_weights(unet, cross_dim: int, gen) -> dict:
+    """``{"<1+2k>.to_k_ip.weight", "<1+2k>.to_v_ip.weight"}`` for the k-th cross-attention of
+    ``unet.attn_processors`` (the h94 numbering diffusers' loader expects: notes §2)."""
+    import torch
+
+    out, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        hidden = unet.get_submodule(name.rsplit(".", 1)[0]).to_k.out_features
+        out[f"{key}.to_k_ip.weight"] = torch.randn(hidden, cross_dim, generator=gen) * 0.2
+        out[f"{key}.to_v_ip.weight"] = torch.randn(hidden, cross_dim, generator=gen) * 0.2
+        key += 2
+    return out
+
+
+def _ip_plus_original_keys(state: dict) -> dict:
+    """diffusers ``IPAdapterPlusImageProjection`` keys -> the h94 file's (inverse of diffusers'
+    ``_convert_ip_adapter_image_proj_to_diffusers`` for the Plus branch)."""
+    import torch
+
+    out: dict = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] != "layers":
+            out[key] = value
+            continue
+        i, rest = parts[1], ".".join(parts[2:])
+        if rest.startswith("ln0."):
+            out[f"layers.{i}.0.norm1.{rest[4:]}"] = value
+        elif rest.startswith("ln1."):
+            out[f"layers.{i}.0.norm2.{rest[4:]}"] = value
+        elif rest == "attn.to_q.weight":
+            out[f"layers.{i}.0.to_q.weight"] = value
+        elif rest == "attn.to_k.weight":
+            out[f"layers.{i}.0.to_kv.weight"] = torch.cat([value, state[key.replace("to_k", "to_v")]], 0)
+        elif rest == "attn.to_out.0.weight":
+            out[f"layers.{i}.0.to_out.weight"] = value
+        elif rest.startswith("ff.0."):
+            out[f"layers.{i}.1.0.{rest[5:]}"] = value
+        elif rest == "ff.1.net.0.proj.weight":
+            out[f"layers.{i}.1.1.weight"] = value
+        elif rest == "ff.1.net.2.weight":
+            out[f"layers.{i}.1.3.weight"] = value
+        elif rest != "attn.to_v.weight":
+            raise KeyError(key)
+    return out
+
+
+def build_tiny_sd_ip_adapter(target: Path) -> None:
+    """Write a tiny random-init SD 1.x pipeline plus IP-Adapter files in the h94 layout.
+
+    ``target`` holds ``build_tiny_sd``'s pipeline (cross attention 32) and
+    ``ip-adapter/models/`` as in the h94/IP-Adapter repo: ``image_encoder/`` (a
+    ``CLIPVisionModelWithProjection``, 32 px, patch 8, hidden 32, projection 32),
+    ``ip-adapter_sd15.safetensors`` (plain: ``image_proj.proj`` [4 x 32, 32] + ``norm``, 4 image
+    tokens) and ``ip-adapter-plus-face_sd15.safetensors`` (Plus resampler: 4 queries, width 32,
+    1 head of 64, depth 4, reading the encoder's penultimate hidden states), each with
+    ``ip_adapter.<1+2k>.to_{k,v}_ip.weight`` for every cross-attention. ``identity.json``
+    selects the plain file; ``adapter_weight_name`` in the spec options selects plus-face.
+    Loaded by ``pipe.load_ip_adapter(<target>/ip-adapter, subfolder="models", weight_name=...)``.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    build_tiny_sd(target)
+    unet = UNet2DConditionModel.from_pretrained(str(Path(target) / "unet"))
+    cross = unet.config.cross_attention_dim
+    models = Path(target) / "ip-adapter" / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    vision = _tiny_clip_vision(projection_dim=32)
+    _seed(6)
+    CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)).save_pretrained(str(models / "image_encoder"))
+    gen = torch.Generator().manual_seed(7)
+    plain = {"image_proj.proj.weight": torch.randn(4 * cross, vision["projection_dim"], generator=gen) * 0.2,
+             "image_proj.proj.bias": torch.zeros(4 * cross),
+             "image_proj.norm.weight": torch.ones(cross), "image_proj.norm.bias": torch.zeros(cross)}
+    plain.update({f"ip_adapter.{k}": v for k, v in _ip_adapter_attn_weights(unet, cross, gen).items()})
+    save_file({k: v.contiguous() for k, v in plain.items()}, str(models / "ip-adapter_sd15.safetensors"))
+    _seed(8)
+    resampler = IPAdapterPlusImageProjection(embed_dims=vision["hidden_size"], output_dims=cross, hidden_dims=32,
+                                             heads=1, num_queries=4)
+    plus = {f"image_proj.{k}": v.detach().clone()
+            for k, v in _ip_plus_original_keys(resampler.state_dict()).items()}
+    plus.update({f"ip_adapter.{k}": v for k, v in _ip_adapter_attn_weights(unet, cross, gen).items()})
+    save_file({k: v.contiguous() for k, v in plus.items()}, str(models / "ip-adapter-plus-face_sd15.safetensors"))
+    (Path(target) / "identity.json").write_text(json.dumps(
+        {"identity_method": "ip_adapter", "adapter": "ip-adapter", "adapter_subfolder": "models",
+         "adapter_weight_name": "ip-adapter_sd15.safetensors"}, indent=2))

@@ -38,8 +38,8 @@ from udfs import rows
 from udfs.images import encode_png, image_file_name
 from udfs.prompt_weights import WEIGHT_RE, has_weights, strip_weights
 
-__all__ = ["Text2Image", "strip_weights", "to_compel_syntax", "has_weights", "image_file_name",
-           "QUALITY_NEGATIVES"]
+__all__ = ["Text2Image", "row_prompt_seed", "strip_weights", "to_compel_syntax", "has_weights",
+           "image_file_name", "QUALITY_NEGATIVES"]
 
 #: Quality negatives appended to every row's negative prompt (SPEC C3 lists the original's:
 #: low quality, over-smoothing, over-saturation, bad anatomy, disconnected/extra limbs, extra
@@ -78,6 +78,38 @@ def _compel_wrapper(pipe):
     if "StableDiffusionPipeline" in names and hasattr(compel, "CompelForSD"):
         return compel.CompelForSD, "sd"
     return None
+
+
+def row_prompt_seed(batch: dict, i: int, row_id: str, p: Any) -> tuple[str, str, int]:
+    """Row ``i``'s ``(prompt, negative prompt, seed)`` for a text-to-image actor whose params
+    ``p`` name ``prompt_column``, ``negative_column``, ``seed_column`` and ``negative_suffix``.
+
+    The negative prompt is the row's (null -> empty) joined with ``p.negative_suffix``; the seed
+    is the row's seed column or ``rows.seed_from_id(row_id)`` when absent or null. Raises
+    ``InputError`` naming the row and field for an empty prompt, a non-string negative prompt,
+    or a seed that is not an integer in [0, 2**63).
+    """
+    prompt = batch[p.prompt_column][i]
+    if is_missing(prompt) or not isinstance(prompt, str) or not prompt.strip():
+        raise rows.InputError(row_id, p.prompt_column, f"empty or missing prompt ({prompt!r})")
+    neg = batch[p.negative_column][i] if p.negative_column in batch else None
+    if is_missing(neg):
+        neg = ""
+    if not isinstance(neg, str):
+        raise rows.InputError(row_id, p.negative_column, f"negative prompt is not a string ({neg!r})")
+    negative = ", ".join(s for s in (neg.strip(), p.negative_suffix.strip()) if s)
+    seed_val = batch[p.seed_column][i] if p.seed_column in batch else None
+    if is_missing(seed_val):
+        return prompt, negative, rows.seed_from_id(row_id)
+    try:
+        seed = int(seed_val)
+        if isinstance(seed_val, (float, np.floating)) and seed != seed_val:
+            raise ValueError(seed_val)
+    except (TypeError, ValueError, OverflowError):
+        raise rows.InputError(row_id, p.seed_column, f"seed {seed_val!r} is not an integer") from None
+    if not 0 <= seed < 2 ** 63:
+        raise rows.InputError(row_id, p.seed_column, f"seed {seed} out of range [0, 2**63)")
+    return prompt, negative, seed
 
 
 class Text2Image:
@@ -176,28 +208,7 @@ class Text2Image:
     # -- per-row inputs ------------------------------------------------------------------
 
     def _row_inputs(self, batch: dict, i: int, row_id: str) -> tuple[str, str, int, bool]:
-        p = self.params
-        prompt = batch[p.prompt_column][i]
-        if is_missing(prompt) or not isinstance(prompt, str) or not prompt.strip():
-            raise rows.InputError(row_id, p.prompt_column, f"empty or missing prompt ({prompt!r})")
-        neg = batch[p.negative_column][i] if p.negative_column in batch else None
-        if is_missing(neg):
-            neg = ""
-        if not isinstance(neg, str):
-            raise rows.InputError(row_id, p.negative_column, f"negative prompt is not a string ({neg!r})")
-        negative = ", ".join(s for s in (neg.strip(), p.negative_suffix.strip()) if s)
-        seed_val = batch[p.seed_column][i] if p.seed_column in batch else None
-        if is_missing(seed_val):
-            seed = rows.seed_from_id(row_id)
-        else:
-            try:
-                seed = int(seed_val)
-                if isinstance(seed_val, (float, np.floating)) and seed != seed_val:
-                    raise ValueError(seed_val)
-            except (TypeError, ValueError, OverflowError):
-                raise rows.InputError(row_id, p.seed_column, f"seed {seed_val!r} is not an integer") from None
-            if not 0 <= seed < 2 ** 63:
-                raise rows.InputError(row_id, p.seed_column, f"seed {seed} out of range [0, 2**63)")
+        prompt, negative, seed = row_prompt_seed(batch, i, row_id, self.params)
         weighted = has_weights(prompt) or has_weights(negative)
         if self._compel is not None:
             return to_compel_syntax(prompt), to_compel_syntax(negative), seed, False

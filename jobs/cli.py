@@ -18,7 +18,7 @@ import shlex
 import sys
 import time
 
-PIPELINES = {"antidote": "jobs.antidote", "mmgen": "jobs.mmgen"}
+PIPELINES = {"antidote": "jobs.antidote", "mmgen": "jobs.mmgen", "mirror": "jobs.mirror"}
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("KERAS_BACKEND", "torch")

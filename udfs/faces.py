@@ -30,7 +30,7 @@ from udfs import rows
 
 __all__ = ["GENDERS", "EMOTIONS", "IDENTITY_THRESHOLDS", "cosine_similarity", "identity_threshold",
            "face_verdict", "FacePresenceParams", "face_presence_filter", "PreservationParams",
-           "preservation_reason", "preservation_filter"]
+           "preservation_failures", "preservation_reason", "preservation_filter"]
 
 #: DeepFace's spelling of the two gender classes (``dominant_gender``).
 GENDERS = ("Woman", "Man")
@@ -114,35 +114,44 @@ class PreservationParams(BaseModel):
                                        "identity_use's.")
 
 
-def preservation_reason(gen: dict, src: dict, p: PreservationParams) -> tuple[str | None, float | None]:
-    """``(reason or None, identity cosine or None)`` for one generated face ``gen`` and its
-    source ``src`` (dicts with ``gender``, ``age``, ``identity_embedding``; ``gen`` also has
-    ``face_backend``). Checks gender, then the age gap, then identity; the first failure is
-    the reason."""
+def preservation_failures(gen: dict, src: dict, p: PreservationParams) -> tuple[list[str], float | None]:
+    """Every failed check, as ``["gender: ...", "age: ...", "identity: ..."]`` (empty: the face
+    is preserved), and the identity cosine (None when the check is off or an embedding is
+    missing), for one generated face ``gen`` and its source ``src`` (dicts with ``gender``,
+    ``age``, ``identity_embedding``; ``gen`` also has ``face_backend``)."""
+    fails: list[str] = []
     sim = None
-    if p.identity_use is not None or p.min_identity is not None:
-        if _missing(gen.get("identity_embedding")) or _missing(src.get("identity_embedding")):
-            return "identity: no face embedding for the generated or the source image", None
-        sim = cosine_similarity(gen["identity_embedding"], src["identity_embedding"])
     if p.check_gender and gen.get("gender") != src.get("gender"):
-        return f"gender changed: source {src.get('gender')}, generated {gen.get('gender')}", sim
+        fails.append(f"gender changed: source {src.get('gender')}, generated {gen.get('gender')}")
     if p.max_age_gap is not None:
         if _missing(gen.get("age")) or _missing(src.get("age")):
-            return "age: no age estimate for the generated or the source image", sim
-        gap = abs(float(gen["age"]) - float(src["age"]))
-        if gap > p.max_age_gap:
-            return (f"age changed by {gap:.1f} years (source {float(src['age']):.0f}, generated "
-                    f"{float(gen['age']):.0f}; max {p.max_age_gap:g})"), sim
-    if sim is not None:
-        threshold = p.min_identity if p.min_identity is not None else identity_threshold(
-            str(gen.get("face_backend") or ""), p.identity_use)
-        if sim < threshold:
-            return f"identity similarity {sim:.3f} < {threshold:g}", sim
-    return None, sim
+            fails.append("age: no age estimate for the generated or the source image")
+        else:
+            gap = abs(float(gen["age"]) - float(src["age"]))
+            if gap > p.max_age_gap:
+                fails.append(f"age changed by {gap:.1f} years (source {float(src['age']):.0f}, generated "
+                             f"{float(gen['age']):.0f}; max {p.max_age_gap:g})")
+    if p.identity_use is not None or p.min_identity is not None:
+        if _missing(gen.get("identity_embedding")) or _missing(src.get("identity_embedding")):
+            fails.append("identity: no face embedding for the generated or the source image")
+        else:
+            sim = cosine_similarity(gen["identity_embedding"], src["identity_embedding"])
+            threshold = p.min_identity if p.min_identity is not None else identity_threshold(
+                str(gen.get("face_backend") or ""), p.identity_use)
+            if sim < threshold:
+                fails.append(f"identity similarity {sim:.3f} < {threshold:g}")
+    return fails, sim
+
+
+def preservation_reason(gen: dict, src: dict, p: PreservationParams) -> tuple[str | None, float | None]:
+    """``(first failure of preservation_failures or None, identity cosine or None)``: gender is
+    checked first, then the age gap, then identity."""
+    fails, sim = preservation_failures(gen, src, p)
+    return (fails[0] if fails else None), sim
 
 
 def _missing(v: Any) -> bool:
-    return v is None or (isinstance(v, float) and np.isnan(v))
+    return v is None or (isinstance(v, float) and bool(np.isnan(v)))
 
 
 def preservation_filter(batch: dict, params: PreservationParams, audit: bool = False) -> dict:

@@ -1,0 +1,175 @@
+"""MIRROR pipeline: face-pool reading, image prompts and verdicts, the whole-dialogue drop, and
+one end-to-end run on the bundled Cactus record and face pool (offline profile: SmolLM2
+writes the screenplay; image, CLIP, NSFW and Canary models are placeholders)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import driver
+from jobs import mirror as J
+from jobs.recipe import RecipeError, load_recipe
+from udfs import mirror_images as MI
+from udfs import rows as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _recipe(**fields):
+    return load_recipe(J.RECIPE, "mirror", "offline", **fields)
+
+
+# -- face pool ---------------------------------------------------------------------------
+
+def test_face_pool_from_labels_and_celeba_csv(tmp_path):
+    recs, rejects, left = J._pool_records(_recipe(faces=os.path.join(ROOT, "data", "faces")))
+    assert [r["identity"] for r in recs] == ["eileen_collins", "joe_biden", "barack_obama", "barack_obama",
+                                            "barack_obama"] and not rejects and left == 0
+    assert recs[0]["image"].endswith("data/faces/astronaut.png") and recs[0]["img_path"] == "astronaut.png"
+    dedup, _, left = J._pool_records(_recipe(faces=os.path.join(ROOT, "data", "faces"), drop_duplicated=True))
+    assert [r["img_path"] for r in dedup] == ["astronaut.png", "biden.jpg", "obama.jpg"] and left == 2
+    (tmp_path / "img_align_celeba").mkdir()
+    csv = tmp_path / "celeba.csv"
+    csv.write_text("image,identity,Male,Young\n000002.jpg,7,-1,1\n000001.jpg,7,-1,1\n000003.jpg,,1,1\n")
+    recs, rejects, _ = J._pool_records(_recipe(faces=str(csv)))
+    assert [r["img_path"] for r in recs] == ["000001.jpg", "000002.jpg"]
+    assert recs[0]["image"] == str(tmp_path / "img_align_celeba" / "000001.jpg") and recs[0]["celeb_male"] == -1
+    assert len(rejects) == 1 and "line 4: empty identity" in rejects[0]["reason"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,who\nx.jpg,1\n")
+    with pytest.raises(ValueError, match="needs columns file"):
+        J._pool_records(_recipe(faces=str(bad)))
+
+
+@pytest.mark.parametrize("profile", ["offline", "local", "paper"])
+def test_every_profile_plans(profile, tmp_path):
+    r = load_recipe(J.RECIPE, "mirror", profile, input="data/counseling/cactus_eval_intake.jsonl",
+                    faces="data/faces", output=str(tmp_path / "out"))
+    p = driver.plan(J, r)
+    assert [sp.phase for sp in p.stages].count("turns") == 8
+    placeholders = set(p.placeholder_stages())
+    assert placeholders == ({"dialogue_safety", "client_image", "clip_score", "nsfw"} if profile == "offline" else set())
+    assert ("image_check" in p.audit_stages()) == (profile == "offline")
+
+
+def test_recipe_rejects_unknown_traits():
+    with pytest.raises(RecipeError, match="unknown resistance traits"):
+        load_recipe(J.RECIPE, "mirror", "offline", overrides=["traits=[stubborn]"])
+
+
+# -- image prompts and verdicts ----------------------------------------------------------
+
+def test_image_prompt_and_clip_text():
+    pos, neg = MI.image_prompt("Woman", "a tight-lipped frown", "a broad grin")
+    assert pos.startswith("portrait photo of a woman img, ") and pos.endswith("a tight-lipped frown")
+    assert neg.startswith(MI.IMAGE_NEGATIVES) and neg.endswith(", a broad grin")
+    assert MI.image_prompt("Man", "a", "b", trigger="")[0].startswith("portrait photo of a man, ")
+    assert MI.clip_text(" Looks Skeptical ") == "A facial photo with looks skeptical"
+    msgs = MI.expression_messages([{"speaker": "Therapist", "stage_direction": "warm", "statement": "Hi."}],
+                                  {"speaker": "Client", "stage_direction": None, "statement": "Hello."})
+    assert msgs[-1]["content"].endswith("Therapist: [warm] Hi.\nNewest client line:\nClient: Hello.")
+    assert MI.ExpressionReply.model_validate_json(msgs[2]["content"]).aligned
+
+
+def _image_row(**over):
+    row = {"id": "t1", "face_count": 1, "gender": "Woman", "age": 40.0, "identity_embedding": [1.0, 0.0],
+           "face_backend": "dlib", "source_gender": "Woman", "source_age": 38.0,
+           "source_identity_embedding": [1.0, 0.05], "clip_scores": [0.31], "nsfw": False, "nsfw_score": 0.1}
+    return {**row, **over}
+
+
+def test_image_verdicts_name_every_failing_filter():
+    p = MI.ImageFilterParams()
+    assert MI.image_verdicts(_image_row(), p)[0] == []
+    fails, sim = MI.image_verdicts(_image_row(gender="Man", age=60.0, identity_embedding=[0.0, 1.0],
+                                              clip_scores=[0.1], nsfw=True, nsfw_score=0.8), p)
+    assert [f.split(" ")[0] for f in fails] == ["gender", "age", "identity", "clip:", "nsfw:"], fails
+    assert sim == pytest.approx(0.05, abs=1e-2)
+    assert MI.image_verdicts(_image_row(face_count=2, clip_scores=[0.5]), p)[0] == [
+        "face: 2 faces found, expected exactly one"]
+    batch = {k: [v] for k, v in _image_row(clip_scores=[0.1]).items()}
+    out = MI.image_filters(batch, p)
+    assert out[R.ROW_REJECT] == ["clip: image-text cosine 0.100 < 0.2"] and out["clip_score"] == [0.1]
+
+
+def test_dialogue_dropped_whole_when_a_turn_fails():
+    dialogues = [{"id": "d1"}, {"id": "d2"}, {"id": "d3"}]
+    turns = [{"id": "d1-1", "dialogue_id": "d1", "turn": 1, R.STATUS: R.OK, R.STAGE: "", R.REASON: ""},
+             {"id": "d1-3", "dialogue_id": "d1", "turn": 3, R.STATUS: R.OK, R.STAGE: "", R.REASON: ""},
+             {"id": "d2-1", "dialogue_id": "d2", "turn": 1, R.STATUS: R.REJECTED, R.STAGE: "image_check",
+              R.REASON: "clip: image-text cosine 0.100 < 0.2"},
+             {"id": "d2-3", "dialogue_id": "d2", "turn": 3, R.STATUS: R.ERROR, R.STAGE: "client_image",
+              R.REASON: json.dumps({"message": "InputError: row 'd2-3' field 'source_image': missing"})},
+             {"id": "d2-5", "dialogue_id": "d2", "turn": 5, R.STATUS: R.OK, R.STAGE: "", R.REASON: ""}]
+    kept, dropped, per_stage = J.dialogue_verdicts(dialogues, turns)
+    assert [d["id"] for d in kept] == ["d1"]
+    assert [d["id"] for d in dropped] == ["d2", "d3"]
+    reason = dropped[0]["reason"]
+    assert "image_check (turn 1: clip: image-text cosine 0.100 < 0.2)" in reason
+    assert "client_image (turn 3: InputError: row 'd2-3' field 'source_image': missing)" in reason
+    assert dropped[1]["reason"] == "no client turn"
+    assert per_stage == {"image_check": 1, "client_image": 1, "no_client_turn": 1}
+
+
+def test_turn_rows_carry_history_and_source_face():
+    import pyarrow as pa
+
+    proc = [{"speaker": "Therapist", "stage_direction": "calm", "statement": "Hi."},
+            {"speaker": "Client", "stage_direction": "tense", "statement": "Hello."},
+            {"speaker": "Therapist", "stage_direction": "warm", "statement": "How are you?"},
+            {"speaker": "Client", "stage_direction": "sighs", "statement": "Tired."}]
+    dialogue = {"id": "cactus-0-no-resistance", R.STATUS: R.OK, "proc_dialogue": proc,
+                **{c: f"v-{c}" for c in J.SOURCE_COLUMNS}}
+    table, rejects, left = J.ingest_turns(_recipe(), {"dialogues": pa.Table.from_pylist([dialogue])})
+    got = table.to_pylist()
+    assert [r["id"] for r in got] == ["cactus-0-no-resistance-turn-01", "cactus-0-no-resistance-turn-03"]
+    assert got[1]["image_name"] == "cactus-0-no-resistance/turn-3.png" and ":" not in got[1]["image_name"]
+    assert json.loads(got[1]["history"]) == proc[:3] and got[1]["source_image"] == "v-source_image"
+
+
+# -- end to end --------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_mirror_offline_end_to_end(tmp_path):
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, "-m", "jobs", "mirror", "--input", "data/counseling/cactus_eval_intake.jsonl",
+           "--faces", "data/faces", "--output", out, "--limit", "1", "--set", "traits=[emotional-resistance]",
+           "--set", "client_image.params.num_inference_steps=2"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = driver.load_manifest(out)
+    fun = {f["stage"]: f for f in m["funnel"]}
+    for f in m["funnel"]:
+        assert f["in"] == f["out"] + f["rejected"] + f["errored"] + f.get("not_selected", 0), f
+    assert fun["faces:ingest"]["out"] == 5 and fun["face_pool_single"]["out"] == 5
+    assert fun["clients:ingest"]["out"] == 1 and fun["clients:ingest"]["rejected"] == 300
+    assert fun["dialogues:ingest"]["out"] == 1
+    assert set(m["placeholder_stages"]) == {"dialogue_safety", "client_image", "clip_score", "nsfw"}
+    assert {"safety_check", "image_check"} <= set(m["audit_stages"])
+    faces = pq.read_table(os.path.join(out, "faces.parquet")).to_pylist()
+    assert {f["identity"] for f in faces} == {"eileen_collins", "joe_biden", "barack_obama"}
+    assert {f["dominant_gender"] for f in faces if f["identity"] == "eileen_collins"} == {"Woman"}
+    turns = pq.read_table(os.path.join(out, "expressions.parquet")).to_pylist()
+    assert turns and fun["turns:ingest"]["out"] == len(turns)
+    for t in turns:  # every client turn holds an image or a reason
+        assert (t["_status"] == "ok" and os.path.exists(t["image"])) or t["_reason"], t
+        if t["image"]:
+            assert t["image"].endswith(f"images/{t['dialogue_id']}/turn-{t['turn']}.png")
+    data = pq.read_table(os.path.join(out, "mirror_data.parquet")).to_pylist()
+    dropped = [json.loads(x) for x in open(os.path.join(out, "rejects", "dialogues.jsonl"))]
+    assert len(data) + len(dropped) + fun["dialogue_filters"]["rejected"] + fun["safety_check"]["rejected"] == 1
+    for d in data:
+        assert d["identity"] == "eileen_collins" and d["dominant_gender"] == "Woman"  # the client is a woman
+        assert "cbt_plan:" in d["derived_fields"] and d["cbt_plan"].startswith("1. ")
+        assert len(json.loads(d["proc_dialogue"])) == 2 * d["turn"]
+    with open(os.path.join(out, "mirror_data.csv")) as f:
+        assert f.readline().startswith('"idx","model","personal_info"')
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                           env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+    assert again.returncode == 0 and driver.load_manifest(out)["rows_processed_this_run"] == 0

@@ -542,6 +542,21 @@ def dialogue_verdicts(dialogues: list[dict], turns: list[dict]) -> tuple[list[di
     return kept, dropped, per_stage
 
 
+def failures_by_filter(dialogues: pa.Table, turns: pa.Table) -> dict[str, dict[str, int]]:
+    """How many dialogues each dialogue filter failed and how many images each image filter
+    failed (the original's drop_idx types), counted from the filters' failure columns, so
+    verdicts recorded in audit mode are counted too."""
+    def count(table: pa.Table, column: str, key) -> dict[str, int]:
+        out: dict[str, int] = {}
+        if column in table.column_names:
+            for cell in table.column(column).to_pylist():
+                for f in json.loads(cell) if cell else []:
+                    out[key(f)] = out.get(key(f), 0) + 1
+        return out
+    return {"dialogues": count(dialogues, "dialogue_filter_failures", lambda f: f["filter"]),
+            "images": count(turns, "image_failures", lambda f: f.split(":", 1)[0].split(" ", 1)[0])}
+
+
 def _model_name(recipe: MirrorRecipe, stage: str) -> str | None:
     cfg = recipe.stages.get(stage)
     return cfg.model.model if cfg is not None and cfg.model is not None else None
@@ -578,7 +593,8 @@ def export(by_phase: dict[str, pa.Table], recipe: MirrorRecipe, out: str) -> dic
     write_table(tt.select([c for c in EXPRESSION_COLUMNS if c in tt.column_names]),
                 io.join(out, "expressions.parquet"))
     funnel = [{"stage": "dialogue_complete", "unit": "dialogues", "in": len(dialogues), "out": len(kept),
-               "rejected": len(dropped), "errored": 0, "dropped_by_stage": per_stage}]
+               "rejected": len(dropped), "errored": 0, "dropped_by_stage": per_stage,
+               "failures_by_filter": failures_by_filter(by_phase["dialogues"], tt)}]
     return {"faces": faces.num_rows, "dialogues_kept": len(kept), "dialogues_dropped": len(dropped),
             "client_turns": len(turns), "funnel": funnel}
 

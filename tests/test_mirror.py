@@ -152,11 +152,18 @@ def test_mirror_offline_end_to_end(tmp_path):
     assert fun["dialogues:ingest"]["out"] == 1
     assert set(m["placeholder_stages"]) == {"dialogue_safety", "client_image", "clip_score", "nsfw"}
     assert {"safety_check", "image_check"} <= set(m["audit_stages"])
+    counts = fun["dialogue_complete"]["failures_by_filter"]
     faces = pq.read_table(os.path.join(out, "faces.parquet")).to_pylist()
     assert {f["identity"] for f in faces} == {"eileen_collins", "joe_biden", "barack_obama"}
     assert {f["dominant_gender"] for f in faces if f["identity"] == "eileen_collins"} == {"Woman"}
     turns = pq.read_table(os.path.join(out, "expressions.parquet")).to_pylist()
     assert turns and fun["turns:ingest"]["out"] == len(turns)
+    expected: dict[str, int] = {}
+    for t in turns:
+        for f in json.loads(t["image_failures"] or "[]"):
+            key = f.split(":", 1)[0].split(" ", 1)[0]
+            expected[key] = expected.get(key, 0) + 1
+    assert counts["images"] == expected and set(counts) == {"dialogues", "images"}
     for t in turns:  # every client turn holds an image or a reason
         assert (t["_status"] == "ok" and os.path.exists(t["image"])) or t["_reason"], t
         if t["image"]:

@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from jobs.driver import Phase, write_table
 from jobs.recipe import Recipe
@@ -96,6 +96,12 @@ class MirrorRecipe(Recipe):
         "time free-sampled, 100% constrained (mirror-text notes).")
     image_trigger: str = Field("img", description="PhotoMaker trigger word after the class word ('' for "
                                "IP-Adapter)")
+
+    @model_validator(mode="after")
+    def _needs_faces(self):
+        if self.input and not self.faces:
+            raise ValueError("faces: a face pool is required (--faces FOLDER_OR_CSV)")
+        return self
 
     @field_validator("traits")
     @classmethod

@@ -19,6 +19,8 @@ import sys
 import time
 
 PIPELINES = {"antidote": "jobs.antidote", "mmgen": "jobs.mmgen", "mirror": "jobs.mirror"}
+#: commands that are not recipe pipelines: name -> "module:function(argv) -> exit status"
+COMMANDS = {"mirror-llava-data": "jobs.mirror_llava:data_main", "mirror-llava-train": "jobs.mirror_llava:train_main"}
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -92,7 +94,8 @@ def submit(argv: list[str]) -> int:
                     help="Ray dashboard/jobs address of the cluster")
     ap.add_argument("--no-wait", action="store_true", help="return after submitting")
     args, rest = ap.parse_known_args(argv)
-    _load(args.pipeline)
+    if args.pipeline not in COMMANDS:
+        _load(args.pipeline)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     from jobs.runtime import forwarded_env
@@ -151,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             return submit(rest)
         if cmd == "status":
             return status(rest)
+        if cmd in COMMANDS:
+            module, _, func = COMMANDS[cmd].partition(":")
+            return getattr(importlib.import_module(module), func)(rest)
         return run_pipeline(cmd, rest)
     except (RecipeError, PlanError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -585,6 +585,7 @@ def export(by_phase: dict[str, pa.Table], recipe: MirrorRecipe, out: str) -> dic
     data = [{"idx": d["id"], "model": model, "personal_info": d["personal_info"], "personality": d["personality"],
              "distorted_thought": d["thought"], "thinking_trap": ", ".join(d["patterns"] or []),
              "reason_for_seeking_counseling": d["reason_counseling"], "cbt_plan": d["cbt_plan"],
+             "cbt_technique": (d["cbt_techniques"] or [None])[0],
              "dialogue": d["dialogue"], "proc_dialogue": json.dumps(d["proc_dialogue"], ensure_ascii=False),
              "turn": d["turn"], "resistance": d["resistance"], "identity": d["identity"],
              "img_path": d["img_path"], "age": d["source_age"], "dominant_gender": d["source_gender"],

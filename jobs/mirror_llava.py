@@ -1,0 +1,243 @@
+"""MIRROR-LLaVA: training records from the MIRROR pipeline's outputs and LoRA fine-tuning on
+Ray Train (SPEC B1, B2; issue 10 parts 1-2).
+
+::
+
+    python -m jobs mirror-llava-data --input MIRROR_OUT --output OUT --cot base|planning|ec_planning
+        [--history 6] [--no-image-check]
+    python -m jobs mirror-llava-train --data OUT/train.json --output CKPT [--profile offline|local|paper]
+        [--base MODEL] [--epochs E] [--lr LR] [--projector-lr LR] [--lora-rank R] [--lora-alpha A]
+        [--batch-size B] [--max-length L] [--max-steps N] [--save-steps N] [--workers W]
+        [--gpus-per-worker G] [--cpus-per-worker C] [--address ADDR]
+
+``mirror-llava-data`` reads ``MIRROR_OUT/mirror_data.parquet`` (kept dialogues only) and
+``MIRROR_OUT/expressions.parquet`` (turn -> image) and writes ``OUT/train.json`` (LLaVA-1.5
+records, image paths absolute or URIs), ``OUT/rejects.jsonl`` (records that could not be made,
+with the reason naming dialogue, turn and field) and ``OUT/manifest.json``. See
+``udfs.mirror_llava``.
+
+``mirror-llava-train`` fine-tunes the profile's base VLM with LoRA (``actors.vlm_lora``) as a
+Ray Train ``TorchTrainer`` over a Ray Data dataset of the records. Checkpoints go to
+``CKPT/train/checkpoint_*`` (``CKPT`` local or ``s3://``); rerunning with the same ``--output``
+resumes from the last checkpoint (a larger ``--max-steps`` or ``--epochs`` continues training).
+``CKPT/manifest.json`` holds the configuration, base model identity, data fingerprint, the
+loss curve, throughput (samples/s, step time) and the reload check. Both are also submittable:
+``python -m jobs submit mirror-llava-train ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io as _io
+import json
+import statistics
+import time
+
+from udfs import io
+
+RUN_NAME = "train"  # RunConfig name: checkpoints under CKPT/train/
+
+
+def _read_parquet(uri: str):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(_io.BytesIO(io.read_bytes(uri)))
+
+
+# ------------------------------------------------------------------ mirror-llava-data
+
+def data_parser() -> argparse.ArgumentParser:
+    """Options of ``python -m jobs mirror-llava-data``."""
+    from udfs.mirror_llava import COT_TYPES, DEFAULT_HISTORY
+
+    ap = argparse.ArgumentParser(prog="python -m jobs mirror-llava-data",
+                                 description="MIRROR outputs -> MIRROR-LLaVA training records (LLaVA-1.5 JSON)")
+    ap.add_argument("--input", required=True, help="MIRROR output folder (mirror_data.parquet) or s3:// URI")
+    ap.add_argument("--output", required=True, help="output folder or s3:// URI (train.json, rejects.jsonl)")
+    ap.add_argument("--cot", required=True, choices=COT_TYPES, help="chain-of-thought type of the records")
+    ap.add_argument("--history", type=int, default=DEFAULT_HISTORY,
+                    help=f"utterances of history before each therapist turn (default {DEFAULT_HISTORY})")
+    ap.add_argument("--no-image-check", action="store_true",
+                    help="do not check that every image file exists (e.g. images copied later)")
+    return ap
+
+
+def data_main(argv: list[str]) -> int:
+    """``python -m jobs mirror-llava-data``: write train.json, rejects.jsonl and manifest.json.
+    Raises ``FileNotFoundError`` when the input has no mirror_data.parquet and ``ValueError``
+    for bad options or when no record could be made (the rejects are written first)."""
+    from udfs import mirror_llava as ML
+
+    args = data_parser().parse_args(argv)
+    if args.history < 0:
+        raise ValueError("--history must be >= 0")
+    t0 = time.time()
+    data_uri = io.join(args.input, "mirror_data.parquet")
+    if not io.exists(data_uri):
+        raise FileNotFoundError(f"{args.input}: no mirror_data.parquet (run `python -m jobs mirror` first)")
+    rows = _read_parquet(data_uri).to_pylist()
+    expr_uri = io.join(args.input, "expressions.parquet")
+    expressions = _read_parquet(expr_uri).select(["dialogue_id", "turn", "image"]).to_pylist() \
+        if io.exists(expr_uri) else None
+    checked: dict[str, bool] = {}
+
+    def image_exists(path: str) -> bool:
+        if path not in checked:
+            checked[path] = io.exists(path)
+        return checked[path]
+
+    conv = ML.convert(rows, args.cot, history=args.history, expressions=expressions, base=args.input,
+                      image_exists=None if args.no_image_check else image_exists)
+    body = "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in conv.records) + "\n]\n"
+    io.write_text(io.join(args.output, "train.json"), body)
+    io.write_text(io.join(args.output, "rejects.jsonl"),
+                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in conv.rejects))
+    manifest = {"command": "mirror-llava-data", "argv": argv, "input": args.input, "cot": args.cot,
+                "history": args.history, "image_check": not args.no_image_check,
+                "expressions_used": expressions is not None, **conv.counts(),
+                "train_sha256": hashlib.sha256(body.encode()).hexdigest(), "wall_s": round(time.time() - t0, 2)}
+    io.write_text(io.join(args.output, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    print(f"{len(conv.records)} records ({', '.join(f'{k} {v}' for k, v in manifest['records_by_kind'].items())}) "
+          f"from {conv.dialogues_with_records}/{conv.dialogues} dialogues, {len(conv.rejects)} rejects "
+          f"-> {io.join(args.output, 'train.json')}")
+    if not conv.records:
+        raise ValueError(f"no training records could be made; see {io.join(args.output, 'rejects.jsonl')}")
+    return 0
+
+
+# ------------------------------------------------------------------ mirror-llava-train
+
+def train_parser() -> argparse.ArgumentParser:
+    """Options of ``python -m jobs mirror-llava-train`` (None = the profile's value)."""
+    ap = argparse.ArgumentParser(prog="python -m jobs mirror-llava-train",
+                                 description="LoRA fine-tuning of a LLaVA-style VLM on MIRROR-LLaVA records "
+                                             "(Ray Train)")
+    ap.add_argument("--data", required=True, help="train.json of mirror-llava-data (local or s3://)")
+    ap.add_argument("--output", required=True, help="checkpoint folder or s3:// URI; an existing run there resumes")
+    ap.add_argument("--profile", choices=["offline", "local", "paper"], default="offline",
+                    help="hyper-parameter profile (default offline: placeholder tiny LLaVA)")
+    ap.add_argument("--base", help="base VLM (hub id, folder or placeholder:NAME); default: the profile's")
+    ap.add_argument("--revision", help="hub revision of --base")
+    ap.add_argument("--epochs", type=int)
+    ap.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
+    ap.add_argument("--lr", type=float, dest="learning_rate", help="LoRA learning rate")
+    ap.add_argument("--projector-lr", type=float, help="multimodal projector learning rate")
+    ap.add_argument("--warmup-ratio", type=float)
+    ap.add_argument("--lora-rank", type=int)
+    ap.add_argument("--lora-alpha", type=int)
+    ap.add_argument("--lora-dropout", type=float)
+    ap.add_argument("--lora-targets", help="comma-separated language-model modules (default q_proj,v_proj)")
+    ap.add_argument("--batch-size", type=int, help="per-device batch size")
+    ap.add_argument("--max-length", type=int, help="model_max_length in tokens")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"])
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--save-steps", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--threads", type=int, dest="num_threads", help="torch threads per worker")
+    ap.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel)")
+    ap.add_argument("--gpus-per-worker", type=float, default=0.0)
+    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
+    ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    return ap
+
+
+def train_config(args):
+    """``actors.vlm_lora.TrainConfig`` from the parsed options (profile + overrides)."""
+    from actors.vlm_lora import profile_config
+
+    keys = ("base", "revision", "epochs", "max_steps", "learning_rate", "projector_lr", "warmup_ratio",
+            "lora_rank", "lora_alpha", "lora_dropout", "batch_size", "max_length", "precision",
+            "gradient_checkpointing", "save_steps", "seed", "num_threads")
+    over = {k: getattr(args, k) for k in keys}
+    if args.lora_targets:
+        over["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    return profile_config(args.profile, **over)
+
+
+def _loss_curve(result) -> list[dict]:
+    if result.checkpoint is None:
+        return []
+    with result.checkpoint.as_directory() as d:
+        with open(f"{d}/loss_curve.json") as f:
+            return json.load(f)
+
+
+def train_main(argv: list[str]) -> int:
+    """``python -m jobs mirror-llava-train``: fit, then write ``CKPT/manifest.json``.
+
+    Returns 0 on success. Raises ``ValueError`` for bad options or records (naming the record),
+    ``FileNotFoundError`` for a missing ``--data``, and re-raises a failed Ray Train run."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from actors.models import resolve
+    from actors.vlm_lora import check_reload, read_records, train_loop
+    from jobs.driver import _ray_init
+    from jobs.runtime import forwarded_env
+
+    args = train_parser().parse_args(argv)
+    if args.workers < 1 or args.gpus_per_worker < 0 or args.cpus_per_worker < 0:
+        raise ValueError("--workers must be >= 1 and --gpus-per-worker/--cpus-per-worker >= 0")
+    cfg = train_config(args)
+    resolved = resolve({"backend": "transformers", "model": cfg.base, "revision": cfg.revision})
+    records = read_records(args.data)
+    if len(records) < args.workers:
+        raise ValueError(f"{args.data}: {len(records)} records for {args.workers} workers")
+    t0 = time.time()
+    _ray_init(args.address)
+    import ray.data
+
+    ds = ray.data.from_items(records)
+    fs, path = io.filesystem(args.output)
+    storage = {"storage_path": path, "storage_filesystem": fs} if io.is_remote(args.output) \
+        else {"storage_path": path}
+    use_gpu = args.gpus_per_worker > 0
+    resources = {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(), "rows_per_worker": len(records) // args.workers,
+                           "probe": records[0]},
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=RUN_NAME, **storage, failure_config=FailureConfig(max_failures=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             worker_runtime_env={"env_vars": forwarded_env()}),
+        datasets={"train": ds})
+    result = trainer.fit()
+    wall = time.time() - t0
+    curve = _loss_curve(result)
+    run = [p for p in curve if p["step"] > result.metrics.get("resumed_from_step", 0)]
+    steady = [p["step_s"] for p in run[1:]] or [p["step_s"] for p in run]
+    reload = None
+    if cfg.verify_reload and result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            reload = check_reload(d, records[0])
+    data_text = io.read_text(args.data)
+    manifest = {
+        "command": "mirror-llava-train", "argv": argv, "profile": args.profile, "config": cfg.model_dump(),
+        "base_model": resolved.describe(),
+        "data": {"uri": args.data, "records": len(records),
+                 "sha256": hashlib.sha256(data_text.encode()).hexdigest()},
+        "scaling": {"workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
+                    "cpus_per_worker": args.cpus_per_worker},
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "storage": io.join(args.output, RUN_NAME),
+        "global_step": result.metrics.get("step"), "total_steps": result.metrics.get("total_steps"),
+        "resumed_from_step": result.metrics.get("resumed_from_step", 0),
+        "steps_this_run": len(run),
+        "throughput": {"samples_per_s": round(sum(p["samples"] for p in run[1:]) / sum(steady), 3)
+                       if run[1:] and sum(steady) else None,
+                       "step_s_median": round(statistics.median(steady), 4) if steady else None,
+                       "step_s_first": run[0]["step_s"] if run else None,
+                       "note": "steady state: first step of this run excluded"},
+        "loss_curve": curve, "reload_check": reload, "wall_s": round(wall, 2),
+    }
+    io.write_text(io.join(args.output, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    last = curve[-1] if curve else {}
+    print(f"step {manifest['global_step']}/{manifest['total_steps']} (resumed from "
+          f"{manifest['resumed_from_step']}), loss {last.get('loss')}, "
+          f"{manifest['throughput']['samples_per_s']} samples/s, median step "
+          f"{manifest['throughput']['step_s_median']} s; checkpoint {manifest['checkpoint']}")
+    if reload:
+        print(f"reload check: {reload.get('skipped') or 'max |logit diff| %.3g' % reload['max_abs_diff']}")
+    return 0
+

@@ -139,7 +139,9 @@ def test_mirror_offline_end_to_end(tmp_path):
     out = str(tmp_path / "out")
     cmd = [sys.executable, "-m", "jobs", "mirror", "--input", "data/counseling/cactus_eval_intake.jsonl",
            "--faces", "data/faces", "--output", out, "--limit", "1", "--set", "traits=[emotional-resistance]",
-           "--set", "client_image.params.num_inference_steps=2"]
+           "--set", "client_image.params.num_inference_steps=2",
+           # short replies keep the test quick: an unfinished plan falls back to the template outline
+           "--set", "plan_llm.params.max_tokens=40", "--set", "thought_llm.params.max_tokens=48"]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert res.returncode == 0, res.stderr[-3000:]

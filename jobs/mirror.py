@@ -125,19 +125,26 @@ def _rows(batch: dict) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------ phase 1: faces
 
+def pool_image_folder(faces: str, face_images: str | None = None) -> str:
+    """Folder the face pool's ``img_path`` names are relative to (recipe ``faces`` and
+    ``face_images``): ``face_images`` when given; for a CelebA CSV its folder (or the
+    ``img_align_celeba`` folder inside it when present); for a labels folder the folder itself."""
+    if face_images:
+        return face_images
+    if faces.lower().endswith(".csv"):
+        folder = faces.rsplit("/", 1)[0]
+        return io.join(folder, "img_align_celeba") if io.exists(io.join(folder, "img_align_celeba")) else folder
+    return faces
+
+
 def _pool_records(recipe: MirrorRecipe) -> tuple[list[dict], list[dict], int]:
     """Face-pool rows ``{id, image, img_path, identity, celeb_male, celeb_young}``, rejects
     (unknown files) and the count ``--drop-duplicated`` left out."""
     src = recipe.faces
     if not src:
         raise ValueError("--faces is required (a folder with labels.csv, or a CelebA CSV)")
-    if src.lower().endswith(".csv"):
-        csv_uri = src
-        folder = recipe.face_images or src.rsplit("/", 1)[0]
-        if not recipe.face_images and io.exists(io.join(folder, "img_align_celeba")):
-            folder = io.join(folder, "img_align_celeba")
-    else:
-        csv_uri, folder = io.join(src, "labels.csv"), recipe.face_images or src
+    csv_uri = src if src.lower().endswith(".csv") else io.join(src, "labels.csv")
+    folder = pool_image_folder(src, recipe.face_images)
     if not io.exists(csv_uri):
         raise ValueError(f"face pool {src}: no {csv_uri} (expected file,identity or image,identity[,Male,Young])")
     table = pacsv.read_csv(_io.BytesIO(io.read_bytes(csv_uri)),

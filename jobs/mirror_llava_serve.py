@@ -19,7 +19,8 @@ replicas = ``concurrency`` or autoscaling ``min_actors``..``max_actors``, ``batc
   replica serves both roles; each request carries its own sampling and output schema), else
   ``client_llm`` and ``describe_llm``: ``actors.llm.LLMStage``;
 - ``counselor_vlm``: ``actors.llm.LLMStage`` on a vision-language model (``placeholder:tiny-llava``
-  offline; the fine-tuned LoRA checkpoint of part 2 plugs in as a model spec later);
+  offline; a ``mirror-llava-train`` checkpoint folder as ``counselor.model: {backend:
+  transformers, model: /path/to/CKPT}`` loads as its base + the merged LoRA, ``actors.llm_hf``);
 - ``generator``: ``actors.identity_t2i.IdentityText2Image``;
 - ``verifier``: ``actors.faces.FaceAnalyzer`` + ``actors.clip.CLIPScorer`` +
   ``actors.nsfw.NSFWClassifier`` in one replica (the original's single verification service;

@@ -44,6 +44,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
@@ -52,7 +53,11 @@ from udfs.mirror import CBT_TECHNIQUES, client_persona, extract_numbered_plan
 
 __all__ = ["COT_TYPES", "CotType", "DEFAULT_HISTORY", "DialogueError", "Conversion", "question_id",
            "parse_dialogue", "personal_information", "cbt_technique", "history_lines", "response_prompt",
-           "emotion_prompt", "turn_images", "dialogue_records", "convert", "resolve_image"]
+           "emotion_prompt", "turn_images", "dialogue_records", "convert", "resolve_image",
+           # counselling sessions
+           "CONTEXT_MESSAGES", "MAX_IMAGE_ATTEMPTS", "FIRST_SEED", "END_MARKER", "client_messages",
+           "split_client_line", "session_history_lines", "planning_prompt", "parse_planning",
+           "clean_counselor_reply", "attempt_seeds", "verified_image"]
 
 COT_TYPES = ("base", "planning", "ec_planning")
 CotType = Literal["base", "planning", "ec_planning"]
@@ -372,3 +377,189 @@ def convert(rows: Iterable[dict[str, Any]], cot: CotType, *, history: int = DEFA
                          image_exists=image_exists, out=out)
     return out
 
+
+
+# ====================================================================== counselling sessions (SPEC B3/B4)
+# Pure helpers of ``jobs.mirror_llava_infer`` (issue 10 part 4): the simulated client's prompt,
+# the client line parser, the counselor's planning step and reply clean-up, and the image retry
+# loop. Wording is ours; the structure follows SPEC B3 (client.py, prompts/agent_client.txt,
+# image_gen.py, therapy.py) and B4 (vlm.py).
+
+#: messages of context the client and the counselor see (SPEC B3: ``ctx_len=16``)
+CONTEXT_MESSAGES = 16
+#: image attempts per client turn (SPEC B3 step 2: at most 10)
+MAX_IMAGE_ATTEMPTS = 10
+#: first generation seed of every client turn (SPEC B3 step 2: seed 19)
+FIRST_SEED = 19
+#: the client's end marker (SPEC B3 step 3)
+END_MARKER = "[/END]"
+
+CLIENT_SYSTEM = """\
+You are playing a client in a first session of cognitive behavioural therapy.
+- Personal information: {persona}
+- Your personality during counselling: {personality}
+- A thought that troubles you: {thought}
+- Why you came: {reason}
+
+Reply as the client only, on one line: "Client: [what your face and body do] what you say".
+Stay in character and show the resistance your personality implies: partial agreement, \
+hesitation or push-back where it fits. Do not repeat what you already said. Only when your \
+negative thoughts feel resolved and you need no further counselling, end your line with {end}."""
+
+CLIENT_OPENING = ("The counsellor has just greeted you and the session begins. Reply only with your "
+                  "non-verbal reaction in square brackets, for example \"Client: [looks down at the floor]\"; "
+                  "say nothing yet.")
+
+PLANNING_INSTRUCTION = ("As a CBT counsellor, choose the one technique from this list that fits the client best: "
+                        "{techniques}. Then write a short numbered plan for this session. Answer in exactly this "
+                        "format:\nCBT technique: <technique>\nCounseling planning:\n1. <step>\n2. <step>")
+
+_BRACKET = re.compile(r"\[([^\[\]]*)\]")
+_CLIENT_PREFIX = re.compile(r"^\s*(?:\*\*)?client(?:\*\*)?\s*:\s*", re.I)
+_COUNSELOR_LABEL = re.compile(r"(?:therapist|counsel+or)\s*:", re.I)
+
+
+def client_messages(client: dict[str, Any], history: list[dict[str, Any]], *,
+                    context: int = CONTEXT_MESSAGES) -> list[dict[str, str]]:
+    """Chat messages for the simulated client's next line (SPEC B3 step 1).
+
+    ``client``: the session row (``personal_info``, ``personality``, ``distorted_thought``,
+    ``reason_for_seeking_counseling``); ``history``: the session's turns so far
+    (``{"role": "Client"|"Counselor", "content"}``), of which the last ``context`` are shown,
+    the counsellor's as ``user`` and the client's own as ``assistant`` messages. With no
+    history the client is asked for a non-verbal reaction only (turn 0)."""
+    system = CLIENT_SYSTEM.format(persona=personal_information(client.get("personal_info")) or "(not given)",
+                                  personality=_text(client.get("personality")) or "(not given)",
+                                  thought=_text(client.get("distorted_thought")) or "(not given)",
+                                  reason=_text(client.get("reason_for_seeking_counseling")) or "(not given)",
+                                  end=END_MARKER)
+    msgs = [{"role": "system", "content": system}]
+    if not history:
+        return msgs + [{"role": "user", "content": CLIENT_OPENING}]
+    shown = history[-context:] if context else []
+    if shown and shown[0]["role"] == "Client":  # chat templates want a user message first
+        msgs.append({"role": "user", "content": "(The session continues.)"})
+    for turn in shown:
+        msgs.append({"role": "assistant" if turn["role"] == "Client" else "user", "content": turn["content"]})
+    if msgs[-1]["role"] == "assistant":
+        msgs.append({"role": "user", "content": "(Go on.)"})
+    return msgs
+
+
+def split_client_line(text: Any, *, nonverbal_only: bool = False) -> dict[str, Any]:
+    """The simulated client's reply -> ``{content, stage_direction, statement, end}``.
+
+    ``content`` is ``[direction] statement`` without the ``Client:`` label; ``stage_direction``
+    the first bracketed text that is not the end marker (the original indexed ``[0]`` and raised
+    when there was none, SPEC B6.7: here it is ``""``); ``statement`` the text with every
+    bracket removed (what the counsellor hears, SPEC B3 step 4); ``end`` whether the end marker
+    (or a bare ``END`` token, as the original's check) occurs. ``nonverbal_only`` (turn 0):
+    the statement is dropped, and a reply without brackets becomes its own direction."""
+    raw = " ".join(str(text or "").split())
+    raw = _CLIENT_PREFIX.sub("", raw.splitlines()[0] if raw else "")
+    end = END_MARKER in raw or re.search(r"\bEND\b", raw) is not None
+    body = raw.replace(END_MARKER, "").strip()
+    directions = [d.strip() for d in _BRACKET.findall(body) if d.strip() and d.strip().upper() != "/END"]
+    direction = directions[0] if directions else ""
+    statement = " ".join(_BRACKET.sub(" ", body).split())
+    if nonverbal_only:
+        direction = direction or statement[:200]
+        return {"content": f"[{direction}]" if direction else "", "stage_direction": direction, "statement": "",
+                "end": False}
+    content = (f"[{direction}] {statement}" if direction else statement).strip()
+    if end:
+        content = f"{content} {END_MARKER}".strip()
+    return {"content": content, "stage_direction": direction, "statement": statement, "end": end}
+
+
+def session_history_lines(history: list[dict[str, Any]], context: int = CONTEXT_MESSAGES) -> list[str]:
+    """``Therapist:``/``Client:`` lines (statements only) of the last ``context`` session turns,
+    as the training prompts' conversation block (``history_lines``); turns with an empty
+    statement (the non-verbal opening) are left out."""
+    turns = [{"speaker": "Client" if t["role"] == "Client" else "Therapist", "statement": t.get("statement", "")
+              if t["role"] == "Client" else t["content"]} for t in history[-context:] if context]
+    return history_lines([t for t in turns if t["statement"]], len(turns), len(turns))
+
+
+def planning_prompt(persona: str, reason: str, history: list[str], *, emotion: str = "",
+                    image_token: str = "<image>") -> str:
+    """The counsellor's planning request (SPEC B4, our wording): the client's information (and,
+    for ``ec_planning``, the recognised emotional state), the conversation so far and the
+    instruction to pick one of the twelve ``CBT_TECHNIQUES`` and write a numbered plan."""
+    lines = [f"{image_token}\n{IMAGE_LINE}", f"- Personal Information: {persona}"]
+    if emotion:
+        lines.append(f"- Client Emotional State: {emotion}")
+    lines.append(f"- Reason for Counseling: {reason}")
+    text = "\n".join(lines) + "\n"
+    if history:
+        text += f"\n{CONVERSATION_LINE}\n" + "\n".join(history) + "\n"
+    return text + "\n" + PLANNING_INSTRUCTION.format(techniques=", ".join(CBT_TECHNIQUES))
+
+
+def parse_planning(reply: Any, thought: str = "") -> dict[str, str]:
+    """The planning reply -> ``{technique, plan, source}``: the technique is the first of
+    ``CBT_TECHNIQUES`` named after ``CBT technique:`` (else anywhere in the reply), the plan the
+    numbered list (``udfs.mirror.extract_numbered_plan``). What the reply lacks is filled from
+    ``udfs.mirror.FALLBACK_TECHNIQUE`` / ``template_plan`` and ``source`` says so (``reply``,
+    ``reply+template_plan``, ``fallback``), so a meaningless reply is visible in the output."""
+    from udfs.mirror import FALLBACK_TECHNIQUE, template_plan
+
+    text = str(reply or "")
+    low = text.lower()
+    head = low.split("cbt technique:", 1)[1][:200] if "cbt technique:" in low else low
+    found = sorted((head.find(t.lower()), t) for t in CBT_TECHNIQUES if t.lower() in head)
+    technique = found[0][1] if found else ""
+    plan = extract_numbered_plan(text.split("Counseling planning:", 1)[-1]) or ""
+    source = "reply" if technique and plan else "reply+template_plan" if technique else "fallback"
+    technique = technique or FALLBACK_TECHNIQUE
+    return {"technique": technique, "plan": plan if plan and source == "reply" else
+            template_plan(technique, thought or None), "source": source}
+
+
+def clean_counselor_reply(text: Any) -> str:
+    """The counsellor's reply as the original post-processed it (SPEC B4): the text after the
+    last ``Therapist:``/``Counselor:`` label, cut at ``Client:``, newlines and quotes removed."""
+    s = str(text or "")
+    labels = list(_COUNSELOR_LABEL.finditer(s))
+    if labels:
+        s = s[labels[-1].end():]
+    s = re.split(r"client\s*:", s, maxsplit=1, flags=re.I)[0]
+    return " ".join(s.replace('"', " ").split()).strip()
+
+
+def attempt_seeds(key: str, n: int = MAX_IMAGE_ATTEMPTS, first: int = FIRST_SEED) -> list[int]:
+    """``n`` distinct generation seeds for one client turn: ``first`` (SPEC B3: 19), then
+    seeds derived from ``key`` (session and turn) by SHA-256. The original drew each retry from
+    {42, 19, 24, 18}, so it could repeat a seed and would have had only 4 distinct images."""
+    import hashlib
+
+    seeds, k = [int(first)], 0
+    while len(seeds) < n:
+        s = int.from_bytes(hashlib.sha256(f"{key}:{k}".encode()).digest()[:6], "big")
+        k += 1
+        if s not in seeds:
+            seeds.append(s)
+    return seeds[:n]
+
+
+def verified_image(generate, verify, seeds: list[int]) -> dict[str, Any]:
+    """The image retry loop of one client turn (SPEC B3 step 2, fixing B6.2: the original's
+    check was always truthy, so it never retried).
+
+    ``generate(seed) -> dict`` with at least ``image`` (bytes); ``verify(image: bytes, gen: dict)
+    -> dict`` with ``accepted`` (bool) and whatever scores it has. One attempt per seed until one
+    is accepted; the last image is kept when none is (as the original). Returns ``{image, gen,
+    seed, accepted, attempts: [{attempt, seed, accepted, report}]}``. Exceptions propagate."""
+    if not seeds:
+        raise ValueError("verified_image needs at least one seed")
+    attempts: list[dict[str, Any]] = []
+    gen: dict[str, Any] = {}
+    for k, seed in enumerate(seeds):
+        gen = generate(seed)
+        report = verify(gen["image"], gen)
+        ok = bool(report.get("accepted"))
+        attempts.append({"attempt": k + 1, "seed": seed, "accepted": ok, "report": report})
+        if ok:
+            break
+    return {"image": gen["image"], "gen": gen, "seed": attempts[-1]["seed"], "accepted": attempts[-1]["accepted"],
+            "attempts": attempts}

@@ -100,6 +100,7 @@ from actors.models import ModelSpec, resolve
 from jobs.recipe import Recipe, StageConfig, load_recipe
 from udfs import faces as F
 from udfs import mirror_images as MI
+from udfs.llm_output import to_python
 
 __all__ = ["ServeRecipe", "load_serve_recipe", "build_app", "BodyLimitMiddleware", "verification_report",
            "DescribeRequest", "DescribeResponse", "GenerateRequest", "GenerateResponse", "VerifyRequest",
@@ -534,19 +535,6 @@ class BodyLimitMiddleware:
 
 # ====================================================================== backend deployments
 
-def _plain(v: Any) -> Any:
-    """numpy cells -> plain Python (for pickling replies and JSON)."""
-    import numpy as np
-
-    if isinstance(v, np.ndarray):
-        return [_plain(x) for x in v.tolist()] if v.dtype == object else v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
 def _column(values: list) -> Any:
     from actors.batching import object_column
 
@@ -592,11 +580,11 @@ class LLMServer(_Batched):
                  "sampling": _column([r.get("sampling") for r in rows]),
                  "response_format": _column([r.get("response_format") for r in rows])}
         out = self.stage(batch)
-        return [{"text": _plain(out["generated_text"][i]), "parsed": _plain(out["parsed"][i]),
-                 "finish_reason": _plain(out["finish_reason"][i]),
+        return [{"text": to_python(out["generated_text"][i]), "parsed": to_python(out["parsed"][i]),
+                 "finish_reason": to_python(out["finish_reason"][i]),
                  "prompt_tokens": int(out["prompt_tokens"][i]), "completion_tokens": int(out["completion_tokens"][i]),
-                 "attempts": int(out["llm_attempts"][i]), "error": _plain(out[R.ROW_ERROR][i]),
-                 "reject": _plain(out[R.ROW_REJECT][i])} for i in range(len(rows))]
+                 "attempts": int(out["llm_attempts"][i]), "error": to_python(out[R.ROW_ERROR][i]),
+                 "reject": to_python(out[R.ROW_REJECT][i])} for i in range(len(rows))]
 
 
 class GeneratorServer(_Batched):
@@ -625,10 +613,10 @@ class GeneratorServer(_Batched):
                  p.face_column: _column([r["face_image"] for r in rows]),
                  p.seed_column: _column([r.get("seed") for r in rows])}
         out = self.stage(batch)
-        return [{"png": out["image_png"][i], "seed": _plain(out["seed"][i]),
-                 "identity_method": _plain(out["identity_method"][i]), "steps": int(out["gen_steps"][i]),
-                 "width": _plain(out["gen_width"][i]), "height": _plain(out["gen_height"][i]),
-                 "error": _plain(out[R.ROW_ERROR][i])} for i in range(len(rows))]
+        return [{"png": out["image_png"][i], "seed": to_python(out["seed"][i]),
+                 "identity_method": to_python(out["identity_method"][i]), "steps": int(out["gen_steps"][i]),
+                 "width": to_python(out["gen_width"][i]), "height": to_python(out["gen_height"][i]),
+                 "error": to_python(out[R.ROW_ERROR][i])} for i in range(len(rows))]
 
 
 class VerifierServer(_Batched):
@@ -660,8 +648,8 @@ class VerifierServer(_Batched):
         from actors.faces import FACE_COLUMNS
         from udfs import rows as R
 
-        d = {c: _plain(out[c][i]) for c in FACE_COLUMNS}
-        d["error"] = _plain(out[R.ROW_ERROR][i])
+        d = {c: to_python(out[c][i]) for c in FACE_COLUMNS}
+        d["error"] = to_python(out[R.ROW_ERROR][i])
         return d
 
     def _run(self, rows: list[dict]) -> list[dict]:
@@ -689,11 +677,11 @@ class VerifierServer(_Batched):
         out = []
         for i, k in enumerate(keys):
             faces, src = self._face_row(fo, i), dict(sources[k])
-            errs = [e for e in (faces.pop("error"), src.pop("error"), _plain(co[R.ROW_ERROR][i]),
-                                _plain(no[R.ROW_ERROR][i])) if e]
-            scores = _plain(no["nsfw_scores"][i])
-            out.append({"faces": faces, "source_faces": src, "clip_scores": _plain(co["clip_scores"][i]),
-                        "nsfw": _plain(no["nsfw"][i]), "nsfw_score": _plain(no["nsfw_score"][i]),
+            errs = [e for e in (faces.pop("error"), src.pop("error"), to_python(co[R.ROW_ERROR][i]),
+                                to_python(no[R.ROW_ERROR][i])) if e]
+            scores = to_python(no["nsfw_scores"][i])
+            out.append({"faces": faces, "source_faces": src, "clip_scores": to_python(co["clip_scores"][i]),
+                        "nsfw": to_python(no["nsfw"][i]), "nsfw_score": to_python(no["nsfw_score"][i]),
                         "nsfw_scores": json.loads(scores) if scores else {}, "error": "; ".join(errs) or None})
         return out
 

@@ -135,13 +135,7 @@ def vllm_preprocess(row: dict[str, Any], params: dict[str, Any],
     try:
         msgs, samp, fmt = row_inputs(str(row.get(rows.ID, "?")), row.get("messages"), row.get("sampling"), p,
                                      lambda: _format_of(row, default_fmt))
-    except rows.InputError as e:
-        out[_INPUT_ERROR] = f"InputError: {e}"
-        out["messages"] = [{"role": "user", "content": "."}]
-        out["sampling_params"] = {"temperature": 0.0, "max_tokens": 1}
-        out[_FORMAT_KEY] = ""
-        return out
-    try:  # image paths/URIs -> bounded data URLs (vLLM workers need no access to the files)
+        # image paths/URIs -> bounded data URLs (vLLM workers need no access to the files)
         msgs = _inliner(json.dumps(image_options or {}, sort_keys=True))(msgs, str(row.get(rows.ID)))
     except rows.InputError as e:
         out[_INPUT_ERROR] = f"InputError: {e}"

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from actors.models import ModelResolutionError, ResolvedModel, resolve
+from jobs import stats
 from jobs.recipe import Recipe, RecipeError
 from jobs.runtime import Stage, add_stage, forwarded_env
 from udfs import io
@@ -299,36 +299,15 @@ def _ingest(phase: Phase, recipe: Recipe, out: str, state: str,
     return table, not_selected
 
 
-def _stage_wall_times(ds, names: list[str]) -> dict[str, dict]:
-    """Per-stage wall seconds and rows/s from Ray Data's own statistics (fused operators share)."""
-    try:
-        summary = ds.get_stats_summary()
-    except Exception:  # noqa: BLE001 - stats are best effort; the funnel does not depend on them
-        return {}
-    out: dict[str, dict] = {}
-    stack = [summary]
-    while stack:
-        s = stack.pop()
-        stack.extend(getattr(s, "parents", []) or [])
-        for op in s.operators_stats:
-            # "MapBatches(a)->MapBatches(b)": stages Ray fused into one operator share its time
-            fused = re.findall(r"MapBatches\(([^()]+)\)", op.operator_name)
-            for name in fused:
-                if name in names:
-                    out[name] = {"operator": op.operator_name, "wall_s": round(op.time_total_s or 0.0, 3),
-                                 "fused_with": [f for f in fused if f != name]}
-    return out
-
-
 def _ray_path(uri: str) -> str:
     """Path form Ray Data's readers/writers expect with an explicit filesystem."""
     return uri if io.is_remote(uri) else io.filesystem(uri)[1]
 
 
 def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, phase: str = "rows",
-            state: str | None = None) -> dict[str, dict]:
+            state: str | None = None) -> list[dict]:
     """Run ``phase``'s stages on Ray Data over its rows not yet committed (state folder
-    ``state``, default ``OUT/_work``); returns per-stage stats."""
+    ``state``, default ``OUT/_work``); returns the per-stage table (``jobs.stats.stage_table``)."""
     import ray.data
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
@@ -339,6 +318,7 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
     ctx.checkpoint_config = CheckpointConfig(
         id_column=R.ID, checkpoint_path=_ray_path(io.join(state, "checkpoint")),
         delete_checkpoint_on_success=False, override_filesystem=fs if io.is_remote(out) else None)
+    ctx.per_stage_map_timing = True  # split fused operators' time per stage (jobs.stats)
     n_blocks = max(1, math.ceil(input_table.num_rows / max(1, recipe.block_rows)))
     in_uri = io.join(state, "input")
     # Split into blocks of block_rows rows: a block is the unit of progress a resumed run keeps
@@ -358,7 +338,7 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
                          ray_remote_args={"num_cpus": IO_NUM_CPUS})
     finally:
         ctx.checkpoint_config = None  # do not leak into later writes of this process
-    return _stage_wall_times(ds, [sp.stage.name for sp in p.row_stages(phase)])
+    return stats.stage_table(ds, [sp.stage.name for sp in p.row_stages(phase)])
 
 
 def reached(rows: pa.Table, order: list[str], stage: str, through: bool = False) -> list[bool]:
@@ -462,7 +442,10 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     phases = phases_of(pipeline)
     single = not hasattr(pipeline, "PHASES")
     previous = load_manifest(out) if io.exists(io.join(out, "manifest.json")) else None
-    old_stats = {r["stage"]: r for r in (previous or {}).get("funnel", []) if "wall_s" in r}
+    old_tables = {}  # phase -> the per-stage table of the run that did its work
+    for row in (previous or {}).get("stage_stats", []):
+        old_tables.setdefault(row.get("phase", "rows"), []).append(row)
+    stage_stats: list[dict] = []
     fun: list[dict] = []
     by_phase: dict[str, pa.Table] = {}
     processed, resumed = 0, False
@@ -474,20 +457,20 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         todo = [i for i in input_table.column(R.ID).to_pylist() if i not in done_ids]
         resumed = resumed or bool(done_ids)
         processed += len(todo)
-        stage_stats: dict[str, dict] = {}
+        table: list[dict] = []
         if todo and input_table.num_rows:
-            stage_stats = execute(pipeline, recipe, p, out, input_table, ph.name, state)
+            table = [{"phase": ph.name, **r} for r in execute(pipeline, recipe, p, out, input_table, ph.name, state)]
+        if not table:  # nothing ran now: keep the figures of the run that did the work
+            table = old_tables.get(ph.name, [])
+        stage_stats.extend(table)
+        per_stage = stats.by_stage(table)
         committed = read_table(io.join(state, "rows"))
         rows = _exactly_once(committed if committed is not None else input_table.slice(0, 0), input_table)
         ingest_rej = read_table(io.join(state, "ingest_rejects"))
         n_ingest_rej = ingest_rej.num_rows if ingest_rej is not None else 0
         phase_fun = funnel(p, rows, n_ingest_rej, input_table.num_rows, not_selected, ph.name)
-        if not stage_stats:  # nothing ran now: keep the timings of the run that did the work
-            stage_stats = old_stats
         for r in phase_fun:
-            if r["stage"] in stage_stats:
-                r.update({k: stage_stats[r["stage"]][k] for k in ("wall_s", "operator", "fused_with")
-                          if k in stage_stats[r["stage"]]})
+            r.update(per_stage.get(r["stage"], {}))
             if not single:
                 r["phase"] = ph.name
         fun.extend(phase_fun)
@@ -516,10 +499,15 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         "runs": (previous or {}).get("runs", []) + [{"started": started.isoformat(), "rows_processed": processed,
                                                      "wall_s": round(time.time() - t0, 2), "command": argv}],
         "funnel": fun,
+        # Ray Data's per-operator statistics of each phase (jobs.stats.stage_table)
+        "stage_stats": stage_stats,
         "outputs": exported,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     io.write_text(io.join(out, "manifest.json"), json.dumps(manifest, indent=2, default=str))
+    from jobs import report  # imports this module
+
+    report.write_quietly(out)
     return manifest
 
 

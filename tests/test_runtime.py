@@ -103,6 +103,15 @@ def test_errors_rejects_funnel_manifest(tmp_path, ray_local):
     assert m2["rows_processed_this_run"] == 0 and counts(m2["funnel"]) == counts(m["funnel"])
     assert m["funnel"][1]["operator"].startswith("MapBatches(upper)")  # Ray Data's stats, named by stage
     assert m2["funnel"][1]["wall_s"] == m["funnel"][1]["wall_s"] and len(m2["runs"]) == 2
+    # the per-stage table from Ray Data's statistics: every stage once, its rows, per-stage seconds
+    table = m["stage_stats"]
+    assert sorted(s for r in table for s in r["stages"]) == ["length_filter", "slow", "upper"]
+    assert all(r["phase"] == "rows" and r["tasks"] >= 1 and r["wall_s"] > 0 for r in table)
+    assert sum(r["rows"] for r in table if r["stages"][-1] == "slow") == 20  # rejected rows flow on, marked
+    assert all(len(r["stage_s"]) == len(r["stages"]) for r in table)
+    assert m2["stage_stats"] == table  # a run with nothing to do keeps the figures of the run that worked
+    page = open(f"{out}/report.html").read()  # written at the end of every run
+    assert 'id="funnel"' in page and 'id="stage-stats"' in page
     # an output folder belongs to one input and limit
     with pytest.raises(RecipeError, match="different settings"):
         driver.run(toy, r.model_copy(update={"limit": 5}), ["toy"])

@@ -26,6 +26,7 @@ from pydantic import Field
 
 from jobs.driver import read_table, reached, work, write_table
 from jobs.recipe import Recipe
+from jobs.report import Gallery
 from jobs.runtime import Stage, llm_stage
 from udfs import antidote as A
 from udfs import io
@@ -49,6 +50,10 @@ class AntidoteRecipe(Recipe):
 
 
 RECIPE = AntidoteRecipe
+#: the run report's gallery: generated image, caption and questions, detection scores
+REPORT = Gallery(image="image", text=("caption", "caption_rewritten", "hall_question", "truth_question",
+                                       "pope_question"),
+                 scores=("present_scores", "no_exist_scores"))
 
 
 def bank_name(recipe: Recipe) -> str:

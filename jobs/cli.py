@@ -6,6 +6,7 @@
         [--recipe FILE] [--set stage.key=value ...] [--limit N] [--dry-run] [--address ADDR]
     python -m jobs submit antidote ... [--address http://HEAD:8265] [--no-wait]
     python -m jobs status OUT
+    python -m jobs report OUT [--html FILE]
 
 Errors in arguments, recipes or plans print one line (``error: ...``) and exit with 2.
 """
@@ -50,7 +51,7 @@ def _pipeline_parser(name: str, module) -> argparse.ArgumentParser:
 
 def _load(name: str):
     if name not in PIPELINES:
-        raise SystemExit(f"error: unknown pipeline {name!r} (choose from {', '.join(PIPELINES)}, submit, status)")
+        raise SystemExit(f"error: unknown pipeline {name!r} (choose from {', '.join(PIPELINES)}, submit, status, report)")
     return importlib.import_module(PIPELINES[name])
 
 
@@ -156,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
             return submit(rest)
         if cmd == "status":
             return status(rest)
+        if cmd == "report":
+            from jobs import report
+
+            return report.main(rest)
         if cmd in COMMANDS:
             module, _, func = COMMANDS[cmd].partition(":")
             return getattr(importlib.import_module(module), func)(rest)

@@ -55,6 +55,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from jobs.driver import Phase, write_table
 from jobs.recipe import Recipe
+from jobs.report import Gallery
 from jobs.runtime import Stage, llm_stage
 from udfs import faces as F
 from udfs import io
@@ -113,6 +114,9 @@ class MirrorRecipe(Recipe):
 
 
 RECIPE = MirrorRecipe
+#: the run report's gallery: per client turn, the generated face with the image-filter scores
+REPORT = Gallery(phase="turns", image="image", text=("statement", "stage_direction", "aligned_expression"),
+                 scores=("face_count", "gender", "age", "identity_similarity", "clip_score", "nsfw_score"))
 
 
 def _row(batch: dict, i: int) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import json
 import statistics
 import time
 
+from jobs import report
 from udfs import io
 
 RUN_NAME = "train"  # RunConfig name: checkpoints under CKPT/train/
@@ -97,6 +98,7 @@ def data_main(argv: list[str]) -> int:
                 "expressions_used": expressions is not None, **conv.counts(),
                 "train_sha256": hashlib.sha256(body.encode()).hexdigest(), "wall_s": round(time.time() - t0, 2)}
     io.write_text(io.join(args.output, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    report.write_quietly(args.output)
     print(f"{len(conv.records)} records ({', '.join(f'{k} {v}' for k, v in manifest['records_by_kind'].items())}) "
           f"from {conv.dialogues_with_records}/{conv.dialogues} dialogues, {len(conv.rejects)} rejects "
           f"-> {io.join(args.output, 'train.json')}")
@@ -232,6 +234,7 @@ def train_main(argv: list[str]) -> int:
         "loss_curve": curve, "reload_check": reload, "wall_s": round(wall, 2),
     }
     io.write_text(io.join(args.output, "manifest.json"), json.dumps(manifest, indent=2) + "\n")
+    report.write_quietly(args.output)
     last = curve[-1] if curve else {}
     print(f"step {manifest['global_step']}/{manifest['total_steps']} (resumed from "
           f"{manifest['resumed_from_step']}), loss {last.get('loss')}, "

@@ -68,6 +68,7 @@ import os
 import time
 from typing import Any, Callable
 
+from jobs import report
 from udfs import io
 from udfs import mirror_llava as ML
 
@@ -535,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
                 "session_s_median": sorted(walls)[len(walls) // 2] if walls else None,
                 "outputs": {"sessions": SESSIONS_FILE, "errors": ERRORS_FILE, "images": "images/"}}
     io.write_text(io.join(args.output, "manifest.json"), json.dumps(manifest, indent=2, default=str) + "\n")
+    report.write_quietly(args.output)
     print(f"{counts['finished']} sessions finished, {counts['errors']} errors, {counts['skipped_finished']} "
           f"already done; {args.output}/{SESSIONS_FILE}")
     return 0

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
 from jobs.recipe import Recipe
+from jobs.report import Gallery
 from jobs.runtime import Stage, llm_stage
 from udfs import io
 from udfs import mmgen as M
@@ -82,6 +83,8 @@ class MMGenRecipe(Recipe):
 
 
 RECIPE = MMGenRecipe
+#: the run report's gallery: candidate image, generated question/answer items, answer losses
+REPORT = Gallery(image="candidate", text=("keyword", "items"), scores=("answer_loss", "count_mismatch"))
 
 
 def _num(recipe: MMGenRecipe) -> int:

@@ -11,4 +11,13 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]"
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -c constraints.txt -r requirements-nodeps.txt
+# The report tests open run reports in Debian's chromium (Playwright drives it; Playwright's
+# own browser download is never used).
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "note: the report tests need Debian's chromium: sudo apt-get install chromium"
+  fi
+fi
 echo "mmsynth installed in .venv"

@@ -66,3 +66,51 @@ def run_ray(ray, actor_cls, model: dict, params: dict, items: list[dict], batch_
         compute=ray.data.ActorPoolStrategy(size=1), batch_size=batch_size, num_cpus=0.5,
         runtime_env={"env_vars": env})
     return sorted(ds.take_all(), key=lambda r: r["id"])
+
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/setup.sh and .ci/run install it)
+#: where test artifacts (report screenshots) are kept: $MMSYNTH_TEST_ARTIFACTS or test-artifacts/
+ARTIFACTS = Path(os.environ.get("MMSYNTH_TEST_ARTIFACTS") or ROOT / "test-artifacts")
+
+
+def check_report_in_chromium(page_html: str, manifest: dict, name: str) -> dict:
+    """Open a run report in a real headless Chromium (Playwright driving Debian's chromium)
+    and check it as a reader would see it: every ``<img>`` (charts and thumbnails) decoded
+    with a non-zero size, the funnel chart present, the funnel table's numbers equal to
+    ``manifest["funnel"]``, the placeholder banner shown exactly when the manifest names
+    placeholder stages. Keeps the page and a full-page screenshot as
+    ``ARTIFACTS/<name>.{html,png}``; returns ``{"images": n, "charts": n, "screenshot": path}``.
+    """
+    from playwright.sync_api import sync_playwright
+
+    assert os.path.exists(CHROMIUM), f"{CHROMIUM} missing: apt-get install chromium (scripts/setup.sh does as root)"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page_file, shot = ARTIFACTS / f"{name}.html", ARTIFACTS / f"{name}.png"
+    page_file.write_text(page_html, encoding="utf-8")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(page_file.as_uri(), wait_until="load")
+            images = page.evaluate("""[...document.images].map(i => ({src: i.src.slice(0, 40), alt: i.alt,
+                chart: i.classList.contains('chart'), ok: i.complete && i.naturalWidth > 0 && i.naturalHeight > 0}))""")
+            table = page.evaluate("""[...document.querySelectorAll('#funnel tr[data-stage]')].map(tr => ({
+                stage: tr.dataset.stage, cells: Object.fromEntries([...tr.querySelectorAll('td[data-key]')]
+                    .map(td => [td.dataset.key, td.textContent.trim()]))}))""")
+            banner = page.locator("#placeholder-banner").count()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    broken = [i for i in images if not i["ok"]]
+    assert not broken, f"images that did not load: {broken}"
+    assert any(i["chart"] and i["alt"] == "funnel chart" for i in images)
+    assert [r["stage"] for r in table] == [f"{f['phase']}: {f['stage']}" if f.get("phase") else f["stage"]
+                                           for f in manifest["funnel"]]
+    for row, f in zip(table, manifest["funnel"]):
+        for key, text in row["cells"].items():
+            assert text == ("" if f.get(key) is None else str(f[key])), (row["stage"], key, text, f.get(key))
+    assert banner == (1 if manifest["placeholder_stages"] or manifest["audit_stages"] else 0)
+    return {"images": len(images), "charts": sum(i["chart"] for i in images), "screenshot": str(shot)}

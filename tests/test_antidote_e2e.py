@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import driver
+from tests.helpers import check_report_in_chromium
 from udfs import io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,6 +79,10 @@ def test_antidote_offline_end_to_end(tmp_path, s3):
     assert final.num_rows == m["outputs"]["captions_final"]
     if final.num_rows:
         assert all("generate_images" in p for p in final.column("_placeholder").to_pylist())
+    # the run report, read back from S3 and opened in Chromium: images, charts, funnel numbers
+    seen = check_report_in_chromium(io.read_text(io.join(out, "report.html")), m, "report-antidote-s3")
+    assert seen["images"] >= 1 + min(final.num_rows, 1) and seen["charts"] == 2  # funnel, throughput
+    assert {s for r in m["stage_stats"] for s in r["stages"]} == set(names[1:])
     # rerun: resumes, no model work
     res2 = _run(out, env=s3)
     assert res2.returncode == 0, res2.stderr[-3000:]

@@ -14,6 +14,7 @@ import pytest
 from jobs import driver
 from jobs import mirror as J
 from jobs.recipe import RecipeError, load_recipe
+from tests.helpers import check_report_in_chromium
 from udfs import mirror_images as MI
 from udfs import rows as R
 
@@ -179,3 +180,7 @@ def test_mirror_offline_end_to_end(tmp_path):
         assert len(json.loads(d["proc_dialogue"])) == 2 * d["turn"]
     with open(os.path.join(out, "mirror_data.csv")) as f:
         assert f.readline().startswith('"idx","model","personal_info"')
+    # the run report of a multi-phase run: per-phase funnel, a card with its image per client turn
+    seen = check_report_in_chromium(open(os.path.join(out, "report.html")).read(), m, "report-mirror")
+    assert seen["images"] >= 1 + min(len(turns), 12)
+    assert {r["phase"] for r in m["stage_stats"]} == {"faces", "clients", "dialogues", "turns"}

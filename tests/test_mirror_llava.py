@@ -208,6 +208,7 @@ def test_data_command_writes_train_json_rejects_and_manifest(tmp_path, capsys):
     assert [(r["question_id"], r["field"]) for r in rejects] == [("d-2:2:response", "image")]
     m = json.load(open(out / "manifest.json"))
     assert m["records"] == 2 and m["rejects"] == 1 and m["cot"] == "planning" and not m["expressions_used"]
+    assert '<td>records</td><td class="l">2</td>' in open(out / "report.html").read()
     assert "2 records" in capsys.readouterr().out
     assert cli.main(["mirror-llava-data", "--input", str(tmp_path / "none"), "--output", str(out),
                      "--cot", "base"]) == 2
@@ -352,3 +353,5 @@ def test_lora_on_ray_train_reloads_identically_and_resumes(ray_local, tiny_llava
     assert m2["loss_curve"][:2] == m1["loss_curve"]
     assert m2["reload_check"]["identical"] and m2["checkpoint"] != d1
     assert "resumed from 2" in capsys.readouterr().out
+    page = open(os.path.join(ckpt, "report.html")).read()  # the run report plots the loss curve
+    assert 'id="loss-chart"' in page and "<td>global_step</td><td class=\"l\">4</td>" in page

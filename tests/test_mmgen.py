@@ -482,6 +482,8 @@ def test_mmgen_offline_end_to_end(tmp_path):
         assert s["conversations"][0]["value"].startswith("<image>\n") and s["conversations"][0]["value"].count("<image>") == 1
         assert s["keyword"] in ("map", "diagram", "photo") and s["mode"] == "vqa_nr" and s["loss"] > 0
         assert s["prompt_id"] in {p["id"] for p in prompts["prompts"]}
+    page = open(os.path.join(out, "report.html")).read()
+    assert page.count('<div class="card">') == m["funnel"][0]["out"] and "funnel chart" in page  # one card a prompt
     rows_t = driver.read_table(driver.work(out, "rows"))
     assert all("generate" in p and "partition" in p for p in rows_t.column("_placeholder").to_pylist())
     # resume: nothing recomputed, same outputs

@@ -269,9 +269,9 @@ def fingerprint(recipe: Recipe) -> dict:
 
 
 def _ingest(phase: Phase, recipe: Recipe, out: str, state: str,
-            previous: dict[str, pa.Table]) -> tuple[pa.Table, int]:
-    """Normalized input rows of ``phase`` and the number of rows ``--limit``/``total_num``
-    left out.
+            previous: dict[str, pa.Table]) -> tuple[pa.Table, int, list[dict]]:
+    """Normalized input rows of ``phase``, the number of rows ``--limit``/``total_num``
+    left out, and the per-stage table of the model stages the ingest ran (``jobs.stats.record``).
 
     Written once to ``<state>/input`` (``.complete`` marks a finished ingest) so a rerun sees
     the same rows. Raises ``RecipeError`` when OUT holds a run of a different input/limit.
@@ -283,9 +283,11 @@ def _ingest(phase: Phase, recipe: Recipe, out: str, state: str,
             old = {k: v for k, v in info["fingerprint"].items() if fingerprint(recipe).get(k) != v}
             raise RecipeError(f"{out} holds a run with different settings {old}; "
                               "rerun with those settings to resume, or use a new --output")
-        return read_table(io.join(state, "input")), info["not_selected"]
+        return read_table(io.join(state, "input")), info["not_selected"], info.get("stage_stats", [])
     io.delete(io.join(state, "input"))
+    stats.drain()
     table, rejects, not_selected = phase.ingest(recipe, previous)
+    ingest_stats = stats.drain()
     n = table.num_rows
     for name in R.CONTROL_COLUMNS:  # an ingest may preset _placeholder (its own placeholder stages)
         if name not in table.column_names:
@@ -295,8 +297,9 @@ def _ingest(phase: Phase, recipe: Recipe, out: str, state: str,
     block = max(1, recipe.block_rows)
     for k in range(max(1, math.ceil(n / block))):
         write_table(table.slice(k * block, block), io.join(state, "input", f"part-{k:05d}.parquet"))
-    io.write_text(marker, json.dumps({"fingerprint": fingerprint(recipe), "rows": n, "not_selected": not_selected}))
-    return table, not_selected
+    io.write_text(marker, json.dumps({"fingerprint": fingerprint(recipe), "rows": n, "not_selected": not_selected,
+                                      "stage_stats": ingest_stats}))
+    return table, not_selected, ingest_stats
 
 
 def _ray_path(uri: str) -> str:
@@ -444,14 +447,16 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     previous = load_manifest(out) if io.exists(io.join(out, "manifest.json")) else None
     old_tables = {}  # phase -> the per-stage table of the run that did its work
     for row in (previous or {}).get("stage_stats", []):
-        old_tables.setdefault(row.get("phase", "rows"), []).append(row)
+        if not row.get("ingest"):
+            old_tables.setdefault(row.get("phase", "rows"), []).append(row)
     stage_stats: list[dict] = []
     fun: list[dict] = []
     by_phase: dict[str, pa.Table] = {}
     processed, resumed = 0, False
     for ph in phases:
         state = work(out) if single else work(out, ph.name)
-        input_table, not_selected = _ingest(ph, recipe, out, state, by_phase)
+        input_table, not_selected, ingest_stats = _ingest(ph, recipe, out, state, by_phase)
+        stage_stats.extend({"phase": ph.name, "ingest": True, **r} for r in ingest_stats)
         done = read_table(io.join(state, "rows"), columns=[R.ID])
         done_ids = set(done.column(R.ID).to_pylist()) if done is not None else set()
         todo = [i for i in input_table.column(R.ID).to_pylist() if i not in done_ids]

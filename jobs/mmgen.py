@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
+from jobs import stats
 from jobs.recipe import Recipe
 from jobs.report import Gallery
 from jobs.runtime import Stage, llm_stage
@@ -202,6 +203,7 @@ def _partition(recipe: MMGenRecipe, images: list[str]) -> tuple[dict[str, str], 
     n_blocks = max(1, -(-len(ids) // max(1, cfg.batch_size)))
     ds = add_stage(ray.data.from_arrow(table).repartition(n_blocks), stage, cfg, resolve(cfg.model))
     res = pa.concat_tables(ray.get(ds.to_arrow_refs()))
+    stats.record(stats.stage_table(ds, [stage.name]))
     by_id = dict(zip(ids, images))
     kw, scores, errors = {}, {}, {}
     for r in res.select(["id", R.STATUS, R.REASON, "keyword", "keyword_scores"]).to_pylist():

@@ -96,7 +96,8 @@ def throughput_chart(stage_stats: list[dict]) -> str | None:
     if not stage_stats:
         return None
     fig, ax = _figure(len(stage_stats))
-    labels = [f"{r.get('phase', 'rows')}: {', '.join(r['stages']) or r['operator']}"[:60] for r in stage_stats][::-1]
+    labels = [f"{r.get('phase', 'rows')}{' ingest' if r.get('ingest') else ''}: "
+              f"{', '.join(r['stages']) or r['operator']}"[:60] for r in stage_stats][::-1]
     walls = [r["wall_s"] for r in stage_stats][::-1]
     bars = ax.barh(labels, walls, color="#4a78b5")
     for bar, r in zip(bars, stage_stats[::-1]):

@@ -68,6 +68,22 @@ def stage_table(ds, stages: list[str] | None = None) -> list[dict]:
     return table
 
 
+_recorded: list[dict] = []
+
+
+def record(table: list[dict]) -> None:
+    """Keep the per-stage table of a dataset a pipeline's ingest ran itself (MM-GEN's
+    partition); the driver collects it with ``drain`` and adds it to the manifest."""
+    _recorded.extend(table)
+
+
+def drain() -> list[dict]:
+    """The tables ``record``ed since the last call (and forget them)."""
+    out = list(_recorded)
+    _recorded.clear()
+    return out
+
+
 def by_stage(table: list[dict]) -> dict[str, dict]:
     """Per pipeline stage: its operator's figures from ``stage_table`` rows, plus
     ``fused_with`` (the other stages Ray fused into the same operator) and ``stage_s``

@@ -491,6 +491,11 @@ def test_mmgen_offline_end_to_end(tmp_path):
     assert res2.returncode == 0, res2.stderr[-3000:]
     m2 = driver.load_manifest(out)
     assert m2["rows_processed_this_run"] == 0 and m2["outputs"] == m["outputs"]
+    # Ray Data's statistics of the ingest's own model stage (partition) and of the row stages
+    ingest = [r for r in m["stage_stats"] if r.get("ingest")]
+    assert [r["stages"] for r in ingest] == [["partition"]] and ingest[0]["rows"] > 8
+    assert {"generate", "loss_score"} <= {s for r in m["stage_stats"] for s in r["stages"]}
+    assert m2["stage_stats"] == m["stage_stats"]
 
 
 def test_mmgen_dry_run_and_bad_arguments():

@@ -109,6 +109,20 @@ def data_main(argv: list[str]) -> int:
 
 # ------------------------------------------------------------------ mirror-llava-train
 
+def report_rows(out: str, manifest: dict) -> tuple[report.Gallery, list[dict], list[dict]] | None:
+    """The run report's galleries of ``mirror-llava-data`` (``jobs.report``): training
+    records (image, prompt, target) and rejected records with their reason; None for
+    ``mirror-llava-train``."""
+    if manifest.get("command") != "mirror-llava-data":
+        return None
+    records = json.loads(io.read_text(io.join(out, "train.json")))
+    kept = [{"id": r["question_id"], "image": r.get("image"), "prompt": r["conversations"][0]["value"],
+             "target": r["conversations"][-1]["value"]} for r in records]
+    rejects = [{"id": r.get("question_id", ""), "_stage": r.get("field", ""), "_reason": r.get("reason", "")}
+               for r in map(json.loads, io.read_text(io.join(out, "rejects.jsonl")).splitlines())]
+    return report.Gallery(image="image", text=("prompt", "target")), kept, rejects
+
+
 def train_parser() -> argparse.ArgumentParser:
     """Options of ``python -m jobs mirror-llava-train`` (None = the profile's value)."""
     ap = argparse.ArgumentParser(prog="python -m jobs mirror-llava-train",

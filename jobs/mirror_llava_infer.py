@@ -69,6 +69,7 @@ import time
 from typing import Any, Callable
 
 from jobs import report
+from jobs.report import Gallery
 from udfs import io
 from udfs import mirror_llava as ML
 
@@ -398,6 +399,29 @@ def load_finished(out: str) -> tuple[set[str], list[str]]:
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
     return ids, lines
+
+
+def report_rows(out: str, manifest: dict) -> tuple[Gallery, list[dict], list[dict]]:
+    """The run report's galleries (``jobs.report``): one card per client turn of the finished
+    sessions (generated image, stage direction and statement, the last attempt's verifier
+    scores) and one per failed session with its step and error."""
+    _, lines = load_finished(out)
+    kept = []
+    for line in lines:
+        s = json.loads(line)
+        for k, h in enumerate(s.get("history", [])):
+            if h.get("role") == "Client":
+                last = (h.get("attempts") or [{}])[-1]
+                kept.append({"id": f"{s['idx']}:{k}", "image_path": h.get("image_path"),
+                             "stage_direction": h.get("stage_direction"), "statement": h.get("statement"),
+                             **{f"verify_{c}": last.get(c) for c in ("clip", "identity", "nsfw", "accepted")},
+                             "attempts": len(h.get("attempts") or [])})
+    errors = io.join(out, ERRORS_FILE)
+    failed = [{"id": e["idx"], "_stage": e.get("step") or "", "_reason": e.get("error") or ""}
+              for e in map(json.loads, io.read_text(errors).splitlines() if io.exists(errors) else [])]
+    spec = Gallery(image="image_path", text=("stage_direction", "statement"),
+                   scores=("verify_clip", "verify_identity", "verify_nsfw", "verify_accepted", "attempts"))
+    return spec, kept, failed
 
 
 def infer(clients: list[dict[str, Any]], out: str, app_name: str, cfg: dict[str, Any], *,

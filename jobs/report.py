@@ -165,7 +165,7 @@ def _cards(rows: list[dict], spec: Gallery, out: str) -> list[dict]:
     for r in rows:
         image = r.get(spec.image) if spec.image else None
         cards.append({
-            "id": r[R.ID],
+            "id": r["id"],
             "image": thumbnail(image, out) if image else None,
             "image_uri": image,
             "text": [(c, r[c]) for c in spec.text if r.get(c) not in (None, "")],
@@ -179,12 +179,21 @@ def _cards(rows: list[dict], spec: Gallery, out: str) -> list[dict]:
 
 
 def galleries(out: str, manifest: dict) -> tuple[list[dict], list[dict]]:
-    """Up to ``GALLERY_SIZE`` kept and rejected/errored samples of the pipeline's ``REPORT``
-    phase, as cards (``id``, ``image`` data URI, ``text``, ``scores``, ``stage``, ``reason``,
-    ``audit``). Empty when the run is not a pipeline run or its rows are gone."""
+    """Up to ``GALLERY_SIZE`` kept and rejected/errored samples, as cards (``id``, ``image``
+    data URI, ``text``, ``scores``, ``stage``, ``reason``, ``audit``): for a pipeline, the
+    committed rows of its ``REPORT`` phase; for a command, what its module's
+    ``report_rows(out, manifest) -> (Gallery, kept, rejected)`` returns. Empty otherwise."""
     from jobs import cli, driver
 
-    module = cli.PIPELINES.get(manifest.get("pipeline", ""))
+    if "pipeline" not in manifest:  # a command: its module's report_rows(out, manifest), if any
+        module = cli.COMMANDS.get(manifest.get("command", ""), "").partition(":")[0]
+        hook = getattr(importlib.import_module(module), "report_rows", None) if module else None
+        found = hook(out, manifest) if hook else None
+        if not found:
+            return [], []
+        spec, kept, dropped = found
+        return _cards(kept[:GALLERY_SIZE], spec, out), _cards(dropped[:GALLERY_SIZE], spec, out)
+    module = cli.PIPELINES.get(manifest["pipeline"])
     spec = getattr(importlib.import_module(module), "REPORT", None) if module else None
     if spec is None:
         return [], []

@@ -208,7 +208,8 @@ def test_data_command_writes_train_json_rejects_and_manifest(tmp_path, capsys):
     assert [(r["question_id"], r["field"]) for r in rejects] == [("d-2:2:response", "image")]
     m = json.load(open(out / "manifest.json"))
     assert m["records"] == 2 and m["rejects"] == 1 and m["cot"] == "planning" and not m["expressions_used"]
-    assert '<td>records</td><td class="l">2</td>' in open(out / "report.html").read()
+    page = open(out / "report.html").read()  # figures, a card per record and per rejected record
+    assert '<td>records</td><td class="l">2</td>' in page and page.count('<div class="card">') == 3
     assert "2 records" in capsys.readouterr().out
     assert cli.main(["mirror-llava-data", "--input", str(tmp_path / "none"), "--output", str(out),
                      "--cot", "base"]) == 2

@@ -207,6 +207,10 @@ def test_sessions_through_serve_resume_and_error_record(app, tmp_path):
     assert manifest["finished"] == 2 and manifest["errors"] == 1 and manifest["skipped_finished"] == 0
     assert manifest["serve"]["counselor"]["model"] == ckpt and manifest["settings"]["temperature"] == 0.7
     assert manifest["serve"]["counselor"]["lora_base"]["model"] == "placeholder:tiny-llava"
+    page = (out / "report.html").read_text()  # a card per client turn (image + scores), one per failed session
+    client_turns = sum(h["role"] == "Client" for s in sessions for h in s["history"])
+    assert page.count('<div class="card">') == client_turns + 1 and page.count("<img alt=") == client_turns
+    assert "source_image" in page.split('id="rejected"')[1]
 
     # resume: finished sessions are not redone, the failed one is tried again
     before = (out / "sessions.jsonl").read_text()

@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from actors.models import ModelResolutionError, ResolvedModel, resolve
 from jobs import stats
 from jobs.recipe import Recipe, RecipeError
-from jobs.runtime import Stage, add_stage, forwarded_env
+from jobs.runtime import RAY_DATA_DEFAULTS, Stage, add_stage, forwarded_env
 from udfs import io
 from udfs import rows as R
 
@@ -253,6 +253,8 @@ def _ray_init(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    for k, v in RAY_DATA_DEFAULTS.items():  # the driver plans reads too
+        os.environ.setdefault(k, v)
     env = forwarded_env()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:

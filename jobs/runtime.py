@@ -238,7 +238,12 @@ def _task(table: pa.Table, fn: Callable, params: Any, run: StageRun) -> pa.Table
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "MMSYNTH_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
                  "AWS_DEFAULT_REGION", "KERAS_BACKEND", "TOKENIZERS_PARALLELISM", "OMP_WAIT_POLICY",
-                 "DEEPFACE_HOME", "DEEPFACE_BACKEND_ENGINE")
+                 "DEEPFACE_HOME", "DEEPFACE_BACKEND_ENGINE", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS")
+#: Ray Data settings a run uses unless the user sets them. Ray Data 2.60's parquet reader
+#: starts 32 one-CPU footer-reader actors per ``read_parquet``; a run reads only its own few
+#: state files, and on an autoscaling cluster those 32 CPUs of demand launch nodes (GPU nodes
+#: once the CPU group is at its maximum: measured by tests/test_autoscaling.py).
+RAY_DATA_DEFAULTS = {"RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "2"}
 
 
 def forwarded_env() -> dict[str, str]:

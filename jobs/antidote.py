@@ -14,14 +14,11 @@ factual filter, with its detection evidence), ``rejects/``, ``errors/``, ``manif
 """
 from __future__ import annotations
 
-import io as _io
 import json
 import random
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from jobs.driver import read_table, reached, work, write_table
@@ -141,37 +138,10 @@ def _read_pool(uri: str) -> tuple[list[dict], list[dict]]:
     """Caption records ``{"id", "caption"}`` from JSON ``{key: caption}`` / a JSON list, JSONL,
     Parquet or CSV (``id`` and ``caption`` columns). Malformed records become rejects naming
     the line and field."""
-    data = io.read_bytes(uri)
-    low = uri.lower()
-    bad: list[dict] = []
-    if low.endswith(".parquet"):
-        records = pq.read_table(_io.BytesIO(data)).to_pylist()
-    elif low.endswith(".csv"):
-        records = pacsv.read_csv(_io.BytesIO(data)).to_pylist()
-    elif low.endswith(".jsonl"):
-        records = []
-        for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                bad.append({"id": f"line-{n}", "stage": "ingest", "reason": f"{uri} line {n}: invalid JSON ({e.msg})"})
-    elif low.endswith(".json"):
-        try:
-            obj = json.loads(data)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{uri}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        if isinstance(obj, dict):  # the original's {key: caption}
-            records = [{"id": str(k), "caption": v} for k, v in obj.items()]
-        elif isinstance(obj, list):
-            records = obj
-        else:
-            raise ValueError(f"{uri}: expected a JSON object {{key: caption}} or a list of records")
-    else:
-        raise ValueError(f"{uri}: unsupported caption pool format (use .json, .jsonl, .parquet or .csv)")
+    records, bad = io.read_records(uri, "ingest", from_object=lambda obj: [  # the original's {key: caption}
+        {"id": str(k), "caption": v} for k, v in obj.items()])
     good = []
-    for n, rec in enumerate(records, 1):
+    for n, (_, rec) in enumerate(records, 1):
         cap = rec.get("caption") if isinstance(rec, dict) else None
         rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") is not None else None
         if not isinstance(cap, str) or not cap.strip():

@@ -50,7 +50,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from jobs.driver import Phase, write_table
@@ -202,41 +201,10 @@ _CLIENT_SCHEMA = pa.schema([("id", pa.string()), ("row_index", pa.int64()), ("cl
                             ("missing_fields", pa.list_(pa.string()))])
 
 
-def _read_records(uri: str) -> tuple[list[tuple[int, dict]], list[dict]]:
-    """``[(row_index, record)]`` from JSONL / JSON list / CSV / Parquet, and rejects for lines
-    that are not JSON objects (naming the line)."""
-    data, low = io.read_bytes(uri), uri.lower()
-    if low.endswith(".parquet"):
-        return list(enumerate(pq.read_table(_io.BytesIO(data)).to_pylist())), []
-    if low.endswith(".csv"):
-        return list(enumerate(pacsv.read_csv(_io.BytesIO(data)).to_pylist())), []
-    if low.endswith(".json"):
-        obj = json.loads(data)
-        if not isinstance(obj, list):
-            raise ValueError(f"{uri}: expected a JSON list of client records")
-        return list(enumerate(obj)), []
-    out, bad = [], []
-    for n, line in enumerate(data.decode("utf-8").splitlines()):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.append({"id": f"line-{n + 1}", "stage": "clients:ingest",
-                        "reason": f"{uri} line {n + 1}: invalid JSON ({e.msg})"})
-            continue
-        if not isinstance(rec, dict):
-            bad.append({"id": f"line-{n + 1}", "stage": "clients:ingest",
-                        "reason": f"{uri} line {n + 1}: not a JSON object"})
-            continue
-        out.append((n, rec))
-    return out, bad
-
-
 def ingest_clients(recipe: MirrorRecipe, previous: dict) -> tuple[pa.Table, list[dict], int]:
     """One row per distinct client (``udfs.mirror.client_record``); unreadable intake forms and
     later copies of a client are rejects; ``--limit`` keeps the first N distinct clients."""
-    records, rejects = _read_records(recipe.input)
+    records, rejects = io.read_records(recipe.input, "clients:ingest")
     good = []
     for idx, raw in records:
         try:

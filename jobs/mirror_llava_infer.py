@@ -96,28 +96,6 @@ class SessionError(RuntimeError):
 
 # ====================================================================== input
 
-def _read_table(uri: str) -> list[dict[str, Any]]:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    low = uri.lower()
-    if low.endswith(".parquet"):
-        return pq.read_table(pa.BufferReader(io.read_bytes(uri))).to_pylist()
-    if low.endswith(".jsonl"):
-        rows = []
-        for n, line in enumerate(io.read_text(uri).splitlines()):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ClientsError(f"{uri} line {n + 1}: not valid JSON ({e})") from None
-        return rows
-    if low.endswith(".csv"):
-        return pacsv.read_csv(pa.BufferReader(io.read_bytes(uri))).to_pylist()
-    raise ClientsError(f"{uri}: unsupported input (need .csv, .jsonl or .parquet)")
-
-
 def _face_pool(folder: str) -> str | None:
     """The face-pool image folder of the MIRROR run whose ``manifest.json`` is in ``folder``
     (its recipe's ``faces``/``face_images``, ``jobs.mirror.pool_image_folder``), or None."""
@@ -146,7 +124,12 @@ def read_clients(uri: str, faces: str | None = None, limit: int | None = None) -
 
     if not io.exists(uri):
         raise ClientsError(f"{uri}: input not found")
-    rows = _read_table(uri)
+    if not uri.lower().endswith((".csv", ".jsonl", ".parquet")):
+        raise ClientsError(f"{uri}: unsupported input (need .csv, .jsonl or .parquet)")
+    records, bad = io.read_records(uri)
+    if bad:
+        raise ClientsError(bad[0]["reason"])
+    rows = [r for _, r in records]
     folder = os.path.dirname(uri) or "."
     pool = _face_pool(folder)
     out, seen = [], set()

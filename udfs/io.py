@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -124,3 +125,54 @@ def delete(uri: str) -> None:
         fs.delete_dir(path)
     elif info.type == pafs.FileType.File:
         fs.delete_file(path)
+
+
+def read_records(uri: str, stage: str = "ingest",
+                 from_object: Callable[[dict], list] | None = None) -> tuple[list[tuple[int, Any]], list[dict]]:
+    """Input records of the file at ``uri`` (local or ``s3://``), by extension: ``.jsonl`` (a
+    JSON object a line; blank lines skipped), ``.json`` (a list of records, or an object that
+    ``from_object`` turns into records), ``.csv`` or ``.parquet`` (a record a row).
+
+    Returns ``[(n, record)]`` with ``n`` the 0-based position (the line index for JSONL) and
+    the rejects ``{"id": "line-<n+1>", "stage": stage, "reason"}`` of JSONL lines that are not
+    JSON objects, naming the file and line. Raises ``ValueError`` naming the file for an
+    unsupported extension, a ``.json`` file that does not parse, or a JSON object without
+    ``from_object``.
+    """
+    import io as _io
+    import json
+
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    data, low = read_bytes(uri), uri.lower()
+    if low.endswith(".parquet"):
+        return list(enumerate(pq.read_table(_io.BytesIO(data)).to_pylist())), []
+    if low.endswith(".csv"):
+        return list(enumerate(pacsv.read_csv(_io.BytesIO(data)).to_pylist())), []
+    if low.endswith(".json"):
+        try:
+            obj = json.loads(data)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{uri}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        if isinstance(obj, dict) and from_object is not None:
+            obj = from_object(obj)
+        if not isinstance(obj, list):
+            raise ValueError(f"{uri}: expected a JSON list of records")
+        return list(enumerate(obj)), []
+    if not low.endswith(".jsonl"):
+        raise ValueError(f"{uri}: unsupported input format (use .jsonl, .json, .csv or .parquet)")
+    out, bad = [], []
+    for n, line in enumerate(data.decode("utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            bad.append({"id": f"line-{n + 1}", "stage": stage, "reason": f"{uri} line {n + 1}: invalid JSON ({e.msg})"})
+            continue
+        if not isinstance(rec, dict):
+            bad.append({"id": f"line-{n + 1}", "stage": stage, "reason": f"{uri} line {n + 1}: not a JSON object"})
+            continue
+        out.append((n, rec))
+    return out, bad

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from udfs import rows as R
+from udfs.llm_output import to_python
 
 TRANSIENT_ERRORS = {"TimeoutError", "ConnectionError", "OutOfMemoryError", "APITimeoutError",
                     "APIConnectionError", "RateLimitError", "InternalServerError"}
@@ -96,17 +97,6 @@ class StageRun:
     rename: tuple[tuple[str, str], ...] = ()
 
 
-def _cell(v: Any) -> Any:
-    """Convert numpy values inside a returned cell to plain Python for Arrow."""
-    if isinstance(v, np.ndarray):
-        return [_cell(x) for x in v.tolist()] if v.dtype == object else v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [_cell(x) for x in v]
-    return v
-
-
 def _to_numpy(col: pa.ChunkedArray) -> np.ndarray:
     t = col.type
     if col.null_count == 0 and (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)):
@@ -163,7 +153,7 @@ def _call_isolated(call: Callable, table: pa.Table, run: StageRun) -> tuple[dict
                 errors[i] = R.error_record(run.name, f"StageContractError: {msg}")
             return
         for j in range(hi - lo):
-            results[lo + j] = {c: _cell(out[c][j]) for c in
+            results[lo + j] = {c: to_python(out[c][j]) for c in
                                (*run.outputs, R.ROW_ERROR, R.ROW_REJECT) if c in out}
 
     if table.num_rows:

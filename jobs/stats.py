@@ -12,6 +12,12 @@ import re
 _MAP = re.compile(r"MapBatches\(([^()]+)\)")
 
 
+def _stages(operator: str) -> list[str]:
+    """Stage names of a (fused) operator ``MapBatches(a)->MapBatches(b)``; other operators
+    (reads, writes, ``Union(MapBatches(a), ...)``) contain none."""
+    return [m.group(1) for part in operator.split("->") if (m := _MAP.fullmatch(part))]
+
+
 def _sum(s) -> float | None:
     return None if s is None else round(float(s.sum), 4)
 
@@ -21,7 +27,8 @@ def stage_table(ds, stages: list[str] | None = None) -> list[dict]:
 
     Each row: ``operator`` (Ray Data's name, fused operators joined by ``->``), ``stages``
     (the ``map_batches`` functions it contains, in order), ``rows`` (output rows), ``tasks``,
-    ``wall_s`` (first task start to last task end, seconds), ``rows_per_s`` (rows ÷
+    ``wall_s`` (first task start to last task end, seconds; ``started``/``ended`` are those two
+    instants, epoch seconds), ``rows_per_s`` (rows ÷
     ``wall_s``), ``task_wall_s``/``task_cpu_s`` (summed over tasks, seconds), ``udf_s``
     (summed time inside the user functions), ``nodes`` (distinct nodes that ran its tasks)
     and, when ``DataContext.per_stage_map_timing`` was on, ``stage_s``: seconds per fused
@@ -44,7 +51,7 @@ def stage_table(ds, stages: list[str] | None = None) -> list[dict]:
     table, seen = [], set()
     for level in levels:
         for op in level.operators_stats:
-            names = _MAP.findall(op.operator_name)
+            names = _stages(op.operator_name)
             key = (op.operator_name, op.earliest_start_time)
             if key in seen or (stages is not None and not set(names) & set(stages)):
                 continue
@@ -61,6 +68,8 @@ def stage_table(ds, stages: list[str] | None = None) -> list[dict]:
                 "task_cpu_s": _sum(op.cpu_time),
                 "udf_s": _sum(op.function_body_time),
                 "nodes": int(op.node_count.count) if op.node_count else 0,
+                "started": op.earliest_start_time,  # epoch seconds of the first task start
+                "ended": op.latest_end_time,  # and of the last task end
             }
             if op.stage_time and len(op.stage_time) == len(names):
                 row["stage_s"] = [round(float(s.sum), 4) for s in op.stage_time]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -133,7 +134,11 @@ def resolve(spec: ModelSpec | dict) -> ResolvedModel:
         p = os.path.expanduser(m)
         if "://" not in p and not os.path.exists(p):
             raise ModelResolutionError(f"model path {m!r} does not exist")
-        return ResolvedModel(spec=spec, source="path", path=p)
+        # a mirror-llava-train checkpoint (base.json beside the adapter) fine-tuned from a
+        # placeholder is a placeholder too: its outputs must be labelled as such
+        base = os.path.join(p, "base.json")
+        placeholder = os.path.isfile(base) and bool((json.load(open(base)).get("resolved") or {}).get("placeholder"))
+        return ResolvedModel(spec=spec, source="path", path=p, placeholder=placeholder)
     return ResolvedModel(spec=spec, source="hub", path=m)
 
 

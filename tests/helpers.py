@@ -114,3 +114,38 @@ def check_report_in_chromium(page_html: str, manifest: dict, name: str) -> dict:
             assert text == ("" if f.get(key) is None else str(f[key])), (row["stage"], key, text, f.get(key))
     assert banner == (1 if manifest["placeholder_stages"] or manifest["audit_stages"] else 0)
     return {"images": len(images), "charts": sum(i["chart"] for i in images), "screenshot": str(shot)}
+
+
+def clients_csv(path, rows) -> str:
+    """Write MIRROR-LLaVA test-client rows as the original's test CSV; returns its path."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return str(path)
+
+
+def client_record(idx, img, gender="Man") -> dict:
+    """One client row of the original's test CSV (``img_path`` = ``img``)."""
+    return {"idx": idx, "personal_info": "Name: Sam\nAge: 41", "personality": "Doubts that therapy can help.",
+            "distorted_thought": "If I slip once, everyone will see I am a fraud.",
+            "reason_for_seeking_counseling": "I cannot sleep before meetings.", "img_path": img,
+            "dominant_gender": gender}
+
+
+def tiny_lora_checkpoint(folder: str) -> str:
+    """A mirror-llava-train checkpoint folder without training: the tiny LLaVA placeholder with
+    a fresh LoRA adapter (``actors.vlm_lora`` save format: adapter, processor, base.json)."""
+    import shutil
+
+    import torch
+
+    from actors import vlm_lora as VL
+
+    cfg = VL.profile_config("offline", base="placeholder:tiny-llava")
+    model, processor, resolved = VL._load_base(cfg, torch.device("cpu"), torch.float32)
+    tmp = VL._save(VL.apply_lora(model, cfg), processor, cfg, resolved, {"global_step": 0}, [], {})
+    shutil.move(tmp, folder)
+    return folder

@@ -1,12 +1,14 @@
-"""MIRROR-LLaVA counselling services (issue 10 part 3) over real HTTP against one running Serve
-app on the private local Ray (offline recipe: SmolLM2 client/describe, tiny-llava counselor,
-tiny PhotoMaker generator, dlib faces, tiny CLIP and NSFW placeholders), plus the pure verdict
-function. No timing assertions."""
+"""MIRROR-LLaVA counselling services (issue 10 part 3) over real HTTP, and counselling sessions
+(part 4: ``mirror-llava-infer`` through the app, its resume run and a failing session), against
+one running Serve app on the private local Ray (offline recipe: SmolLM2 client/describe, a tiny
+LoRA checkpoint over the tiny-llava placeholder as counselor, tiny PhotoMaker generator, dlib
+faces, tiny CLIP and NSFW placeholders), plus the pure verdict function. No timing assertions."""
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import socket
 import time
 from types import SimpleNamespace
@@ -14,7 +16,10 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
+from jobs import cli
 from tests.conftest import SHARED
+from tests.helpers import client_record, clients_csv, tiny_lora_checkpoint
+from udfs import mirror_llava as ML
 
 FACES = f"{SHARED}/data/faces/face_recognition"
 LIMIT = 256 * 1024
@@ -40,15 +45,19 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def svc(ray_local):
+def svc(ray_local, tmp_path_factory):
+    """One app start for every test of this module (HTTP on a free port). The counselor is a
+    tiny LoRA checkpoint over ``placeholder:tiny-llava`` (``actors.llm_hf``'s checkpoint path),
+    as ``mirror-llava-infer --model CKPT`` serves it."""
     import requests
     from ray import serve
 
     from jobs.mirror_llava_serve import build_app, load_serve_recipe
 
+    ckpt = tiny_lora_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llava-tiny-mirror_ec_planning-lora"))
     recipe = load_serve_recipe("offline", overrides=[
         f"max_body_bytes={LIMIT}", "app_name=mirror_llava_test", "describe.params.max_tokens=64",
-        "client.params.max_tokens=16", "counselor.params.max_tokens=8"])
+        "client.params.max_tokens=24", "counselor.params.max_tokens=8", f"counselor.model.model={json.dumps(ckpt)}"])
     port = _free_port()
     t0 = time.time()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -57,6 +66,7 @@ def svc(ray_local):
     session = requests.Session()
     try:
         yield SimpleNamespace(url=f"http://127.0.0.1:{port}", http=session, handle=handle, recipe=recipe,
+                              name=recipe.app_name, ckpt=ckpt,
                               obama=jpeg("obama.jpg"), obama_small=jpeg("obama_small.jpg"), biden=jpeg("biden.jpg"))
     finally:
         session.close()
@@ -161,7 +171,8 @@ def test_client_and_counselor(svc):
                                     "messages": [{"role": "user", "content": "<image>\nClient: I feel stuck."}]})
     assert r.status_code == 200, r.text
     k = r.json()
-    assert isinstance(k["reply"], str) and k["placeholder"] is True and k["model"] == "placeholder:tiny-llava"
+    # a checkpoint fine-tuned from a placeholder is labelled a placeholder too
+    assert isinstance(k["reply"], str) and k["placeholder"] is True and k["model"] == svc.ckpt
     assert k["prompt_tokens"] > 16  # the image's 16 tokens are in the prompt
 
 
@@ -257,3 +268,69 @@ def test_verification_report_thresholds():
     assert rep.audit and rep.accepted and not rep.passed and "image" in rep.audit_reason
     rep = verification_report({**raw, "faces": {**face, "face_count": 0}}, params, "t", models, False)
     assert rep.checks.identity.passed is False and rep.failures[0].startswith("face: no face found")
+
+
+# ---------------------------------------------------------------- counselling sessions (mirror-llava-infer)
+
+def test_sessions_through_serve_resume_and_error_record(svc, tmp_path):
+    name, ckpt = svc.name, svc.ckpt
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_bytes(b"this is not an image")
+    src = clients_csv(tmp_path / "test.csv", [client_record("s1", f"{FACES}/obama.jpg"),
+                                               client_record("s2", f"{FACES}/biden.jpg"), client_record("s3", str(bad))])
+    out = tmp_path / "out"
+    argv = ["mirror-llava-infer", "--input", src, "--app", name, "--cot", "ec_planning", "--output", str(out),
+            "--max-turns", "2", "--temperature", "0.7"]
+    t0 = time.time()
+    assert cli.main(argv) == 0
+    print(f"\nthree sessions in {time.time() - t0:.1f} s")
+    sessions = [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
+    assert sorted(s["idx"] for s in sessions) == ["s1", "s2"]
+    for s in sessions:
+        roles = [h["role"] for h in s["history"]]
+        assert roles[:2] == ["Client", "Counselor"] and len(roles) in (3, 4)  # 2 client turns, end or not
+        first = s["history"][0]
+        assert first["statement"] == "" and first["content"].startswith("[")  # turn 0: non-verbal only
+        for h in s["history"]:
+            if h["role"] == "Client":
+                assert os.path.exists(h["image_path"]) and h["image_path"].startswith(str(out / "images" / s["idx"]))
+                assert h["prompt"] and "img" in h["prompt"] and h["negative_prompt"] is not None
+                a = h["attempts"][0]
+                assert a["seed"] == ML.FIRST_SEED and {"clip", "identity", "nsfw", "passed", "accepted"} <= set(a)
+                assert a["audit"] and h["accepted"]  # placeholder generator/CLIP/NSFW: audit mode
+            else:
+                assert "emotion" in h and h["planning"]["technique"] in ML.CBT_TECHNIQUES
+        planning_turns = {h["planning"]["turn"] for h in s["history"] if h["role"] == "Counselor"}
+        assert len(planning_turns) == sum(h["role"] == "Counselor" for h in s["history"])  # per turn (ec_planning)
+        assert s["total_tokens"]["prompt_tokens"] > 0 and s["total_tokens"]["completion_tokens"] > 0
+        assert s["cot"] == "ec_planning" and s["end_reason"] in ("max_turns", "client_end")
+    errors = [json.loads(line) for line in (out / "errors" / "sessions.jsonl").read_text().splitlines()]
+    assert [e["idx"] for e in errors] == ["s3"] and errors[0]["step"] == "source_image" and errors[0]["turn"] is None
+    assert "'s3'" in errors[0]["error"] and "img_path" in errors[0]["error"]  # names the row and the field
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["finished"] == 2 and manifest["errors"] == 1 and manifest["skipped_finished"] == 0
+    assert manifest["serve"]["counselor"]["model"] == ckpt and manifest["settings"]["temperature"] == 0.7
+    assert manifest["serve"]["counselor"]["lora_base"]["model"] == "placeholder:tiny-llava"
+    page = (out / "report.html").read_text()  # a card per client turn (image + scores), one per failed session
+    client_turns = sum(h["role"] == "Client" for s in sessions for h in s["history"])
+    assert page.count('<div class="card">') == client_turns + 1 and page.count("<img alt=") == client_turns
+    assert "source_image" in page.split('id="rejected"')[1]
+
+    # resume: finished sessions are not redone, the failed one is tried again
+    before = (out / "sessions.jsonl").read_text()
+    assert cli.main(argv) == 0
+    assert (out / "sessions.jsonl").read_text() == before
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped_finished"] == 2 and manifest["finished"] == 0 and manifest["errors"] == 1
+
+
+def test_planning_is_cached_per_session(svc, tmp_path):
+    name = svc.name
+    src = clients_csv(tmp_path / "test.csv", [client_record("p1", f"{FACES}/obama.jpg")])
+    out = tmp_path / "out"
+    assert cli.main(["mirror-llava-infer", "--input", src, "--app", name, "--cot", "planning", "--output", str(out),
+                     "--max-turns", "2"]) == 0
+    (s,) = [json.loads(line) for line in (out / "sessions.jsonl").read_text().splitlines()]
+    plans = [h["planning"] for h in s["history"] if h["role"] == "Counselor"]
+    assert len(plans) == 2 and plans[0] == plans[1] and plans[0]["turn"] == 1  # planned once, on the first turn
+    assert all("emotion" not in h for h in s["history"])

@@ -17,7 +17,10 @@ from tests.helpers import check_report_in_chromium
 from udfs import io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--set", "caption_parse.params.max_tokens=200", "--set", "cpq_generate.params.max_tokens=120"]
+# short replies, and no re-ask of SmolLM2's invalid parses (a re-ask restates the schema: a ~1.5k-token
+# prompt; the repair path itself is covered in tests/test_llm.py)
+FAST = ["--set", "caption_parse.params.max_tokens=200", "--set", "caption_parse.params.max_repairs=0",
+        "--set", "cpq_generate.params.max_tokens=120"]
 
 
 def _run(out, *extra, env=None, limit=6):

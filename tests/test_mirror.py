@@ -11,7 +11,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import driver
+from jobs import cli, driver
 from jobs import mirror as J
 from jobs.recipe import RecipeError, load_recipe
 from tests.helpers import check_report_in_chromium
@@ -184,3 +184,12 @@ def test_mirror_offline_end_to_end(tmp_path):
     seen = check_report_in_chromium(open(os.path.join(out, "report.html")).read(), m, "report-mirror")
     assert seen["images"] >= 1 + min(len(turns), 12)
     assert {r["phase"] for r in m["stage_stats"]} == {"faces", "clients", "dialogues", "turns"}
+    # MIRROR-LLaVA's converter on these real outputs: one response and one emotion record per turn
+    conv = tmp_path / "llava"
+    assert cli.main(["mirror-llava-data", "--input", out, "--output", str(conv), "--cot", "ec_planning"]) \
+        == (0 if data else 2)
+    cm = json.load(open(conv / "manifest.json"))
+    assert (cm["records"] > 0) == bool(data)
+    assert cm["records_by_kind"]["emotion_recognition"] == cm["records_by_kind"]["response"]
+    for r in json.load(open(conv / "train.json")):
+        assert os.path.exists(os.path.join(out, r["image"])), r["image"]

@@ -216,16 +216,6 @@ def test_data_command_writes_train_json_rejects_and_manifest(tmp_path, capsys):
     assert "no mirror_data.parquet" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not os.path.exists("/tmp/mirror-demo/mirror_data.parquet"),
-                    reason="needs a finished offline MIRROR demo run in /tmp/mirror-demo")
-def test_converter_on_real_mirror_outputs(tmp_path):
-    out = tmp_path / "out"
-    assert cli.main(["mirror-llava-data", "--input", "/tmp/mirror-demo", "--output", str(out),
-                     "--cot", "ec_planning"]) == 0
-    m = json.load(open(out / "manifest.json"))
-    assert m["records"] > 0 and m["records_by_kind"]["emotion_recognition"] == m["records_by_kind"]["response"]
-
-
 # ============================================================================ training pieces
 
 def test_profiles_and_schedule():

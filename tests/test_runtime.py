@@ -126,7 +126,11 @@ def test_resume_after_interrupt(tmp_path):
               f"r = load_recipe(toy.RECIPE, 'toy', recipe_file={_recipe_file(tmp_path)!r}, input={inp!r}, "
               f"output={out!r}, overrides=sys.argv[1:]); driver.run(toy, r, ['toy'])")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": ROOT}
-    proc = subprocess.Popen([sys.executable, "-c", script, "slow.params.delay_s=3.0", "slow.batch_size=4", f"slow.params.log={log1}"],
+    # two slow blocks at a time (12 blocks of 4 rows, 3 s each; 0.2 CPU left for the write tasks):
+    # with 8 at a time every block was done before the first write task started (seen once), so
+    # the interrupt found nothing left to do
+    proc = subprocess.Popen([sys.executable, "-c", script, "slow.params.delay_s=3.0", "slow.batch_size=4",
+                             "slow.num_cpus=0.9", f"slow.params.log={log1}"],
                             cwd=ROOT, env=env, start_new_session=True)
     deadline = time.time() + 150
     rows_dir = os.path.join(out, "_work", "rows")
@@ -142,7 +146,7 @@ def test_resume_after_interrupt(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     committed = set(driver.read_table(rows_dir, columns=["id"]).column("id").to_pylist())
-    assert 0 < len(committed) < 48
+    assert 0 < len(committed) < 48, sorted(committed)
     subprocess.run([sys.executable, "-c", script, f"slow.params.log={log2}"], cwd=ROOT, env=env,
                    check=True, timeout=300)
     again = set(log2.read_text().split())

@@ -127,7 +127,7 @@ def test_resume_after_interrupt(tmp_path):
               f"output={out!r}, overrides=sys.argv[1:]); driver.run(toy, r, ['toy'])")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": ROOT}
     # two slow blocks at a time (12 blocks of 4 rows, 3 s each; 0.2 CPU left for the write tasks):
-    # with 8 at a time every block was done before the first write task started (seen once), so
+    # with 8 at a time every block was done before the first write task started (seen twice), so
     # the interrupt found nothing left to do
     proc = subprocess.Popen([sys.executable, "-c", script, "slow.params.delay_s=3.0", "slow.batch_size=4",
                              "slow.num_cpus=0.9", f"slow.params.log={log1}"],

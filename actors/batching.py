@@ -1,7 +1,7 @@
 """Helpers shared by the vision model actors (text-to-image, detection, CLIP).
 
 Batches arrive from Ray Data ``map_batches(batch_format="numpy")`` or from
-``jobs.runtime`` as ``dict[str, np.ndarray]``: string columns are object arrays, list
+``jobs.core.runtime`` as ``dict[str, np.ndarray]``: string columns are object arrays, list
 columns object arrays whose cells are numpy arrays (Ray Data) or Python lists (runtime).
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Measured in one run on the same captions and the same recipe (default: offline profile):
 
-1. **end to end** — the real job (``jobs.driver.run``) on N captions; rows/s = N / wall time
+1. **end to end** — the real job (``jobs.core.driver.run``) on N captions; rows/s = N / wall time
    (Ray already started, so start-up of the cluster is excluded; actor start and model load
    are included, as a user pays them).
 2. **each model stage alone** — the rows that reached that stage in run 1, through a Ray Data
@@ -35,9 +35,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pyarrow as pa  # noqa: E402
 
 from jobs import antidote as pipeline  # noqa: E402
-from jobs import driver  # noqa: E402
-from jobs.recipe import load_recipe  # noqa: E402
-from jobs.runtime import StageRun, add_stage, apply_stage  # noqa: E402
+from jobs.core import driver  # noqa: E402
+from jobs.core.recipe import load_recipe  # noqa: E402
+from jobs.core.runtime import StageRun, add_stage, apply_stage  # noqa: E402
 from udfs import rows as R  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

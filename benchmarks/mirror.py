@@ -4,7 +4,7 @@ MIRROR runs four phases (faces → clients → dialogues → turns), each a Ray 
 rows its ingest builds from the earlier phases' committed rows. Measured in one run, same
 recipe (default: offline profile, ``--limit 1``: one client × four traits, as the demo):
 
-1. **end to end** — the real job (``jobs.driver.run``; Ray already started, so cluster start
+1. **end to end** — the real job (``jobs.core.driver.run``; Ray already started, so cluster start
    is excluded; actor start and model load are included, as a user pays them). The wall time
    of each phase's Ray pipeline is taken around ``driver.execute`` (read, stages, write).
 2. **per stage, in the pipeline** — Ray Data's own statistics as the manifest funnel records
@@ -50,10 +50,10 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"), ("OMP_WAI
 import antidote  # noqa: E402  benchmarks/antidote.py: the sequential loop
 from vision import machine  # noqa: E402
 
-from jobs import driver  # noqa: E402
+from jobs.core import driver  # noqa: E402
 from jobs import mirror as pipeline  # noqa: E402
-from jobs.recipe import load_recipe  # noqa: E402
-from jobs.runtime import forwarded_env  # noqa: E402
+from jobs.core.recipe import load_recipe  # noqa: E402
+from jobs.core.runtime import forwarded_env  # noqa: E402
 from udfs import mirror as M  # noqa: E402
 from udfs import rows as R  # noqa: E402
 

@@ -42,7 +42,7 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"), ("OMP_WAI
 
 from vision import machine  # noqa: E402
 
-from jobs import cli  # noqa: E402
+from jobs.core import cli  # noqa: E402
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:

@@ -3,7 +3,7 @@ generation stage versus the original's chunked-subprocess layout on the same pro
 
 Measured in one run, same recipe (default: offline profile), same prompts:
 
-1. **end to end** — the real job (``jobs.driver.run``: ingest with the CLIP partition, then
+1. **end to end** — the real job (``jobs.core.driver.run``: ingest with the CLIP partition, then
    the row stages and the export); prompts/s and samples/s over the whole wall time (Ray
    already started; actor start and model load included, as a user pays them).
 2. **each model stage alone** — the rows that reached it in run 1 through a Ray Data pipeline
@@ -99,9 +99,9 @@ def main() -> None:
     import torch
 
     from antidote import _reached, stage_alone  # benchmarks/antidote.py: same per-stage harness
-    from jobs import driver
+    from jobs.core import driver
     from jobs import mmgen as pipeline
-    from jobs.recipe import load_recipe
+    from jobs.core.recipe import load_recipe
 
     ray.init(address="local", include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "OMP_WAIT_POLICY",

@@ -2,7 +2,7 @@
 
 Measures, in one run on this machine:
 - ``ray_init_s``: starting a private local cluster (``ray.init(address="local")``);
-- per-stage overhead: a pipeline of K identity task stages (``jobs.runtime.add_stage``, the
+- per-stage overhead: a pipeline of K identity task stages (``jobs.core.runtime.add_stage``, the
   real stage helper with status columns and error isolation) over N rows, for K = 0, 1, 4, 8;
   the slope (seconds per extra stage) and the per-row cost;
 - ``apply_stage`` alone (no Ray) on the same rows: the helper's own cost per row;
@@ -24,8 +24,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import pyarrow as pa  # noqa: E402
 
-from jobs.recipe import StageConfig  # noqa: E402
-from jobs.runtime import Stage, StageRun, add_stage, apply_stage  # noqa: E402
+from jobs.core.recipe import StageConfig  # noqa: E402
+from jobs.core.runtime import Stage, StageRun, add_stage, apply_stage  # noqa: E402
 from udfs import rows as R  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

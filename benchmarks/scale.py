@@ -36,7 +36,7 @@ Runs
    independent branches, each with its own pool, at most ``--max-actors`` actors and
    ``--max-branches`` stages at once)
    to save actor start-up and wall time; they share only the driver's scheduler.
-   Figures per stage and k: Ray Data's own per-operator table (``jobs.stats.stage_table``,
+   Figures per stage and k: Ray Data's own per-operator table (``jobs.core.stats.stage_table``,
    copied as is into the JSON), op-level rows/s (its ``rows_per_s``: rows / (last task end -
    first task start)), a steady-state rate from the timestamps the stub writes into each
    row (rows completed after every actor finished its first block, over the time from then
@@ -367,8 +367,8 @@ def op_rows(table: list[dict]) -> dict[str, dict]:
 
 def plan_pipelines(names: list[str]) -> dict:
     """Actor stages of each pipeline's paper profile, in plan order, by phase (no model loaded)."""
-    from jobs import driver
-    from jobs.recipe import load_recipe
+    from jobs.core import driver
+    from jobs.core.recipe import load_recipe
 
     out = {}
     for name in names:
@@ -390,7 +390,7 @@ def plan_pipelines(names: list[str]) -> dict:
 
 def stage_alone_runs(models: list[dict], ks: list[int], api_ks: list[int], args, log) -> dict:
     """Each stage alone at each k; stages of the same k side by side (union), <= max_actors."""
-    from jobs.stats import stage_table
+    from jobs.core.stats import stage_table
 
     results: dict[str, dict] = {m["stage"]: {} for m in models}
     all_k = sorted(set(ks) | set(api_ks))
@@ -454,7 +454,7 @@ def stage_alone_runs(models: list[dict], ks: list[int], api_ks: list[int], args,
 
 
 def cpu_control_runs(ks: list[int], args, log) -> dict:
-    from jobs.stats import stage_table
+    from jobs.core.stats import stage_table
 
     c = CPU_CONTROL
     m = {"kind": "cpu_control", "batch_size": c["batch_size"], "cpu_s_per_batch": c["cpu_s_per_batch"]}
@@ -483,7 +483,7 @@ def e2e_runs(chains: dict[str, list[dict]], ks: list[int], args, log) -> dict:
     """Each chain at k actors per model stage. Rows: enough blocks that the slowest stage (by
     its latency model) has >= ``--e2e-s`` scaled seconds of work per actor, and at least
     ``--e2e-blocks-per-actor`` blocks per actor."""
-    from jobs.stats import stage_table
+    from jobs.core.stats import stage_table
 
     out: dict[str, dict] = {}
     for chain_name, models in chains.items():
@@ -944,7 +944,7 @@ def main() -> None:
                        "stub_actor": "ActorPoolStrategy(size=k), num_gpus=1 (0 for API and CPU stages), "
                                      "num_cpus=0, one call per block",
                        "wait_for_min_actors_s": ctx.wait_for_min_actors_s,
-                       "planning": "jobs.driver.plan on each pipeline's paper recipe (no model loaded; no API "
+                       "planning": "jobs.core.driver.plan on each pipeline's paper recipe (no model loaded; no API "
                                    "key needed: the plan only notes missing key variables)",
                        "cpu_control": CPU_CONTROL},
             "latency_models": models,

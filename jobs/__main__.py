@@ -1,4 +1,4 @@
-"""``python -m jobs ...`` — see ``jobs.cli``."""
-from jobs.cli import main
+"""``python -m jobs ...`` — see ``jobs.core.cli``."""
+from jobs.core.cli import main
 
 raise SystemExit(main())

@@ -2,7 +2,7 @@
 screenplays with one generated client face image per client turn, filtered (SPEC part A).
 
 One Ray job replaces the original's four steps, its notebooks and its hand-split GPU lists.
-The rows change granularity, so the job runs four phases (``jobs.driver.Phase``), each with
+The rows change granularity, so the job runs four phases (``jobs.core.driver.Phase``), each with
 its own checkpoint and funnel:
 
 1. ``faces`` (step 1): one row per face-pool image; the face pass (``actors.faces``) gives age,
@@ -52,10 +52,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from jobs.driver import Phase, write_table
-from jobs.recipe import Recipe
-from jobs.report import Gallery
-from jobs.runtime import Stage, llm_stage
+from jobs.core.driver import Phase, write_table
+from jobs.core.recipe import Recipe
+from jobs.core.report import Gallery
+from jobs.core.runtime import Stage, llm_stage
 from udfs import faces as F
 from udfs import io
 from udfs import mirror as M

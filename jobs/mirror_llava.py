@@ -33,7 +33,7 @@ import json
 import statistics
 import time
 
-from jobs import report
+from jobs.core import report
 from udfs import io
 
 RUN_NAME = "train"  # RunConfig name: checkpoints under CKPT/train/
@@ -110,7 +110,7 @@ def data_main(argv: list[str]) -> int:
 # ------------------------------------------------------------------ mirror-llava-train
 
 def report_rows(out: str, manifest: dict) -> tuple[report.Gallery, list[dict], list[dict]] | None:
-    """The run report's galleries of ``mirror-llava-data`` (``jobs.report``): training
+    """The run report's galleries of ``mirror-llava-data`` (``jobs.core.report``): training
     records (image, prompt, target) and rejected records with their reason; None for
     ``mirror-llava-train``."""
     if manifest.get("command") != "mirror-llava-data":
@@ -188,8 +188,8 @@ def train_main(argv: list[str]) -> int:
 
     from actors.models import resolve
     from actors.vlm_lora import check_reload, read_records, train_loop
-    from jobs.driver import _ray_init
-    from jobs.runtime import forwarded_env
+    from jobs.core.driver import _ray_init
+    from jobs.core.runtime import forwarded_env
 
     args = train_parser().parse_args(argv)
     if args.workers < 1 or args.gpus_per_worker < 0 or args.cpus_per_worker < 0:

@@ -68,8 +68,8 @@ import os
 import time
 from typing import Any, Callable
 
-from jobs import report
-from jobs.report import Gallery
+from jobs.core import report
+from jobs.core.report import Gallery
 from udfs import io
 from udfs import mirror_llava as ML
 
@@ -385,7 +385,7 @@ def load_finished(out: str) -> tuple[set[str], list[str]]:
 
 
 def report_rows(out: str, manifest: dict) -> tuple[Gallery, list[dict], list[dict]]:
-    """The run report's galleries (``jobs.report``): one card per client turn of the finished
+    """The run report's galleries (``jobs.core.report``): one card per client turn of the finished
     sessions (generated image, stage direction and statement, the last attempt's verifier
     scores) and one per failed session with its step and error."""
     _, lines = load_finished(out)
@@ -509,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ray import serve
 
-    from jobs.driver import _ray_init
+    from jobs.core.driver import _ray_init
 
     _ray_init(args.address)
     t0 = time.time()

@@ -97,7 +97,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PlainSerializer, PlainValida
 from ray import serve
 
 from actors.models import ModelSpec, resolve
-from jobs.recipe import Recipe, StageConfig, load_recipe
+from jobs.core.recipe import Recipe, StageConfig, load_recipe
 from udfs import faces as F
 from udfs import mirror_images as MI
 from udfs.llm_output import to_python
@@ -202,7 +202,7 @@ class ServeRecipe(Recipe):
 def load_serve_recipe(profile: str | None = "offline", recipe_file: str | None = None,
                       overrides: list[str] | None = None) -> ServeRecipe:
     """The bundled (or given) recipe with ``key.path=value`` overrides, validated.
-    Raises ``jobs.recipe.RecipeError`` with a one-line message."""
+    Raises ``jobs.core.recipe.RecipeError`` with a one-line message."""
     return load_recipe(ServeRecipe, PIPELINE, profile, recipe_file, overrides)
 
 
@@ -1032,7 +1032,7 @@ def build_app(config: ServeRecipe | dict | None = None):
     ``config``: a ``ServeRecipe``; a recipe dict; ``{"profile": ..., "recipe": path, "set":
     "a.b=1,c.d=2"}`` (what ``serve run module:build_app key=value`` passes); or None (offline
     recipe). Resolves every model spec (nothing is loaded here: replicas load their models).
-    Raises ``jobs.recipe.RecipeError``/``pydantic.ValidationError`` for a bad recipe and
+    Raises ``jobs.core.recipe.RecipeError``/``pydantic.ValidationError`` for a bad recipe and
     ``actors.models.ModelResolutionError`` for a model that cannot be resolved.
     """
     recipe = _as_recipe(config)

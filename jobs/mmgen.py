@@ -32,10 +32,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator
 
-from jobs import stats
-from jobs.recipe import Recipe
-from jobs.report import Gallery
-from jobs.runtime import Stage, llm_stage
+from jobs.core import stats
+from jobs.core.recipe import Recipe
+from jobs.core.report import Gallery
+from jobs.core.runtime import Stage, llm_stage
 from udfs import io
 from udfs import mmgen as M
 from udfs import rows as R
@@ -193,7 +193,7 @@ def _partition(recipe: MMGenRecipe, images: list[str]) -> tuple[dict[str, str], 
     import ray.data
 
     from actors.models import resolve
-    from jobs.runtime import add_stage
+    from jobs.core.runtime import add_stage
 
     stage = ingest_stages(recipe)[0]
     cfg = recipe.stages["partition"]

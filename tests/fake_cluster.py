@@ -30,7 +30,7 @@ Measured here (tests/test_autoscaling.py): CPU demand beyond the CPU type's ``ma
 makes autoscaler v1 launch GPU types for it (``AUTOSCALER_CONSERVE_GPU_NODES`` only orders
 its preference), and Ray Data 2.60's parquet reader alone asks for 32 one-CPU actors
 (``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS``), which the driver therefore lowers
-(``jobs.runtime.RAY_DATA_DEFAULTS``).
+(``jobs.core.runtime.RAY_DATA_DEFAULTS``).
 """
 from __future__ import annotations
 

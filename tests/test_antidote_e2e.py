@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import driver
+from jobs.core import driver
 from tests.helpers import check_report_in_chromium
 from udfs import io
 

@@ -8,7 +8,7 @@ import pytest
 
 from actors.memory_bank import MemoryBank
 from jobs import antidote as J
-from jobs.recipe import load_recipe
+from jobs.core.recipe import load_recipe
 from udfs import antidote as A
 from udfs import memory_bank as MB
 from udfs import rows as R

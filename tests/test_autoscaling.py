@@ -40,7 +40,7 @@ def _mmgen(out: str, address: str) -> subprocess.CompletedProcess:
            "--total-gen", str(PROMPTS), "--output", out, "--address", address]
     for s in sets:
         cmd += ["--set", s]
-    # the driver's own default caps Ray Data's parquet footer readers (jobs.runtime.RAY_DATA_DEFAULTS)
+    # the driver's own default caps Ray Data's parquet footer readers (jobs.core.runtime.RAY_DATA_DEFAULTS)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS")}
     env.update(RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1")
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=420, env=env)
@@ -62,7 +62,7 @@ def _save(tl: dict, samples: list[dict]) -> str:
 def test_gpu_nodes_scale_up_for_model_stages_and_are_released(tmp_path):
     if not os.path.exists(VQA) or not os.path.isdir(COCO):
         pytest.skip("../shared data not present")
-    from jobs import driver
+    from jobs.core import driver
 
     t_begin = time.time()
     out = str(tmp_path / "out")

@@ -243,7 +243,7 @@ def test_filters_through_the_runtime_audit_mode():
     """The face filters reject rows in normal mode and only record verdicts in audit mode."""
     import pyarrow as pa
 
-    from jobs.runtime import Stage, StageRun, _task
+    from jobs.core.runtime import Stage, StageRun, _task
 
     table = pa.table({rows.ID: ["a", "b", "c"], rows.STATUS: [rows.OK] * 3, rows.STAGE: [None] * 3,
                       rows.REASON: [None] * 3, rows.PLACEHOLDER: [None] * 3, rows.AUDIT: [None] * 3,

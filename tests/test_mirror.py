@@ -11,9 +11,9 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import cli, driver
+from jobs.core import cli, driver
 from jobs import mirror as J
-from jobs.recipe import RecipeError, load_recipe
+from jobs.core.recipe import RecipeError, load_recipe
 from tests.helpers import check_report_in_chromium
 from udfs import mirror_images as MI
 from udfs import rows as R

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from jobs import cli
+from jobs.core import cli
 from tests.conftest import SHARED
 from tests.helpers import client_record, clients_csv
 from udfs import mirror_llava as ML

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from jobs import cli
+from jobs.core import cli
 from tests.conftest import SHARED
 from tests.helpers import client_record, clients_csv, tiny_lora_checkpoint
 from udfs import mirror_llava as ML

@@ -541,7 +541,7 @@ def test_dialogue_filters_through_runtime_apply_stage():
 
     import pyarrow as pa
 
-    from jobs.runtime import StageRun, apply_stage
+    from jobs.core.runtime import StageRun, apply_stage
 
     bad = GOOD.replace("I froze once during a meeting last year.", "no no no no no no yes yes")
     unbracketed = GOOD.replace("Therapist: [curious] ", "Therapist: ")

@@ -451,7 +451,7 @@ def _run(out, *extra, limit=None):
 def test_mmgen_offline_end_to_end(tmp_path):
     if not os.path.exists(VQA) or not os.path.isdir(COCO):
         pytest.skip("../shared data not present")
-    from jobs import driver
+    from jobs.core import driver
 
     out = str(tmp_path / "out")
     res = _run(out)

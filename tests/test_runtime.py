@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from jobs import driver
-from jobs.recipe import RecipeError, load_recipe
-from jobs.runtime import Stage
+from jobs.core import driver
+from jobs.core.recipe import RecipeError, load_recipe
+from jobs.core.runtime import Stage
 from tests import toy_pipeline as toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +121,7 @@ def test_resume_after_interrupt(tmp_path):
     out = str(tmp_path / "out")
     log1, log2 = tmp_path / "log1", tmp_path / "log2"
     inp = _input(tmp_path, n=48, bad=(), short=())
-    script = ("import sys; from jobs import driver; from jobs.recipe import load_recipe; "
+    script = ("import sys; from jobs.core import driver; from jobs.core.recipe import load_recipe; "
               "from tests import toy_pipeline as toy; "
               f"r = load_recipe(toy.RECIPE, 'toy', recipe_file={_recipe_file(tmp_path)!r}, input={inp!r}, "
               f"output={out!r}, overrides=sys.argv[1:]); driver.run(toy, r, ['toy'])")
@@ -193,7 +193,7 @@ def test_s3_round_trip(tmp_path, ray_local, monkeypatch):
 def test_two_phase_pipeline_funnel_outputs_and_resume(ray_local, tmp_path):
     """Phase 2's rows are built from phase 1's committed rows; each phase has its own funnel,
     rejects/errors files and checkpoint; a rerun does no work."""
-    from jobs.recipe import load_recipe
+    from jobs.core.recipe import load_recipe
     from tests import toy_phases
 
     src = tmp_path / "in.jsonl"

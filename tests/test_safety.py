@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from actors import placeholders
 from actors.models import ModelResolutionError, resolve
-from jobs.runtime import Stage, StageRun, apply_stage
+from jobs.core.runtime import Stage, StageRun, apply_stage
 from tests.helpers import coco_images, numpy_batch, placeholder_models, run_ray, single
 from udfs import rows
 from udfs import safety as S

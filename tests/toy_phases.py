@@ -7,9 +7,9 @@ import json
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs.driver import Phase
-from jobs.recipe import Recipe
-from jobs.runtime import Stage
+from jobs.core.driver import Phase
+from jobs.core.recipe import Recipe
+from jobs.core.runtime import Stage
 from udfs import io
 from udfs import rows as R
 

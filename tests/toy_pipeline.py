@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel
 
-from jobs.recipe import Recipe
-from jobs.runtime import Stage
+from jobs.core.recipe import Recipe
+from jobs.core.runtime import Stage
 from udfs import io
 from udfs import rows as R
 

@@ -3,7 +3,7 @@ preservation, identity similarity (SPEC A1, A8, B5).
 
 Pure functions over the columns ``actors.faces.FaceAnalyzer`` writes; the filter task
 functions follow the runtime's contract (``fn(batch, params, audit=False)`` returning the new
-columns and ``rows.ROW_REJECT``, see ``jobs.runtime``).
+columns and ``rows.ROW_REJECT``, see ``jobs.core.runtime``).
 
 Sources of the rules:
 

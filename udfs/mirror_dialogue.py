@@ -31,7 +31,7 @@ Line/turn numbers in reasons are 0-based: ``line N`` counts the non-empty raw li
 screenplay, ``turn N`` indexes the parsed turns (``proc_dialogue``); they coincide when every
 line parsed (grammar-constrained generation).
 
-Stage functions follow the runtime's filter contract (``jobs.runtime``): ``fn(batch, params,
+Stage functions follow the runtime's filter contract (``jobs.core.runtime``): ``fn(batch, params,
 audit=False) -> dict`` with the declared output columns plus ``rows.ROW_REJECT``.
 """
 from __future__ import annotations

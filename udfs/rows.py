@@ -10,7 +10,7 @@ A stage function (task UDF or model actor) receives a batch ``dict[str, np.ndarr
 *ok* rows only and returns the same dict with new columns. To fail or reject single rows
 without raising, it may add the optional columns ``ROW_ERROR`` / ``ROW_REJECT``: one entry
 per row, ``None`` for rows that are fine, otherwise the message. Exceptions raised for a
-whole batch are isolated to the offending rows by the runtime (``jobs.runtime``).
+whole batch are isolated to the offending rows by the runtime (``jobs.core.runtime``).
 """
 from __future__ import annotations
 

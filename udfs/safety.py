@@ -20,7 +20,7 @@ Sources of the labels and rules:
 - NudeNet (optional extra, ``nudenet==3.4.2``): class names from ``nudenet/nudenet.py``
   (``__labels``); see ``nudenet_verdict`` for the classes and threshold used.
 
-Filter functions follow the runtime's contract (``jobs.runtime.Stage`` with ``filter=True``
+Filter functions follow the runtime's contract (``jobs.core.runtime.Stage`` with ``filter=True``
 and ``params_model``): ``fn(batch, params, audit=False) -> dict`` of their declared output
 columns plus ``rows.ROW_REJECT`` (``None`` or the reason, per row). In audit mode (the
 runtime sets it when the evidence comes from a placeholder model, or the recipe says

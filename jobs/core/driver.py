@@ -40,9 +40,9 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from actors.models import ModelResolutionError, ResolvedModel, resolve
-from jobs import stats
-from jobs.recipe import Recipe, RecipeError
-from jobs.runtime import RAY_DATA_DEFAULTS, Stage, add_stage, forwarded_env
+from jobs.core import stats
+from jobs.core.recipe import Recipe, RecipeError
+from jobs.core.runtime import RAY_DATA_DEFAULTS, Stage, add_stage, forwarded_env
 from udfs import io
 from udfs import rows as R
 
@@ -273,7 +273,7 @@ def fingerprint(recipe: Recipe) -> dict:
 def _ingest(phase: Phase, recipe: Recipe, out: str, state: str,
             previous: dict[str, pa.Table]) -> tuple[pa.Table, int, list[dict]]:
     """Normalized input rows of ``phase``, the number of rows ``--limit``/``total_num``
-    left out, and the per-stage table of the model stages the ingest ran (``jobs.stats.record``).
+    left out, and the per-stage table of the model stages the ingest ran (``jobs.core.stats.record``).
 
     Written once to ``<state>/input`` (``.complete`` marks a finished ingest) so a rerun sees
     the same rows. Raises ``RecipeError`` when OUT holds a run of a different input/limit.
@@ -312,7 +312,7 @@ def _ray_path(uri: str) -> str:
 def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, phase: str = "rows",
             state: str | None = None) -> list[dict]:
     """Run ``phase``'s stages on Ray Data over its rows not yet committed (state folder
-    ``state``, default ``OUT/_work``); returns the per-stage table (``jobs.stats.stage_table``)."""
+    ``state``, default ``OUT/_work``); returns the per-stage table (``jobs.core.stats.stage_table``)."""
     import ray.data
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
@@ -323,7 +323,7 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
     ctx.checkpoint_config = CheckpointConfig(
         id_column=R.ID, checkpoint_path=_ray_path(io.join(state, "checkpoint")),
         delete_checkpoint_on_success=False, override_filesystem=fs if io.is_remote(out) else None)
-    ctx.per_stage_map_timing = True  # split fused operators' time per stage (jobs.stats)
+    ctx.per_stage_map_timing = True  # split fused operators' time per stage (jobs.core.stats)
     n_blocks = max(1, math.ceil(input_table.num_rows / max(1, recipe.block_rows)))
     in_uri = io.join(state, "input")
     # Split into blocks of block_rows rows: a block is the unit of progress a resumed run keeps
@@ -506,13 +506,13 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         "runs": (previous or {}).get("runs", []) + [{"started": started.isoformat(), "rows_processed": processed,
                                                      "wall_s": round(time.time() - t0, 2), "command": argv}],
         "funnel": fun,
-        # Ray Data's per-operator statistics of each phase (jobs.stats.stage_table)
+        # Ray Data's per-operator statistics of each phase (jobs.core.stats.stage_table)
         "stage_stats": stage_stats,
         "outputs": exported,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     io.write_text(io.join(out, "manifest.json"), json.dumps(manifest, indent=2, default=str))
-    from jobs import report  # imports this module
+    from jobs.core import report  # imports this module
 
     report.write_quietly(out)
     return manifest

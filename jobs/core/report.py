@@ -9,10 +9,10 @@ Written at the end of every pipeline run and of the ``mirror-llava-*`` commands;
 command rebuilds it from ``OUT/manifest.json`` and the committed rows. Sections: the
 placeholder/audit-mode banner, the funnel per stage (in, out, rejected by the stage's filter,
 errored; chart and table), Ray Data's per-stage throughput and wall time
-(``manifest["stage_stats"]``, see ``jobs.stats``), a gallery of kept samples and one of
+(``manifest["stage_stats"]``, see ``jobs.core.stats``), a gallery of kept samples and one of
 rejected samples with their reasons (what a pipeline shows is its ``REPORT`` ``Gallery``),
 the loss curve of a training run, the resolved recipe and the package versions.
-Charts: matplotlib (Agg, SVG); page: the jinja2 template ``jobs/templates/report.html.j2``.
+Charts: matplotlib (Agg, SVG); page: the jinja2 template ``jobs/core/templates/report.html.j2``.
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ def galleries(out: str, manifest: dict) -> tuple[list[dict], list[dict]]:
     data URI, ``text``, ``scores``, ``stage``, ``reason``, ``audit``): for a pipeline, the
     committed rows of its ``REPORT`` phase; for a command, what its module's
     ``report_rows(out, manifest) -> (Gallery, kept, rejected)`` returns. Empty otherwise."""
-    from jobs import cli, driver
+    from jobs.core import cli, driver
 
     if "pipeline" not in manifest:  # a command: its module's report_rows(out, manifest), if any
         module = cli.COMMANDS.get(manifest.get("command", ""), "").partition(":")[0]
@@ -230,11 +230,11 @@ def build(out: str) -> str:
     """
     import jinja2
 
-    from jobs import driver
+    from jobs.core import driver
 
     m = driver.load_manifest(out)
     kept, rejected = galleries(out, m)
-    env = jinja2.Environment(loader=jinja2.PackageLoader("jobs", "templates"),
+    env = jinja2.Environment(loader=jinja2.PackageLoader("jobs.core", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     funnel = m.get("funnel", [])
     return env.get_template("report.html.j2").render(

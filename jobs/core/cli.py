@@ -57,8 +57,8 @@ def _load(name: str):
 
 def run_pipeline(name: str, argv: list[str]) -> int:
     """``python -m jobs <pipeline> ...``: plan (and stop there with ``--dry-run``) or run."""
-    from jobs import driver
-    from jobs.recipe import load_recipe
+    from jobs.core import driver
+    from jobs.core.recipe import load_recipe
 
     module = _load(name)
     args = _pipeline_parser(name, module).parse_args(argv)
@@ -101,7 +101,7 @@ def submit(argv: list[str]) -> int:
         _load(args.pipeline)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from jobs.runtime import forwarded_env
+    from jobs.core.runtime import forwarded_env
 
     client = JobSubmissionClient(args.address)
     entry = "python -m jobs " + " ".join(shlex.quote(a) for a in [args.pipeline, *rest])
@@ -129,7 +129,7 @@ def submit(argv: list[str]) -> int:
 
 def status(argv: list[str]) -> int:
     """Print the per-stage funnel of a finished run from its manifest."""
-    from jobs import driver
+    from jobs.core import driver
 
     ap = argparse.ArgumentParser(prog="python -m jobs status")
     ap.add_argument("output")
@@ -144,8 +144,8 @@ def status(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m jobs`` and ``mmsynth``; returns the exit status."""
-    from jobs.driver import PlanError
-    from jobs.recipe import RecipeError
+    from jobs.core.driver import PlanError
+    from jobs.core.recipe import RecipeError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in {"-h", "--help"}:
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "status":
             return status(rest)
         if cmd == "report":
-            from jobs import report
+            from jobs.core import report
 
             return report.main(rest)
         if cmd in COMMANDS:

@@ -21,9 +21,9 @@ import time
 
 PIPELINES = {"antidote": "jobs.antidote", "mmgen": "jobs.mmgen", "mirror": "jobs.mirror"}
 #: commands that are not recipe pipelines: name -> "module:function(argv) -> exit status"
-COMMANDS = {"mirror-llava-data": "jobs.mirror_llava:data_main", "mirror-llava-train": "jobs.mirror_llava:train_main",
-            "mirror-llava-serve": "jobs.mirror_llava_serve:main",
-            "mirror-llava-infer": "jobs.mirror_llava_infer:main"}
+COMMANDS = {"mirror-llava-data": "jobs.mirror_llava.data:main", "mirror-llava-train": "jobs.mirror_llava.train:main",
+            "mirror-llava-serve": "jobs.mirror_llava.serve:main",
+            "mirror-llava-infer": "jobs.mirror_llava.infer:main"}
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("KERAS_BACKEND", "torch")

@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model and not args.app:
         print("error: --model is required (or --app NAME of a running Serve app)")
         return 2
-    from jobs.mirror_llava_serve import build_app, load_serve_recipe
+    from jobs.mirror_llava.serve import build_app, load_serve_recipe
 
     try:
         clients = read_clients(args.input, args.faces, args.limit)

@@ -54,7 +54,7 @@ from jobs.core import driver  # noqa: E402
 from jobs import mirror as pipeline  # noqa: E402
 from jobs.core.recipe import load_recipe  # noqa: E402
 from jobs.core.runtime import forwarded_env  # noqa: E402
-from udfs import mirror as M  # noqa: E402
+from udfs import mirror_screenplay as screenplay  # noqa: E402
 from udfs import rows as R  # noqa: E402
 
 
@@ -116,7 +116,7 @@ def sequential_phase(p: driver.Plan, phase: str, table) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=1, help="distinct clients (default 1, as the demo)")
-    ap.add_argument("--traits", nargs="+", choices=list(M.RESISTANCE_TRAITS), default=None,
+    ap.add_argument("--traits", nargs="+", choices=list(screenplay.RESISTANCE_TRAITS), default=None,
                     help="resistance traits per client (default: the recipe's, all four)")
     ap.add_argument("--profile", default="offline")
     ap.add_argument("--input", default=os.path.join(ROOT, "data/counseling/cactus_eval_intake.jsonl"))

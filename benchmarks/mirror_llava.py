@@ -12,7 +12,7 @@ placeholders), so the figures measure the engine's overheads on CPU, not paper-s
    (the LoRA plug-in of ``actors.llm_hf``); ``--requests`` sequential handle calls each of
    ``describe`` (SmolLM2 JSON reply), ``generate`` and ``verify`` (dlib + CLIP + NSFW) on a
    real face; p50/p95 of the client-side wall time. Sequential calls: latency, not capacity.
-3. **sessions/hour** — ``jobs.mirror_llava_infer.infer`` over ``--sessions`` clients of the
+3. **sessions/hour** — ``jobs.mirror_llava.infer.infer`` over ``--sessions`` clients of the
    MIRROR run's ``mirror_data.csv`` (``--max-turns`` client turns, cot ``ec_planning``), 3600 ×
    finished sessions ÷ wall time of the Ray Data pipeline (app already running).
 
@@ -114,8 +114,8 @@ def main() -> None:
 
     from ray import serve
 
-    from jobs.mirror_llava_infer import infer, read_clients
-    from jobs.mirror_llava_serve import build_app, load_serve_recipe
+    from jobs.mirror_llava.infer import infer, read_clients
+    from jobs.mirror_llava.serve import build_app, load_serve_recipe
 
     recipe = load_serve_recipe("offline", overrides=[
         "app_name=mirror_llava_bench", f"counselor.model.model={json.dumps(result['training']['checkpoint'])}",

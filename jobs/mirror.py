@@ -16,7 +16,7 @@ its own checkpoint and funnel:
    expanding ``ground_truth_cbt`` or choosing one of SPEC B4's twelve techniques). Records
    still without a numbered plan are rejected.
 3. ``dialogues`` (step 2): client × resistance trait, id ``cactus-{row}-{trait}``. **Identity
-   assignment** (never released upstream, SPEC A3; ``udfs.mirror.assign_identities``): each
+   assignment** (never released upstream, SPEC A3; ``udfs.mirror_identity.assign_identities``): each
    dialogue gets a pool identity of the client's gender (intake form) and nearest age group
    (``round(age/10)*10``), chosen deterministically from the dialogue id and spreading
    dialogues evenly over the candidates; a pool without that gender or age group gives the
@@ -58,7 +58,10 @@ from jobs.core.report import Gallery
 from jobs.core.runtime import Stage, llm_stage
 from udfs import faces as F
 from udfs import io
-from udfs import mirror as M
+from udfs import mirror_completion as completion
+from udfs import mirror_identity as identity
+from udfs import mirror_intake as intake
+from udfs import mirror_screenplay as screenplay
 from udfs import mirror_dialogue as MD
 from udfs import mirror_images as MI
 from udfs import rows as R
@@ -68,7 +71,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
 class ScreenplayBounds(BaseModel):
-    """Bounds of the screenplay line regex (``udfs.mirror.screenplay_regex``)."""
+    """Bounds of the screenplay line regex (``udfs.mirror_screenplay.screenplay_regex``)."""
 
     min_pairs: int = Field(4, ge=1, description="Fewest Therapist/Client pairs (MIRROR turn filter: 4).")
     max_pairs: int = Field(20, ge=1, description="Most pairs (MIRROR turn filter: 20).")
@@ -85,11 +88,11 @@ class MirrorRecipe(Recipe):
                                     "or its img_align_celeba/ subfolder when present)")
     drop_duplicated: bool = Field(False, description="Keep one pool image per identity, first by file name "
                                   "(MIRROR step 1 --drop_duplicated)")
-    traits: list[str] = Field(list(M.RESISTANCE_TRAITS), min_length=1,
+    traits: list[str] = Field(list(screenplay.RESISTANCE_TRAITS), min_length=1,
                               description="Resistance traits crossed with every client (MIRROR: all four)")
-    screenplay_prompt: dict[str, Any] = Field(default_factory=M.default_screenplay_prompt,
+    screenplay_prompt: dict[str, Any] = Field(default_factory=screenplay.default_screenplay_prompt,
                                               description="System prompt, few-shot pairs and length rule "
-                                              "(udfs.mirror.default_screenplay_prompt shape; our wording)")
+                                              "(udfs.mirror_screenplay.default_screenplay_prompt shape; our wording)")
     screenplay_constraint: ScreenplayBounds | None = Field(
         None, description="Constrain screenplay decoding to Therapist/Client lines (regex; transformers/vLLM "
         "guided decoding, validation elsewhere). Small local models need it: SmolLM2 lines parse 49% of the "
@@ -106,9 +109,9 @@ class MirrorRecipe(Recipe):
     @field_validator("traits")
     @classmethod
     def _known_traits(cls, v: list[str]) -> list[str]:
-        unknown = [t for t in v if t not in M.RESISTANCE_TRAITS]
+        unknown = [t for t in v if t not in screenplay.RESISTANCE_TRAITS]
         if unknown:
-            raise ValueError(f"unknown resistance traits {unknown}; known: {list(M.RESISTANCE_TRAITS)}")
+            raise ValueError(f"unknown resistance traits {unknown}; known: {list(screenplay.RESISTANCE_TRAITS)}")
         return v
 
 
@@ -128,53 +131,8 @@ def _rows(batch: dict) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------ phase 1: faces
 
-def pool_image_folder(faces: str, face_images: str | None = None) -> str:
-    """Folder the face pool's ``img_path`` names are relative to (recipe ``faces`` and
-    ``face_images``): ``face_images`` when given; for a CelebA CSV its folder (or the
-    ``img_align_celeba`` folder inside it when present); for a labels folder the folder itself."""
-    if face_images:
-        return face_images
-    if faces.lower().endswith(".csv"):
-        folder = faces.rsplit("/", 1)[0]
-        return io.join(folder, "img_align_celeba") if io.exists(io.join(folder, "img_align_celeba")) else folder
-    return faces
-
-
-def _pool_records(recipe: MirrorRecipe) -> tuple[list[dict], list[dict], int]:
-    """Face-pool rows ``{id, image, img_path, identity, celeb_male, celeb_young}``, rejects
-    (unknown files) and the count ``--drop-duplicated`` left out."""
-    src = recipe.faces
-    if not src:
-        raise ValueError("--faces is required (a folder with labels.csv, or a CelebA CSV)")
-    csv_uri = src if src.lower().endswith(".csv") else io.join(src, "labels.csv")
-    folder = pool_image_folder(src, recipe.face_images)
-    if not io.exists(csv_uri):
-        raise ValueError(f"face pool {src}: no {csv_uri} (expected file,identity or image,identity[,Male,Young])")
-    table = pacsv.read_csv(_io.BytesIO(io.read_bytes(csv_uri)),
-                           convert_options=pacsv.ConvertOptions(strings_can_be_null=False))
-    cols = set(table.column_names)
-    name_col = "file" if "file" in cols else "image" if "image" in cols else None
-    if name_col is None or "identity" not in cols:
-        raise ValueError(f"{csv_uri}: needs columns file (or image) and identity; has {sorted(cols)}")
-    recs, rejects = [], []
-    for n, r in enumerate(table.to_pylist(), 2):
-        name, ident = str(r.get(name_col) or "").strip(), str(r.get("identity") or "").strip()
-        if not name or not ident:
-            rejects.append({"id": f"{csv_uri}:{n}", "stage": "faces:ingest",
-                            "reason": f"{csv_uri} line {n}: empty {name_col if not name else 'identity'}"})
-            continue
-        recs.append({"id": R.content_id(name), "image": io.join(folder, name), "img_path": name,
-                     "identity": ident, "celeb_male": r.get("Male"), "celeb_young": r.get("Young")})
-    recs.sort(key=lambda r: r["img_path"])
-    if not recipe.drop_duplicated:
-        return recs, rejects, 0
-    seen: set[str] = set()
-    kept = [r for r in recs if not (r["identity"] in seen or seen.add(r["identity"]))]
-    return kept, rejects, len(recs) - len(kept)
-
-
 def ingest_faces(recipe: MirrorRecipe, previous: dict) -> tuple[pa.Table, list[dict], int]:
-    recs, rejects, left_out = _pool_records(recipe)
+    recs, rejects, left_out = identity.read_face_pool(recipe.faces, recipe.face_images, recipe.drop_duplicated)
     schema = pa.schema([("id", pa.string()), ("image", pa.string()), ("img_path", pa.string()),
                         ("identity", pa.string()), ("celeb_male", pa.int64()), ("celeb_young", pa.int64())])
     return pa.Table.from_pylist(recs, schema=schema), rejects, left_out
@@ -202,17 +160,17 @@ _CLIENT_SCHEMA = pa.schema([("id", pa.string()), ("row_index", pa.int64()), ("cl
 
 
 def ingest_clients(recipe: MirrorRecipe, previous: dict) -> tuple[pa.Table, list[dict], int]:
-    """One row per distinct client (``udfs.mirror.client_record``); unreadable intake forms and
+    """One row per distinct client (``udfs.mirror_intake.client_record``); unreadable intake forms and
     later copies of a client are rejects; ``--limit`` keeps the first N distinct clients."""
     records, rejects = io.read_records(recipe.input, "clients:ingest")
     good = []
     for idx, raw in records:
         try:
-            good.append(M.client_record(raw, idx))
-        except (M.IntakeFormError, ValueError, TypeError) as e:
+            good.append(intake.client_record(raw, idx))
+        except (intake.IntakeFormError, ValueError, TypeError) as e:
             rejects.append({"id": str(raw.get("id") or f"cactus-{idx}"), "stage": "clients:ingest",
                             "reason": f"row {idx} field 'intake_form': {e}"})
-    verdicts = M.dedupe_clients([g["client_id"] for g in good], [g["client_key"] for g in good])
+    verdicts = intake.dedupe_clients([g["client_id"] for g in good], [g["client_key"] for g in good])
     distinct = []
     for g, v in zip(good, verdicts):
         if v:
@@ -225,7 +183,7 @@ def ingest_clients(recipe: MirrorRecipe, previous: dict) -> tuple[pa.Table, list
 
 
 def thought_prompts(batch: dict, params: Any) -> dict:
-    return {"messages": [M.thought_messages(r) for r in _rows(batch)]}
+    return {"messages": [completion.thought_messages(r) for r in _rows(batch)]}
 
 
 def _parsed(value: Any) -> dict | None:
@@ -236,9 +194,9 @@ def distortion_prompts(batch: dict, params: Any) -> dict:
     msgs = []
     for r in _rows(batch):
         reply = _parsed(r.get("thought_llm_parsed"))
-        thought = r.get("thought") or (reply or {}).get("thought") or M.heuristic_thought(r["presenting_problem"]) \
+        thought = r.get("thought") or (reply or {}).get("thought") or completion.heuristic_thought(r["presenting_problem"]) \
             or r["presenting_problem"]
-        msgs.append(M.distortion_messages(thought, r.get("presenting_problem") or ""))
+        msgs.append(completion.distortion_messages(thought, r.get("presenting_problem") or ""))
     return {"messages": msgs}
 
 
@@ -248,14 +206,14 @@ def _completed(r: dict) -> dict:
     reply = _parsed(r.get("thought_llm_parsed"))
     if reply:
         try:
-            thought = M.validate_thought(reply["thought"])
+            thought = completion.validate_thought(reply["thought"])
         except ValueError:
             thought = None
     if thought is None:
-        thought, method = M.heuristic_thought(r.get("presenting_problem") or ""), "heuristic"
-    rec = M.apply_completion(r, thought=thought, method=method)
+        thought, method = completion.heuristic_thought(r.get("presenting_problem") or ""), "heuristic"
+    rec = completion.apply_completion(r, thought=thought, method=method)
     try:
-        rec = M.apply_completion(rec, patterns=M.parse_distortions(r.get("distortions_llm_parsed") or ""))
+        rec = completion.apply_completion(rec, patterns=completion.parse_distortions(r.get("distortions_llm_parsed") or ""))
     except ValueError:
         pass
     return rec
@@ -266,7 +224,7 @@ def plan_prompts(batch: dict, params: Any) -> dict:
     for r in _rows(batch):
         rec = _completed(r)
         techniques = list(rec.get("cbt_techniques") or [])
-        msgs.append(M.plan_messages(rec, techniques[0] if techniques else None))
+        msgs.append(completion.plan_messages(rec, techniques[0] if techniques else None))
     return {"messages": msgs}
 
 
@@ -274,7 +232,7 @@ class CompletionParams(BaseModel):
     """Params of ``complete_records``."""
 
     template_fallback: bool = Field(True, description="When the LLM gives no valid plan, use "
-                                    "udfs.mirror.template_plan for the record's technique (ground_truth_cbt, else "
+                                    "udfs.mirror_completion.template_plan for the record's technique (ground_truth_cbt, else "
                                     "the fallback technique), marked cbt_plan:template; false: such records are "
                                     "rejected by plan_check.")
 
@@ -289,17 +247,17 @@ def complete_records(batch: dict, params: CompletionParams) -> dict:
         techniques = list(rec.get("cbt_techniques") or [])
         reply = r.get("plan_llm_parsed") or ""
         try:
-            technique, plan = M.plan_from_reply(reply, techniques[0] if techniques else None)
+            technique, plan = completion.plan_from_reply(reply, techniques[0] if techniques else None)
         except ValueError:
             try:  # the reply named another of the twelve techniques: keep its plan, not its name
-                technique, plan = M.plan_from_reply(reply)
+                technique, plan = completion.plan_from_reply(reply)
             except ValueError:
                 technique, plan = None, None
         if plan:
-            rec = M.apply_completion(rec, technique=technique, plan=plan)
+            rec = completion.apply_completion(rec, technique=technique, plan=plan)
         elif techniques or params.template_fallback:  # no valid plan from the LLM: generic outline
-            technique = techniques[0] if techniques else M.FALLBACK_TECHNIQUE
-            rec = M.apply_completion(rec, technique=technique, plan=M.template_plan(technique, rec.get("thought")),
+            technique = techniques[0] if techniques else completion.FALLBACK_TECHNIQUE
+            rec = completion.apply_completion(rec, technique=technique, plan=completion.template_plan(technique, rec.get("thought")),
                                      method="template")
         for k in out:
             out[k].append(rec.get(k))
@@ -309,16 +267,16 @@ def complete_records(batch: dict, params: CompletionParams) -> dict:
 def client_stages(recipe: MirrorRecipe) -> list[Stage]:
     return [
         Stage("thought_prompts", thought_prompts, ("presenting_problem", "reason_counseling"), ("messages",)),
-        llm_stage("thought_llm", "udfs.mirror:DistortedThoughtReply", filter=False),
+        llm_stage("thought_llm", "udfs.mirror_completion:DistortedThoughtReply", filter=False),
         Stage("distortion_prompts", distortion_prompts, ("presenting_problem", "thought_llm_parsed"), ("messages",)),
-        llm_stage("distortions_llm", "udfs.mirror:DistortionReply", filter=False),
+        llm_stage("distortions_llm", "udfs.mirror_completion:DistortionReply", filter=False),
         Stage("plan_prompts", plan_prompts, ("client_persona", "distortions_llm_parsed"), ("messages",)),
-        llm_stage("plan_llm", "udfs.mirror:CbtPlanReply", filter=False),
+        llm_stage("plan_llm", "udfs.mirror_completion:CbtPlanReply", filter=False),
         Stage("complete_records", complete_records, ("plan_llm_parsed", "missing_fields"),
               ("thought", "patterns", "cbt_techniques", "cbt_plan", "derived_fields", "missing_fields"),
               params_model=CompletionParams),
-        Stage("plan_check", M.plan_filter, ("cbt_plan",), ("has_numbered_plan",), filter=True,
-              params_model=M.PlanFilterParams),
+        Stage("plan_check", intake.plan_filter, ("cbt_plan",), ("has_numbered_plan",), filter=True,
+              params_model=intake.PlanFilterParams),
     ]
 
 
@@ -344,10 +302,10 @@ def ingest_dialogues(recipe: MirrorRecipe, previous: dict) -> tuple[pa.Table, li
         rec = {k: c[k] for k in CLIENT_FIELDS}
         rec["client_id"] = c["id"]
         for t in recipe.traits:
-            dialogues.extend(M.screenplay_rows(rec, [t]))
+            dialogues.extend(screenplay.screenplay_rows(rec, [t]))
     if dialogues and not pool:
         raise ValueError("the face pool has no usable image (every image was rejected); see rejects/faces.jsonl")
-    assigned = M.assign_identities([{"id": d[R.ID], "gender": d["face_gender"] or d["gender"], "age": d["age"]}
+    assigned = identity.assign_identities([{"id": d[R.ID], "gender": d["face_gender"] or d["gender"], "age": d["age"]}
                                     for d in dialogues], pool) if dialogues else []
     out = []
     for d, a in zip(dialogues, assigned):
@@ -364,7 +322,7 @@ def ingest_dialogues(recipe: MirrorRecipe, previous: dict) -> tuple[pa.Table, li
 
 def screenplay_prompts_fn(prompt: dict):
     def screenplay_prompts(batch: dict, params: Any) -> dict:
-        return {"messages": [M.screenplay_messages(r, r["resistance_slug"], prompt) for r in _rows(batch)]}
+        return {"messages": [screenplay.screenplay_messages(r, r["resistance_slug"], prompt) for r in _rows(batch)]}
     return screenplay_prompts
 
 
@@ -374,7 +332,7 @@ def parse_screenplays(batch: dict, params: Any) -> dict:
     out: dict[str, list] = {"dialogue": [], "proc_dialogue": [], "unparsed_lines": [], "turn": []}
     for r in _rows(batch):
         text = r.get("screenplay_text") or ""
-        turns, bad = M.parse_screenplay(text, r.get("name") or None)
+        turns, bad = screenplay.parse_screenplay(text, r.get("name") or None)
         out["dialogue"].append(text)
         out["proc_dialogue"].append(turns)
         out["unparsed_lines"].append(bad)
@@ -385,7 +343,7 @@ def parse_screenplays(batch: dict, params: Any) -> dict:
 def dialogue_stages(recipe: MirrorRecipe) -> list[Stage]:
     regex = {}
     if recipe.screenplay_constraint is not None:
-        regex = {"regex": M.screenplay_regex(**recipe.screenplay_constraint.model_dump())}
+        regex = {"regex": screenplay.screenplay_regex(**recipe.screenplay_constraint.model_dump())}
     return [
         Stage("screenplay_prompts", screenplay_prompts_fn(recipe.screenplay_prompt),
               ("client_persona", "resistance_slug"), ("messages",)),

@@ -25,28 +25,6 @@ def _recipe(**fields):
     return load_recipe(J.RECIPE, "mirror", "offline", **fields)
 
 
-# -- face pool ---------------------------------------------------------------------------
-
-def test_face_pool_from_labels_and_celeba_csv(tmp_path):
-    recs, rejects, left = J._pool_records(_recipe(faces=os.path.join(ROOT, "data", "faces")))
-    assert [r["identity"] for r in recs] == ["eileen_collins", "joe_biden", "barack_obama", "barack_obama",
-                                            "barack_obama"] and not rejects and left == 0
-    assert recs[0]["image"].endswith("data/faces/astronaut.png") and recs[0]["img_path"] == "astronaut.png"
-    dedup, _, left = J._pool_records(_recipe(faces=os.path.join(ROOT, "data", "faces"), drop_duplicated=True))
-    assert [r["img_path"] for r in dedup] == ["astronaut.png", "biden.jpg", "obama.jpg"] and left == 2
-    (tmp_path / "img_align_celeba").mkdir()
-    csv = tmp_path / "celeba.csv"
-    csv.write_text("image,identity,Male,Young\n000002.jpg,7,-1,1\n000001.jpg,7,-1,1\n000003.jpg,,1,1\n")
-    recs, rejects, _ = J._pool_records(_recipe(faces=str(csv)))
-    assert [r["img_path"] for r in recs] == ["000001.jpg", "000002.jpg"]
-    assert recs[0]["image"] == str(tmp_path / "img_align_celeba" / "000001.jpg") and recs[0]["celeb_male"] == -1
-    assert len(rejects) == 1 and "line 4: empty identity" in rejects[0]["reason"]
-    bad = tmp_path / "bad.csv"
-    bad.write_text("path,who\nx.jpg,1\n")
-    with pytest.raises(ValueError, match="needs columns file"):
-        J._pool_records(_recipe(faces=str(bad)))
-
-
 @pytest.mark.parametrize("profile", ["offline", "local", "paper"])
 def test_every_profile_plans(profile, tmp_path):
     r = load_recipe(J.RECIPE, "mirror", profile, input="data/counseling/cactus_eval_intake.jsonl",

@@ -76,7 +76,7 @@ def test_client_line_counselor_reply_and_planning_parsing():
 
 
 def test_read_clients_resolves_img_path_and_names_bad_rows(tmp_path):
-    from jobs.mirror_llava_infer import ClientsError, read_clients
+    from jobs.mirror_llava.infer import ClientsError, read_clients
 
     rows = [client_record(7, "obama.jpg"), client_record(8, f"{FACES}/biden.jpg", "female")]
     src = clients_csv(tmp_path / "test.csv", rows)
@@ -97,7 +97,7 @@ def test_read_clients_resolves_img_path_and_names_bad_rows(tmp_path):
 
 
 def test_model_argument_resolves_a_training_output_to_its_checkpoint(tmp_path):
-    from jobs.mirror_llava_infer import counselor_model
+    from jobs.mirror_llava.infer import counselor_model
 
     ckpt = tmp_path / "ckpt" / "train" / "checkpoint_000"
     ckpt.mkdir(parents=True)

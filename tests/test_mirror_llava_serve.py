@@ -52,7 +52,7 @@ def svc(ray_local, tmp_path_factory):
     import requests
     from ray import serve
 
-    from jobs.mirror_llava_serve import build_app, load_serve_recipe
+    from jobs.mirror_llava.serve import build_app, load_serve_recipe
 
     ckpt = tiny_lora_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "llava-tiny-mirror_ec_planning-lora"))
     recipe = load_serve_recipe("offline", overrides=[
@@ -178,7 +178,7 @@ def test_client_and_counselor(svc):
 
 def test_handle_api(svc):
     """The ingress's Python handle methods (what the inference job calls)."""
-    from jobs.mirror_llava_serve import VerifyResponse
+    from jobs.mirror_llava.serve_schemas import VerifyResponse
 
     v = svc.handle.verify.remote({"image": svc.obama, "source_image": svc.obama_small,
                                   "stage_direction": "tired"}).result(timeout_s=120)
@@ -245,7 +245,7 @@ def test_413_body_over_limit(svc):
 # ---------------------------------------------------------------- pure verdicts
 
 def test_verification_report_thresholds():
-    from jobs.mirror_llava_serve import verification_report
+    from jobs.mirror_llava.serve_ingress import verification_report
     from udfs.mirror_images import ImageFilterParams
 
     params = ImageFilterParams.model_validate({"min_clip": 0.2, "preservation": {

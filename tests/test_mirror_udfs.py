@@ -11,10 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from udfs import mirror as M
+from udfs import mirror_completion as completion
+from udfs import mirror_identity as identity
+from udfs import mirror_intake as intake
+from udfs import mirror_screenplay as screenplay
 from udfs import mirror_dialogue as D
 from udfs import rows as R
 
+REPO = Path(__file__).resolve().parents[1]
 CACTUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "counseling" / "cactus_eval_intake.jsonl"
 
 
@@ -30,7 +34,7 @@ def cactus_rows():
 def test_intake_values_on_next_line_real_record(cactus_rows):
     row = cactus_rows[0]
     assert row["id"] == "cactus-eval-000" and "Name:\nLaura Saunders\n" in row["intake_form"]
-    form = M.parse_intake_form(row["intake_form"])
+    form = intake.parse_intake_form(row["intake_form"])
     assert form["personal_info"] == {
         "name": "Laura Saunders", "age": "45", "gender": "female", "occupation": "Office Job",
         "education": "College Graduate", "marital status": "Single", "family details": "Lives alone"}
@@ -41,16 +45,16 @@ def test_intake_values_on_next_line_real_record(cactus_rows):
 
 def test_intake_bare_keys_real_record(cactus_rows):
     row = next(r for r in cactus_rows if r["id"] == "cactus-eval-039")
-    info = M.parse_intake_form(row["intake_form"])["personal_info"]
+    info = intake.parse_intake_form(row["intake_form"])["personal_info"]
     assert info == {"name": "Christopher Tate", "age": "21", "gender": "male", "occupation": "",
                     "education": "", "marital status": "", "family details": "- Lives with a pet dog"}
 
 
 def test_intake_all_real_clients(cactus_rows):
-    recs = [M.client_record(r, i) for i, r in enumerate(cactus_rows)]
+    recs = [intake.client_record(r, i) for i, r in enumerate(cactus_rows)]
     for rec, row in zip(recs, cactus_rows):
         info = json.loads(rec["personal_info"])
-        assert tuple(info) == M.PERSONAL_KEYS, row["id"]
+        assert tuple(info) == intake.PERSONAL_KEYS, row["id"]
         assert rec["name"] and rec["age"] and rec["face_gender"] in ("Man", "Woman"), row["id"]
         assert rec["presenting_problem"] and rec["reason_counseling"] == row["reason_counseling"].strip()
         assert rec["missing_fields"] == ["thought", "patterns", "cbt_plan"]  # the bundled file lacks them
@@ -63,31 +67,31 @@ def test_intake_synthetic_layouts_and_errors():
             "3. Another item that ends like a sentence.\n\n"
             "3. Reason for Seeking Counseling\nMy doctor suggested it.\n\n"
             "5. Occupational Functioning Level: Fine at work.\n")
-    parsed = M.parse_intake_form(form)
+    parsed = intake.parse_intake_form(form)
     assert parsed["personal_info"] == {"name": "Ana Ruiz", "age": "33", "gender": "Female", "occupation": "Nurse"}
     assert parsed["presenting_problem"] == ("I think I always fail.\n1. A numbered item inside the section\n"
                                             "3. Another item that ends like a sentence.")
     assert parsed["reason_counseling"] == "My doctor suggested it."
     assert parsed["sections"]["occupational functioning level"] == "Fine at work."   # 4 skipped: fine
-    with pytest.raises(M.IntakeFormError):
-        M.parse_intake_form("")
-    with pytest.raises(M.IntakeFormError):
-        M.parse_intake_form(None)
-    with pytest.raises(M.IntakeFormError, match="no personal-info block"):
-        M.parse_intake_form("2. Presenting Problem\nsomething")
+    with pytest.raises(intake.IntakeFormError):
+        intake.parse_intake_form("")
+    with pytest.raises(intake.IntakeFormError):
+        intake.parse_intake_form(None)
+    with pytest.raises(intake.IntakeFormError, match="no personal-info block"):
+        intake.parse_intake_form("2. Presenting Problem\nsomething")
 
 
 def test_persona_and_fields(cactus_rows):
-    rec = M.client_record(cactus_rows[0], 0)
+    rec = intake.client_record(cactus_rows[0], 0)
     assert rec["client_persona"] == ("Laura Saunders is a 45-year-old female whose occupation is Office Job. "
                                      "Education: College Graduate. Marital status: Single. Family: Lives alone.")
     assert rec["age"] == 45.0 and rec["age_group"] == 50 and rec["face_gender"] == "Woman"
-    tate = M.client_record(next(r for r in cactus_rows if r["id"] == "cactus-eval-039"), 117)
+    tate = intake.client_record(next(r for r in cactus_rows if r["id"] == "cactus-eval-039"), 117)
     assert tate["client_persona"] == "Christopher Tate is a 21-year-old male. Family: Lives with a pet dog."
-    assert M.client_persona({}) == "The client is a client."
-    assert M.client_persona({"name": "Jo", "occupation": "Chef"}) == "Jo works as Chef."
-    assert [M.age_group(a) for a in (44, 45, 35, "25 years", None, "n/a")] == [40, 50, 40, 30, None, None]
-    assert [M.normalize_gender(g) for g in ("female", " Male", "Woman", "Man", "non-binary", None)] == \
+    assert intake.client_persona({}) == "The client is a client."
+    assert intake.client_persona({"name": "Jo", "occupation": "Chef"}) == "Jo works as Chef."
+    assert [intake.age_group(a) for a in (44, 45, 35, "25 years", None, "n/a")] == [40, 50, 40, 30, None, None]
+    assert [intake.normalize_gender(g) for g in ("female", " Male", "Woman", "Man", "non-binary", None)] == \
         ["Woman", "Man", "Woman", "Man", None, None]
 
 
@@ -96,30 +100,30 @@ def test_full_cactus_row_needs_no_completion():
                           "3. Reason for Seeking Counseling\nY.",
            "thought": "I ruin everything.", "patterns": "['labeling', 'overgeneralization']",
            "cbt_plan": "Reality Testing\n1. Step one: a.\n2. Step two: b."}
-    rec = M.client_record(row, 7)
+    rec = intake.client_record(row, 7)
     assert rec["client_id"] == "cactus-7" and rec["missing_fields"] == []
     assert rec["patterns"] == ["labeling", "overgeneralization"]
     assert rec["cbt_plan"] == "1. Step one: a.\n2. Step two: b."
-    assert M.parse_patterns("a, b") == ["a", "b"] and M.parse_patterns(float("nan")) == []
+    assert intake.parse_patterns("a, b") == ["a", "b"] and intake.parse_patterns(float("nan")) == []
 
 
 def test_dedupe_real_file(cactus_rows):
-    recs = [M.client_record(r, i) for i, r in enumerate(cactus_rows)]
-    reasons = M.dedupe_clients([r["client_id"] for r in recs], [r["client_key"] for r in recs])
+    recs = [intake.client_record(r, i) for i, r in enumerate(cactus_rows)]
+    reasons = intake.dedupe_clients([r["client_id"] for r in recs], [r["client_key"] for r in recs])
     assert sum(r is None for r in reasons) == 150
     assert reasons[:4] == [None, "duplicate of cactus-eval-000", "duplicate of cactus-eval-000", None]
     kept = [r for r, why in zip(recs, reasons) if why is None]
     assert len({r["client_key"] for r in kept}) == 150
     # whitespace differences do not make a new client
-    assert M.client_key("Name: A\n\nAge: 3") == M.client_key("Name:  A\nAge:\t3 ")
+    assert intake.client_key("Name: A\n\nAge: 3") == intake.client_key("Name:  A\nAge:\t3 ")
 
 
 def test_plan_filter_and_extraction():
-    assert M.extract_numbered_plan("Intro\n1. First: x\n2. Second: y") == "1. First: x\n2. Second: y"
-    assert M.extract_numbered_plan("1. Only: z") == "1. Only: z"
-    assert M.extract_numbered_plan("Use reality testing. Step 11. no") is None
-    out = M.plan_filter({"cbt_plan": np.array(["1. a\n2. b", None, "no plan"], dtype=object)},
-                        M.PlanFilterParams())
+    assert intake.extract_numbered_plan("Intro\n1. First: x\n2. Second: y") == "1. First: x\n2. Second: y"
+    assert intake.extract_numbered_plan("1. Only: z") == "1. Only: z"
+    assert intake.extract_numbered_plan("Use reality testing. Step 11. no") is None
+    out = intake.plan_filter({"cbt_plan": np.array(["1. a\n2. b", None, "no plan"], dtype=object)},
+                        intake.PlanFilterParams())
     assert out["has_numbered_plan"] == [True, False, False]
     assert out[R.ROW_REJECT][0] is None
     assert out[R.ROW_REJECT][1].startswith("no numbered CBT plan") and "'no plan'" in out[R.ROW_REJECT][2]
@@ -128,78 +132,78 @@ def test_plan_filter_and_extraction():
 # ----------------------------------------------------------------------------- completion
 
 def test_thought_helpers(cactus_rows):
-    rec = M.client_record(cactus_rows[0], 0)
-    assert M.heuristic_thought(rec["presenting_problem"]) == "I can't run far, despite enjoying running as a hobby."
-    assert M.heuristic_thought("I feel useless. Nothing works.") == "I feel useless."
-    assert M.heuristic_thought("") is None
-    msgs = M.thought_messages(rec)
+    rec = intake.client_record(cactus_rows[0], 0)
+    assert completion.heuristic_thought(rec["presenting_problem"]) == "I can't run far, despite enjoying running as a hobby."
+    assert completion.heuristic_thought("I feel useless. Nothing works.") == "I feel useless."
+    assert completion.heuristic_thought("") is None
+    msgs = completion.thought_messages(rec)
     assert [m["role"] for m in msgs] == ["system", "user"] and "can't run far" in msgs[1]["content"]
-    assert M.validate_thought('"I always fail at everything."') == "I always fail at everything."
+    assert completion.validate_thought('"I always fail at everything."') == "I always fail at everything."
     for bad in ("two\nlines here now", "too short", " ".join(["word"] * 41), None):
         with pytest.raises(ValueError):
-            M.validate_thought(bad)
-    M.DistortedThoughtReply.model_validate({"thought": "I will never be good enough."})
+            completion.validate_thought(bad)
+    completion.DistortedThoughtReply.model_validate({"thought": "I will never be good enough."})
     with pytest.raises(ValueError):  # newlines are rejected by validate_thought (no schema pattern: xgrammar)
-        M.DistortedThoughtReply.model_validate({"thought": "short"})
+        completion.DistortedThoughtReply.model_validate({"thought": "short"})
 
 
 def test_distortion_labels_and_parsing():
-    assert len(M.DISTORTION_LABELS) == 10 and "fortune-telling" in M.DISTORTION_LABELS
-    msgs = M.distortion_messages("Everyone will laugh at me.", "A talk at work.")
-    assert all(lab in msgs[0]["content"] for lab in M.DISTORTION_LABELS)
-    assert M.parse_distortions('{"distortions": ["Fortune telling", "labelling", "fortune-telling"]}') == \
+    assert len(completion.DISTORTION_LABELS) == 10 and "fortune-telling" in completion.DISTORTION_LABELS
+    msgs = completion.distortion_messages("Everyone will laugh at me.", "A talk at work.")
+    assert all(lab in msgs[0]["content"] for lab in completion.DISTORTION_LABELS)
+    assert completion.parse_distortions('{"distortions": ["Fortune telling", "labelling", "fortune-telling"]}') == \
         ["fortune-telling", "labeling"]
-    assert M.parse_distortions("This is mind reading and catastrophizing.") == ["mind reading", "magnification"]
-    assert M.parse_distortions(["all or nothing", "x", "Should statements", "mental filter", "labeling"]) == \
+    assert completion.parse_distortions("This is mind reading and catastrophizing.") == ["mind reading", "magnification"]
+    assert completion.parse_distortions(["all or nothing", "x", "Should statements", "mental filter", "labeling"]) == \
         ["all-or-nothing thinking", "should statements", "mental filter"]
     with pytest.raises(ValueError):
-        M.parse_distortions('{"distortions": ["anxiety"]}')
-    M.DistortionReply.model_validate({"distortions": ["labeling"]})
+        completion.parse_distortions('{"distortions": ["anxiety"]}')
+    completion.DistortionReply.model_validate({"distortions": ["labeling"]})
     with pytest.raises(ValueError):
-        M.DistortionReply.model_validate({"distortions": ["anxiety"]})
+        completion.DistortionReply.model_validate({"distortions": ["anxiety"]})
     with pytest.raises(ValueError):
-        M.DistortionReply.model_validate({"distortions": []})
+        completion.DistortionReply.model_validate({"distortions": []})
 
 
 def test_plan_helpers():
-    assert len(M.CBT_TECHNIQUES) == 12 and M.FALLBACK_TECHNIQUE in M.CBT_TECHNIQUES
+    assert len(completion.CBT_TECHNIQUES) == 12 and completion.FALLBACK_TECHNIQUE in completion.CBT_TECHNIQUES
     rec = {"client_persona": "Jo is a 30-year-old male.", "reason_counseling": "r", "thought": "t",
            "patterns": ["labeling"]}
-    chosen = M.plan_messages(rec)[0]["content"]
-    assert all(t in chosen for t in M.CBT_TECHNIQUES)
-    fixed = M.plan_messages(rec, "Role-playing and Simulation")[0]["content"]
+    chosen = completion.plan_messages(rec)[0]["content"]
+    assert all(t in chosen for t in completion.CBT_TECHNIQUES)
+    fixed = completion.plan_messages(rec, "Role-playing and Simulation")[0]["content"]
     assert "Role-playing and Simulation" in fixed and "Systematic Exposure" not in fixed
     reply = json.dumps({"technique": "Reality Testing",
                         "steps": ["1. Look: we list facts", "Test: we check one belief", "Step 3) Review: we compare"]})
-    tech, plan = M.plan_from_reply(reply)
+    tech, plan = completion.plan_from_reply(reply)
     assert tech == "Reality Testing"
     assert plan == "1. Look: we list facts\n2. Test: we check one belief\n3. Review: we compare"
-    assert M.plan_from_reply(reply, "reality testing")[0] == "reality testing"
+    assert completion.plan_from_reply(reply, "reality testing")[0] == "reality testing"
     with pytest.raises(ValueError, match="expected"):
-        M.plan_from_reply(reply, "Decatastrophizing")
+        completion.plan_from_reply(reply, "Decatastrophizing")
     # the schema's enum (constrained decoding) admits only the twelve names, spelled as listed
     for bad_name in ("Hypnosis", "reality testing"):
         with pytest.raises(ValueError, match="Input should be"):
-            M.plan_from_reply({"technique": bad_name, "steps": ["a long enough step"] * 3})
+            completion.plan_from_reply({"technique": bad_name, "steps": ["a long enough step"] * 3})
     with pytest.raises(ValueError, match="at least 12 characters"):
-        M.plan_from_reply({"technique": "Reality Testing", "steps": ["a", "b", "c"]})
+        completion.plan_from_reply({"technique": "Reality Testing", "steps": ["a", "b", "c"]})
     with pytest.raises(ValueError):
-        M.plan_from_reply('{"technique": "Reality Testing", "steps": ["a long enough step"]}')
-    template = M.template_plan("Reality Testing", "I always fail.")
+        completion.plan_from_reply('{"technique": "Reality Testing", "steps": ["a long enough step"]}')
+    template = completion.template_plan("Reality Testing", "I always fail.")
     assert template.startswith("1. Introduce Reality Testing") and template.count("\n") == 3
-    assert M.plan_reject_reason(template) is None
+    assert intake.plan_reject_reason(template) is None
 
 
 def test_apply_completion_marks_derived(cactus_rows):
-    rec = M.client_record(cactus_rows[0], 0)
-    done = M.apply_completion(rec, thought="I can't run far.", patterns=["labeling"],
+    rec = intake.client_record(cactus_rows[0], 0)
+    done = completion.apply_completion(rec, thought="I can't run far.", patterns=["labeling"],
                               plan="1. A: x\n2. B: y\n3. C: z", method="llm")
     assert done["derived_fields"] == ["thought:llm", "patterns:llm", "cbt_plan:llm"]
     assert done["missing_fields"] == [] and rec["missing_fields"] == ["thought", "patterns", "cbt_plan"]
-    assert M.plan_filter({"cbt_plan": [done["cbt_plan"]]}, None)[R.ROW_REJECT] == [None]
+    assert intake.plan_filter({"cbt_plan": [done["cbt_plan"]]}, None)[R.ROW_REJECT] == [None]
     # source values are never overwritten; a plan without numbering stays missing
     full = {**done, "missing_fields": ["cbt_plan"], "derived_fields": [], "cbt_techniques": []}
-    again = M.apply_completion(full, thought="other", plan="no numbers", technique="Reality Testing",
+    again = completion.apply_completion(full, thought="other", plan="no numbers", technique="Reality Testing",
                                method="heuristic")
     assert again["thought"] == "I can't run far." and again["missing_fields"] == ["cbt_plan"]
     assert again["derived_fields"] == ["cbt_techniques:heuristic"] and again["cbt_techniques"] == ["Reality Testing"]
@@ -208,51 +212,51 @@ def test_apply_completion_marks_derived(cactus_rows):
 # ----------------------------------------------------------------------------- screenplay
 
 def _completed(cactus_rows):
-    rec = M.client_record(cactus_rows[0], 0)
-    return M.apply_completion(rec, thought="I can't run far.", patterns=["labeling"],
+    rec = intake.client_record(cactus_rows[0], 0)
+    return completion.apply_completion(rec, thought="I can't run far.", patterns=["labeling"],
                               plan="1. Facts: we list runs.\n2. Test: we try one.\n3. Review: we compare.")
 
 
 def test_screenplay_rows_and_prompt(cactus_rows):
     rec = _completed(cactus_rows)
-    rows = M.screenplay_rows({**rec, "row_index": 3})
+    rows = screenplay.screenplay_rows({**rec, "row_index": 3})
     assert [r["id"] for r in rows] == ["cactus-3-emotional-resistance", "cactus-3-cognitive-resistance",
                                        "cactus-3-behavioral-resistance", "cactus-3-no-resistance"]
     assert [r["resistance"] for r in rows] == ["Emotional Resistance", "Cognitive Resistance",
                                                "Behavioral Resistance", "No Resistance"]
     with pytest.raises(KeyError):
-        M.screenplay_id(1, "angry")
-    prompt = M.default_screenplay_prompt()
+        screenplay.screenplay_id(1, "angry")
+    prompt = screenplay.default_screenplay_prompt()
     assert json.loads(json.dumps(prompt)) == prompt and len(prompt["few_shot"]) == 2
-    msgs = M.screenplay_messages(rec, "cognitive-resistance", prompt)
+    msgs = screenplay.screenplay_messages(rec, "cognitive-resistance", prompt)
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     block = msgs[-1]["content"]
     for part in ("Client Information", rec["client_persona"], "Cognitive Resistance", "I can't run far.",
                  "labeling", rec["reason_counseling"], "1. Facts: we list runs.", "First Session Counseling"):
         assert part in block
-    assert M.SCREENPLAY_SAMPLING == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 1024,
+    assert screenplay.SCREENPLAY_SAMPLING == {"temperature": 0.7, "top_p": 0.9, "max_tokens": 1024,
                                      "frequency_penalty": 0.2, "presence_penalty": 0.2}
     # our few-shot answers are themselves valid under the grammar and parse completely
-    for _, answer in M.SCREENPLAY_FEW_SHOT:
-        turns, bad = M.parse_screenplay(answer)
+    for _, answer in screenplay.SCREENPLAY_FEW_SHOT:
+        turns, bad = screenplay.parse_screenplay(answer)
         assert bad == [] and len(turns) == 10
-        assert M.grammar_accepts(M.screenplay_grammar(), answer + "\n")
+        assert screenplay.grammar_accepts(screenplay.screenplay_grammar(), answer + "\n")
 
 
 def test_line_parser_and_fallbacks():
-    assert M.parse_line("Therapist: [warm smile]  Hello there. ") == \
+    assert screenplay.parse_line("Therapist: [warm smile]  Hello there. ") == \
         {"speaker": "Therapist", "stage_direction": "warm smile", "statement": "Hello there."}
-    assert M.parse_line("Laura Saunders: [sighs] I guess.", "Laura Saunders") == \
+    assert screenplay.parse_line("Laura Saunders: [sighs] I guess.", "Laura Saunders") == \
         {"speaker": "Client", "stage_direction": "sighs", "statement": "I guess."}
-    assert M.parse_line("Laura: [sighs] Fine.", "Laura Saunders")["speaker"] == "Client"
-    assert M.parse_line("Client: No bracket here.") == \
+    assert screenplay.parse_line("Laura: [sighs] Fine.", "Laura Saunders")["speaker"] == "Client"
+    assert screenplay.parse_line("Client: No bracket here.") == \
         {"speaker": "Client", "stage_direction": None, "statement": "No bracket here."}
-    assert M.parse_line("Laura: plain", "Laura Saunders")["stage_direction"] is None
-    assert M.parse_line("Client: [] Empty direction.")["stage_direction"] == ""
+    assert screenplay.parse_line("Laura: plain", "Laura Saunders")["stage_direction"] is None
+    assert screenplay.parse_line("Client: [] Empty direction.")["stage_direction"] == ""
     for bad in ("", "   ", "The client: [nods] yes", "The client is on a mission.", "Laura: [x] y"):
-        assert M.parse_line(bad) is None, bad
+        assert screenplay.parse_line(bad) is None, bad
     text = "Therapist: [calm] Hi.\n\nThe client looks away.\nClient: [tense] Hello.\nNarrator: x"
-    turns, bad = M.parse_screenplay(text)
+    turns, bad = screenplay.parse_screenplay(text)
     assert [t["speaker"] for t in turns] == ["Therapist", "Client"]
     assert bad == ["The client looks away.", "Narrator: x"]
 
@@ -262,14 +266,14 @@ def _pairs(n: int, direction: str = "calm", statement: str = "Okay, tell me more
 
 
 def test_grammar_accepts_valid_and_rejects_invalid():
-    ebnf, regex = M.screenplay_grammar(), M.screenplay_regex()
+    ebnf, regex = screenplay.screenplay_grammar(), screenplay.screenplay_regex()
     valid = [_pairs(4), _pairs(20), _pairs(6, "leans forward, smiling", "It's fine - really.")]
     for text in valid:
-        assert M.grammar_accepts(ebnf, text), text
-        assert M.grammar_accepts(regex, text, kind="regex")
-        assert M.grammar_accepts(regex, text[:-1], kind="regex")   # final newline optional
+        assert screenplay.grammar_accepts(ebnf, text), text
+        assert screenplay.grammar_accepts(regex, text, kind="regex")
+        assert screenplay.grammar_accepts(regex, text[:-1], kind="regex")   # final newline optional
         assert re.fullmatch(regex, text[:-1])                       # what OutputFormat.validate runs
-        turns, bad = M.parse_screenplay(text)
+        turns, bad = screenplay.parse_screenplay(text)
         assert not bad and len(turns) == 2 * text.count("Therapist:")
     invalid = [
         _pairs(3),                                                   # too few pairs (turn count < 4)
@@ -284,22 +288,22 @@ def test_grammar_accepts_valid_and_rejects_invalid():
         _pairs(4) + "Therapist: [calm] Bye.\n",                      # dangling therapist line
     ]
     for text in invalid:
-        assert not M.grammar_accepts(ebnf, text), text
-        assert not M.grammar_accepts(regex, text, kind="regex"), text
-    assert not M.grammar_accepts(ebnf, _pairs(4).replace("calm", "caf\u00e9", 1))
-    small = M.screenplay_grammar(min_pairs=1, max_pairs=2, max_direction=5, max_statement=10)
-    assert M.grammar_accepts(small, "Therapist: [calm] Hi.\nClient: [sad] No.\n")
-    assert not M.grammar_accepts(small, "Therapist: [calmly] Hi.\nClient: [sad] No.\n")
+        assert not screenplay.grammar_accepts(ebnf, text), text
+        assert not screenplay.grammar_accepts(regex, text, kind="regex"), text
+    assert not screenplay.grammar_accepts(ebnf, _pairs(4).replace("calm", "caf\u00e9", 1))
+    small = screenplay.screenplay_grammar(min_pairs=1, max_pairs=2, max_direction=5, max_statement=10)
+    assert screenplay.grammar_accepts(small, "Therapist: [calm] Hi.\nClient: [sad] No.\n")
+    assert not screenplay.grammar_accepts(small, "Therapist: [calmly] Hi.\nClient: [sad] No.\n")
     with pytest.raises(ValueError):
-        M.screenplay_grammar(min_pairs=5, max_pairs=4)
+        screenplay.screenplay_grammar(min_pairs=5, max_pairs=4)
     with pytest.raises(ValueError):
-        M.screenplay_regex(max_statement=0)
+        screenplay.screenplay_regex(max_statement=0)
 
 
 def test_grammar_output_format_roundtrip():
     from udfs.llm_output import OutputValidationError, output_format
 
-    fmt = output_format(regex=M.screenplay_regex())
+    fmt = output_format(regex=screenplay.screenplay_regex())
     assert fmt.validate(_pairs(5)) is None
     with pytest.raises(OutputValidationError):
         fmt.validate("Sure! Here is the dialogue:\n" + _pairs(5))
@@ -322,7 +326,7 @@ def _dialogues(n: int, gender: str = "female", age: int = 45):
 def test_identity_same_gender_nearest_group_and_determinism():
     pool = _pool()
     dias = _dialogues(40, "female", 44)
-    out = M.assign_identities(dias, pool)
+    out = identity.assign_identities(dias, pool)
     assert {o["identity"] for o in out} == {"W38", "W41"}            # both in age group 40
     assert all(o["identity_gender"] == "Woman" and o["identity_mismatch"] is None for o in out)
     counts = collections.Counter(o["identity"] for o in out)
@@ -331,11 +335,11 @@ def test_identity_same_gender_nearest_group_and_determinism():
     shuffled = dias[:]
     random.Random(1).shuffle(shuffled)
     pool_shuffled = pool[::-1]
-    again = {d["id"]: o["identity"] for d, o in zip(shuffled, M.assign_identities(shuffled, pool_shuffled))}
+    again = {d["id"]: o["identity"] for d, o in zip(shuffled, identity.assign_identities(shuffled, pool_shuffled))}
     assert again == {d["id"]: o["identity"] for d, o in zip(dias, out)}
     assert out[0]["identity_record"]["img_path"] == f"Woman{out[0]['identity'][1:]}.jpg"
     # a different salt gives another (still valid) assignment
-    other = M.assign_identities(dias, pool, salt="x")
+    other = identity.assign_identities(dias, pool, salt="x")
     assert [o["identity"] for o in other] != [o["identity"] for o in out]
 
 
@@ -343,12 +347,12 @@ def test_identity_age_groups_and_even_spread_over_groups():
     pool = _pool()
     dias = [{"id": f"d{i}", "gender": "male" if i % 2 else "female", "age": a}
             for i, a in enumerate([20, 25, 30, 60, 65, 70, 19, 42] * 5)]
-    out = M.assign_identities(dias, pool)
+    out = identity.assign_identities(dias, pool)
     for d, o in zip(dias, out):
-        assert o["identity_gender"] == M.normalize_gender(d["gender"])
-        groups = {M.age_group(p["age"]) for p in pool if p["gender"] == o["identity_gender"]}
-        best = min(abs(g - M.age_group(d["age"])) for g in groups)
-        assert abs(o["identity_age_group"] - M.age_group(d["age"])) == best
+        assert o["identity_gender"] == intake.normalize_gender(d["gender"])
+        groups = {intake.age_group(p["age"]) for p in pool if p["gender"] == o["identity_gender"]}
+        best = min(abs(g - intake.age_group(d["age"])) for g in groups)
+        assert abs(o["identity_age_group"] - intake.age_group(d["age"])) == best
         assert (o["identity_mismatch"] is None) == (best == 0)
     # age 70 -> group 70: the pool's nearest is 60 (age 63), recorded
     o70 = out[5]
@@ -359,23 +363,23 @@ def test_identity_age_groups_and_even_spread_over_groups():
 
 def test_identity_small_pools_record_mismatch():
     only_men = [{"identity": 7, "gender": "Man", "age": 30.0}, {"identity": 8, "gender": "Man", "age": 70.0}]
-    out = M.assign_identities(_dialogues(5, "female", 32) + [{"id": "x", "gender": "non-binary", "age": None}],
+    out = identity.assign_identities(_dialogues(5, "female", 32) + [{"id": "x", "gender": "non-binary", "age": None}],
                               only_men)
     assert [o["identity"] for o in out[:5]] == [7] * 5
     assert out[0]["identity_mismatch"] == "no Woman identity in the pool"
     assert out[5]["identity_mismatch"] == "client gender unknown; client age unknown"
     assert out[5]["identity"] in (7, 8)
-    one = M.assign_identities(_dialogues(3, "male", 80), [{"identity": "a", "gender": "Woman", "age": 20}])
+    one = identity.assign_identities(_dialogues(3, "male", 80), [{"identity": "a", "gender": "Woman", "age": 20}])
     assert all(o["identity"] == "a" for o in one)
     assert one[0]["identity_mismatch"] == "no Man identity in the pool; no identity in age group 80 (nearest 20)"
-    assert M.assign_identities([], only_men) == []
+    assert identity.assign_identities([], only_men) == []
 
 
 def test_identity_empty_or_unusable_pool_raises():
     with pytest.raises(ValueError, match="no usable identity"):
-        M.assign_identities(_dialogues(2), [])
+        identity.assign_identities(_dialogues(2), [])
     with pytest.raises(ValueError, match="no usable identity"):
-        M.assign_identities(_dialogues(2), [{"identity": "a", "gender": "unknown", "age": 30},
+        identity.assign_identities(_dialogues(2), [{"identity": "a", "gender": "unknown", "age": 30},
                                              {"identity": "b", "gender": "Man", "age": None}])
 
 
@@ -405,7 +409,7 @@ def _batch(dialogues, records=None):
              "dialogue": np.array(dialogues, dtype=object)}
     procs = np.empty(n, dtype=object)
     for i, d in enumerate(dialogues):
-        procs[i] = M.parse_screenplay(d)[0]
+        procs[i] = screenplay.parse_screenplay(d)[0]
     batch["proc_dialogue"] = procs
     for k in RECORD:
         batch[k] = np.array([r[k] for r in records], dtype=object)
@@ -416,7 +420,7 @@ P = D.DialogueFilterParams()
 
 
 def test_good_dialogue_passes_every_filter():
-    res = D.run_filters(GOOD, M.parse_screenplay(GOOD)[0], RECORD, P)
+    res = D.run_filters(GOOD, screenplay.parse_screenplay(GOOD)[0], RECORD, P)
     assert [r.filter for r in res] == list(D.FILTERS)
     assert all(r.passed for r in res), [r.reason() for r in res]
     scores = {r.filter: r.score for r in res}
@@ -474,12 +478,12 @@ def test_pos_repetition_filter():
 def test_copy_paste_filter_and_splitters():
     copied = GOOD.replace("I froze once during a meeting last year.",
                           "Honestly, I want to stop dreading every meeting at work. That is all.")
-    turns = M.parse_screenplay(copied)[0]
+    turns = screenplay.parse_screenplay(copied)[0]
     r = D.check_copy_paste(turns, D.copy_sources(RECORD, P.copy_fields), P)
     assert not r.passed and r.where == [5] and r.unit == "turn" and r.score == 1
     # plan items ("1. ...") are exempt, the sentence after them is not
     plan_item = GOOD.replace("I froze once during a meeting last year.", "1. Evidence: We will list past meetings.")
-    assert D.check_copy_paste(M.parse_screenplay(plan_item)[0], [RECORD["cbt_plan"]], P).passed
+    assert D.check_copy_paste(screenplay.parse_screenplay(plan_item)[0], [RECORD["cbt_plan"]], P).passed
     assert D.check_copy_paste([], [RECORD["cbt_plan"]], P).passed and D.copy_sources({"x": None}, ["x", "y"]) == []
     # pysbd keeps "Dr. Lee" in one sentence; MIRROR's regex splits after "Dr."
     src = "I saw Dr. Lee twice. It did not help."
@@ -556,3 +560,23 @@ def test_dialogue_filters_through_runtime_apply_stage():
     assert out.column(R.STATUS).to_pylist() == [R.OK, R.REJECTED, R.OK]
     assert out.column(R.REASON).to_pylist()[1].startswith("dialogue filters failed: word_repetition (line 5")
     assert out.column("score_turn_count").to_pylist() == [4.0, 4.0, 4.0]
+
+
+def test_face_pool_from_labels_and_celeba_csv(tmp_path):
+    recs, rejects, left = identity.read_face_pool(str(REPO / "data" / "faces"))
+    assert [r["identity"] for r in recs] == ["eileen_collins", "joe_biden", "barack_obama", "barack_obama",
+                                            "barack_obama"] and not rejects and left == 0
+    assert recs[0]["image"].endswith("data/faces/astronaut.png") and recs[0]["img_path"] == "astronaut.png"
+    dedup, _, left = identity.read_face_pool(str(REPO / "data" / "faces"), drop_duplicated=True)
+    assert [r["img_path"] for r in dedup] == ["astronaut.png", "biden.jpg", "obama.jpg"] and left == 2
+    (tmp_path / "img_align_celeba").mkdir()
+    csv = tmp_path / "celeba.csv"
+    csv.write_text("image,identity,Male,Young\n000002.jpg,7,-1,1\n000001.jpg,7,-1,1\n000003.jpg,,1,1\n")
+    recs, rejects, _ = identity.read_face_pool(str(csv))
+    assert [r["img_path"] for r in recs] == ["000001.jpg", "000002.jpg"]
+    assert recs[0]["image"] == str(tmp_path / "img_align_celeba" / "000001.jpg") and recs[0]["celeb_male"] == -1
+    assert len(rejects) == 1 and "line 4: empty identity" in rejects[0]["reason"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("path,who\nx.jpg,1\n")
+    with pytest.raises(ValueError, match="needs columns file"):
+        identity.read_face_pool(str(bad))

@@ -36,7 +36,7 @@ Choices where the original is silent (documented, SPEC B1 "unknown"):
 - the CBT technique comes from a ``cbt_technique`` column (string) or ``cbt_techniques``
   (list / JSON / comma-separated; the first is used) when the table has one; MIRROR's
   ``mirror_data`` has neither, so it is derived from the plan: the one of
-  ``udfs.mirror.CBT_TECHNIQUES`` named first in ``cbt_plan`` (case-insensitive). A plan naming
+  ``udfs.mirror_completion.CBT_TECHNIQUES`` named first in ``cbt_plan`` (case-insensitive). A plan naming
   none is a reject for the planning types (reason names the dialogue and field).
 """
 from __future__ import annotations
@@ -49,7 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
 from udfs import io
-from udfs.mirror import CBT_TECHNIQUES, client_persona, extract_numbered_plan
+from udfs.mirror_completion import CBT_TECHNIQUES
+from udfs.mirror_intake import client_persona, extract_numbered_plan
 
 __all__ = ["COT_TYPES", "CotType", "DEFAULT_HISTORY", "DialogueError", "Conversion", "question_id",
            "parse_dialogue", "personal_information", "cbt_technique", "history_lines", "response_prompt",
@@ -126,7 +127,7 @@ def parse_dialogue(value: Any, dialogue_id: str) -> list[dict[str, str]]:
 
 def personal_information(value: Any) -> str:
     """The ``- Personal Information:`` text: MIRROR's ``personal_info`` is a JSON object of
-    the intake form's fields (``name``, ``age``, ...), rendered with ``udfs.mirror.client_persona``;
+    the intake form's fields (``name``, ``age``, ...), rendered with ``udfs.mirror_intake.client_persona``;
     any other string is used as it is. Empty string when missing."""
     if isinstance(value, dict):
         return client_persona({str(k).lower(): v for k, v in value.items()})
@@ -159,7 +160,7 @@ def _first_listed(value: Any) -> str:
 
 def cbt_technique(row: dict[str, Any]) -> tuple[str, str]:
     """``(technique, source)`` of a mirror_data row: ``cbt_technique`` (string), else the
-    first of ``cbt_techniques``, else the first of ``udfs.mirror.CBT_TECHNIQUES`` named in
+    first of ``cbt_techniques``, else the first of ``udfs.mirror_completion.CBT_TECHNIQUES`` named in
     ``cbt_plan`` (source ``"cbt_plan"``). ``("", "")`` when none is found."""
     for col in ("cbt_technique", "cbt_techniques"):
         if col in row:
@@ -308,7 +309,7 @@ def dialogue_records(row: dict[str, Any], cot: CotType, *, history: int = DEFAUL
         problem = None
         if not technique:
             problem = ("cbt_technique", "no CBT technique: no cbt_technique/cbt_techniques column and the plan "
-                       "names none of the techniques in udfs.mirror.CBT_TECHNIQUES")
+                       "names none of the techniques in udfs.mirror_completion.CBT_TECHNIQUES")
         elif not plan:
             problem = ("cbt_plan", "no numbered CBT plan (no line starting with '1. ')")
         if problem:
@@ -380,7 +381,7 @@ def convert(rows: Iterable[dict[str, Any]], cot: CotType, *, history: int = DEFA
 
 
 # ====================================================================== counselling sessions (SPEC B3/B4)
-# Pure helpers of ``jobs.mirror_llava_infer`` (issue 10 part 4): the simulated client's prompt,
+# Pure helpers of ``jobs.mirror_llava.infer`` (issue 10 part 4): the simulated client's prompt,
 # the client line parser, the counselor's planning step and reply clean-up, and the image retry
 # loop. Wording is ours; the structure follows SPEC B3 (client.py, prompts/agent_client.txt,
 # image_gen.py, therapy.py) and B4 (vlm.py).
@@ -499,10 +500,10 @@ def planning_prompt(persona: str, reason: str, history: list[str], *, emotion: s
 def parse_planning(reply: Any, thought: str = "") -> dict[str, str]:
     """The planning reply -> ``{technique, plan, source}``: the technique is the first of
     ``CBT_TECHNIQUES`` named after ``CBT technique:`` (else anywhere in the reply), the plan the
-    numbered list (``udfs.mirror.extract_numbered_plan``). What the reply lacks is filled from
-    ``udfs.mirror.FALLBACK_TECHNIQUE`` / ``template_plan`` and ``source`` says so (``reply``,
+    numbered list (``udfs.mirror_intake.extract_numbered_plan``). What the reply lacks is filled from
+    ``udfs.mirror_completion.FALLBACK_TECHNIQUE`` / ``template_plan`` and ``source`` says so (``reply``,
     ``reply+template_plan``, ``fallback``), so a meaningless reply is visible in the output."""
-    from udfs.mirror import FALLBACK_TECHNIQUE, template_plan
+    from udfs.mirror_completion import FALLBACK_TECHNIQUE, template_plan
 
     text = str(reply or "")
     low = text.lower()

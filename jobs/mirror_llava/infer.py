@@ -98,7 +98,7 @@ class SessionError(RuntimeError):
 
 def _face_pool(folder: str) -> str | None:
     """The face-pool image folder of the MIRROR run whose ``manifest.json`` is in ``folder``
-    (its recipe's ``faces``/``face_images``, ``jobs.mirror.pool_image_folder``), or None."""
+    (its recipe's ``faces``/``face_images``, ``udfs.mirror_identity.pool_image_folder``), or None."""
     path = io.join(folder, "manifest.json")
     if not io.exists(path):
         return None
@@ -108,7 +108,7 @@ def _face_pool(folder: str) -> str | None:
         return None
     if recipe.get("pipeline") != "mirror" or not recipe.get("faces"):
         return None
-    from jobs.mirror import pool_image_folder
+    from udfs.mirror_identity import pool_image_folder
 
     return pool_image_folder(str(recipe["faces"]), recipe.get("face_images"))
 
@@ -120,7 +120,7 @@ def read_clients(uri: str, faces: str | None = None, limit: int | None = None) -
     ``reason_for_seeking_counseling``, ``img_path`` (resolved), ``source_stem`` and
     ``dominant_gender`` (``Man``/``Woman``). Raises ``ClientsError`` naming the row and field
     for a missing image path, an unknown gender or a duplicate ``idx``."""
-    from udfs.mirror import normalize_gender
+    from udfs.mirror_intake import normalize_gender
 
     if not io.exists(uri):
         raise ClientsError(f"{uri}: input not found")

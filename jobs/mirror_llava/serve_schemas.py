@@ -82,7 +82,7 @@ _DIRECTION = re.compile(r"^\[(.*?)\]\s*(.*)$", re.S)
 def parse_turn(line: str, default_speaker: str | None = None) -> Turn:
     """``"Client: [sighs] I guess"`` -> ``Turn``. A line without a ``Speaker:`` prefix gets
     ``default_speaker``; raises ``ValueError`` when there is none."""
-    from udfs.mirror import parse_line
+    from udfs.mirror_screenplay import parse_line
 
     s = line.strip()
     parsed = parse_line(s)

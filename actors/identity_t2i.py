@@ -45,11 +45,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from actors.batching import batch_len, error_text, is_missing, object_column, row_ids, run_halving_on_oom, set_threads
 from actors.models import load_spec
-from actors.text2image import row_prompt_seed
+from actors.text2image import T2IParams, row_prompt_seed
 from udfs import io as uio
 from udfs import rows
 from udfs.images import encode_png, image_file_name, load_image
@@ -110,23 +110,18 @@ class IdentityText2Image:
     ``cpu_offload``.
     """
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Params(T2IParams):
         prompt_column: str = Field("prompt", description="Column with the positive prompt (MIRROR step 3c: "
                                    "'portrait photo of a <man|woman> img' + quality tags + aligned expression).")
         negative_column: str = Field("negative_prompt", description="Optional column with the negative prompt "
                                      "(MIRROR: standard negatives + the contrasting expression); null -> none.")
         face_column: str = Field("face_image", description="Column with the source face photo (path/URI, bytes "
                                  "or {'bytes','path'}): MIRROR's CelebA/face-pool image of the assigned identity.")
-        seed_column: str = Field("seed", description="Optional int column with per-row seeds; absent or null -> "
-                                 "rows.seed_from_id(id).")
         output_name_column: str = Field("", description="Optional column with the relative output file name "
                                         "under output_dir (e.g. '<dialogue_id>/turn-<t>.png'); empty or null -> "
                                         "'<id>.png'.")
         height: int | None = Field(None, ge=8, description="Generation height in px; None = the pipeline default "
                                    "(SDXL 1024: SPEC A7 'pipeline default').")
-        width: int | None = Field(None, ge=8, description="Generation width in px; None = the pipeline default.")
         output_size: int | None = Field(336, ge=8, description="Side of the square output in px after a Lanczos "
                                         "resize (SPEC A7: 336 x 336); None = keep the generated size.")
         num_inference_steps: int = Field(50, ge=1, description="DDIM steps (SPEC A7: 50).")
@@ -143,12 +138,6 @@ class IdentityText2Image:
                                         "prompt).")
         negative_suffix: str = Field(MIRROR_EXTRA_NEGATIVE, description="Appended to every negative prompt "
                                      "(SPEC A7: ', missing limbs, mutilated'); empty = none.")
-        output_dir: str = Field("", description="Folder (local path or s3:// URI) for the PNGs; empty = return "
-                                "the PNG bytes in column `image_png`.")
-        extra_call_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for "
-                                                  "the pipeline call.")
-        num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for this actor (tiny "
-                                        "models on small CPUs: 1, notes §7).")
 
     @classmethod
     def columns(cls, params: dict) -> tuple[list[str], list[str]]:

@@ -38,7 +38,7 @@ from udfs import rows
 from udfs.images import encode_png, image_file_name
 from udfs.prompt_weights import WEIGHT_RE, has_weights, strip_weights
 
-__all__ = ["Text2Image", "row_prompt_seed", "strip_weights", "to_compel_syntax", "has_weights",
+__all__ = ["Text2Image", "T2IParams", "row_prompt_seed", "strip_weights", "to_compel_syntax", "has_weights",
            "image_file_name", "QUALITY_NEGATIVES"]
 
 #: Quality negatives appended to every row's negative prompt (SPEC C3 lists the original's:
@@ -46,6 +46,31 @@ __all__ = ["Text2Image", "row_prompt_seed", "strip_weights", "to_compel_syntax",
 #: fingers, mutation, deformation, duplicates), written here in common prompt terms.
 QUALITY_NEGATIVES = ("low quality, worst quality, blurry, overly smooth, oversaturated, bad anatomy, "
                      "disconnected limbs, extra limbs, extra fingers, mutated, deformed, duplicate")
+
+
+class T2IParams(BaseModel):
+    """Parameters every text-to-image stage shares (``Text2Image``, ``actors.identity_t2i.
+    IdentityText2Image``); each stage's ``Params`` adds its own and sets its pipeline's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt_column: str = Field("prompt", description="Column holding the positive prompt.")
+    negative_column: str = Field("negative_prompt", description="Optional column holding the per-row negative "
+                                 "prompt; absent or null -> none.")
+    seed_column: str = Field("seed", description="Optional int column with per-row seeds; absent or null -> "
+                             "rows.seed_from_id(id).")
+    height: int | None = Field(None, ge=8, description="Image height in px; None = the pipeline's default.")
+    width: int | None = Field(None, ge=8, description="Image width in px; None = the pipeline's default.")
+    num_inference_steps: int = Field(28, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale.")
+    negative_suffix: str = Field("", description="Appended to every row's negative prompt; empty = none.")
+    output_dir: str = Field("", description="Folder (local path or s3:// URI) for the PNGs; empty = return "
+                            "the PNG bytes in column `image_png` instead.")
+    extra_call_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for "
+                                              "the pipeline call (e.g. {'clip_skip': 1}).")
+    num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for this actor (None: "
+                                    "leave Ray's per-actor setting; tiny models on small CPUs: 1).")
+
 
 def _escape_compel(text: str) -> str:
     return text.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)")
@@ -133,35 +158,22 @@ class Text2Image:
       error for the output file.
     """
 
-    class Params(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
+    class Params(T2IParams):
         prompt_column: str = Field("prompt", description="Column holding the positive prompt (Antidote: the "
                                    "rewritten `caption`, SPEC C3, not the weighted `prompt`).")
         negative_column: str = Field("negative_prompt", description="Optional column holding the per-row negative "
                                      "prompt (Antidote: `prompt_neg`, the no-exist objects); absent or null -> none.")
-        seed_column: str = Field("seed", description="Optional int column with per-row seeds; absent or null -> "
-                                 "rows.seed_from_id(id).")
-        height: int | None = Field(None, ge=8, description="Image height in px; None = the pipeline's default "
-                                   "(SD3-medium: 1024, SPEC C3 'pipeline default').")
-        width: int | None = Field(None, ge=8, description="Image width in px; None = the pipeline's default.")
         num_inference_steps: int = Field(28, ge=1, description="Denoising steps (SPEC C3: Antidote/SD3-medium 28; "
                                          "SD-Turbo: 1-4).")
         guidance_scale: float = Field(7.5, ge=0.0, description="Classifier-free guidance scale (SPEC C3: 7.5; "
                                       "SD-Turbo: 0.0).")
         negative_suffix: str = Field(QUALITY_NEGATIVES, description="Quality negatives appended to each row's "
                                      "negative prompt (SPEC C3's list, reworded); empty = none.")
-        output_dir: str = Field("", description="Folder (local path or s3:// URI) for `<id>.png`; empty = return "
-                                "the PNG bytes in column `image_png` instead.")
         weighted_prompts: bool = Field(True, description="Apply `(object:1.3)` weights with compel where the "
                                        "pipeline supports it (SD 1.x/2.x, SDXL); otherwise, or when False, the "
                                        "weights are stripped and `prompt_weights_stripped` is set.")
         max_sequence_length: int | None = Field(256, ge=1, description="T5 token limit for pipelines with a T5 "
                                                 "encoder (SD3 default 256); ignored by pipelines without it.")
-        extra_call_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra keyword arguments for "
-                                                  "the pipeline call (e.g. {'clip_skip': 1}).")
-        num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for this actor (None: "
-                                        "leave Ray's per-actor setting).")
 
     @classmethod
     def columns(cls, params: dict) -> tuple[list[str], list[str]]:

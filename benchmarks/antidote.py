@@ -21,26 +21,21 @@ import argparse
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from datetime import date
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import bench_env  # noqa: E402,F401  (first: repository on sys.path, offline defaults)
+from bench_env import ROOT  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 
 from jobs import antidote as pipeline  # noqa: E402
-from jobs.core import driver  # noqa: E402
+from jobs.core import driver, store  # noqa: E402
 from jobs.core.recipe import load_recipe  # noqa: E402
 from jobs.core.runtime import StageRun, add_stage, apply_stage  # noqa: E402
 from udfs import rows as R  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _reached(rows: pa.Table, order: list[str], stage: str) -> pa.Table:
@@ -105,7 +100,7 @@ def main() -> None:
     e2e_wall = time.time() - t0
     n = args.limit
     p = driver.plan(pipeline, recipe)
-    rows = driver.read_table(driver.work(out, "rows"))
+    rows = store.read_table(store.work(out, "rows"))
     order = [sp.stage.name for sp in p.stages]
 
     alone = {}
@@ -116,7 +111,7 @@ def main() -> None:
                 alone[sp.stage.name] = stage_alone(sp, t)
     slowest = max(alone, key=lambda s: alone[s]["wall_s"])
 
-    seq_input = driver.read_table(driver.work(out, "input"))
+    seq_input = store.read_table(store.work(out, "input"))
     seq_wall = sequential(p, seq_input)
 
     e2e_rate = n / e2e_wall

@@ -25,16 +25,15 @@ import argparse
 import csv
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-os.environ.setdefault("KERAS_BACKEND", "torch")
+import bench_env  # noqa: E402,F401  (first: repository on sys.path, offline defaults)
+from bench_env import machine  # noqa: E402
 
-from vision import bench_direct, bench_ray, machine, numpy_batch, results_path  # noqa: E402
+ROOT = Path(bench_env.ROOT)
+
+from vision import bench_direct, bench_ray, numpy_batch, results_path  # noqa: E402
 
 FACES = ROOT.parent / "shared" / "data" / "faces"
 SPECS = {"dlib": {"backend": "dlib", "model": "pkg:face_recognition_models/models"},

@@ -11,7 +11,7 @@ Measures, on this machine, with the offline model (SmolLM2-135M-Instruct from th
 
 Writes ``benchmarks/results/llm-<date>.json`` (figures, configuration, machine).
 
-    HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled OMP_WAIT_POLICY=PASSIVE python -m benchmarks.llm
+    .venv/bin/python benchmarks/llm.py
 """
 from __future__ import annotations
 
@@ -19,18 +19,12 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # NOTES T1: spin-waiting threads collapse on shared cores
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import bench_env  # noqa: E402,F401  (first: repository on sys.path, offline defaults)
+from bench_env import machine  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -144,19 +138,6 @@ def run_ray(model: dict, params: dict, prompts: list[str], batch_size: int) -> d
             "tokens_per_s": round(tokens / wall, 2), "actor_batches": [n for _, n in calls.values()],
             "actor_init_s": round(float(rows[0]["bench_init_s"]), 3), "actor_call_s": round(in_actor, 3),
             "_texts": {r["id"]: r["generated_text"] for r in rows}}
-
-
-def machine() -> dict:
-    import torch
-    import transformers
-
-    import ray
-
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-            "ray": ray.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main(argv: list[str] | None = None) -> Path:

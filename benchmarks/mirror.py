@@ -33,24 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from datetime import date
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
-for _k, _v in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"), ("OMP_WAIT_POLICY", "PASSIVE"),
-               ("TOKENIZERS_PARALLELISM", "false"), ("KERAS_BACKEND", "torch"),
-               ("RAY_DATA_DISABLE_PROGRESS_BARS", "1")):
-    os.environ.setdefault(_k, _v)
+import bench_env  # noqa: E402,F401  (first: repository on sys.path, offline defaults)
+from bench_env import HERE, ROOT, machine  # noqa: E402
 
 import antidote  # noqa: E402  benchmarks/antidote.py: the sequential loop
-from vision import machine  # noqa: E402
 
-from jobs.core import driver  # noqa: E402
+from jobs.core import driver, store  # noqa: E402
 from jobs import mirror as pipeline  # noqa: E402
 from jobs.core.recipe import load_recipe  # noqa: E402
 from jobs.core.runtime import forwarded_env  # noqa: E402
@@ -145,7 +137,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     phases = {}
     for ph in driver.phases_of(pipeline):
-        table = driver.read_table(driver.work(out, ph.name, "input"))
+        table = store.read_table(store.work(out, ph.name, "input"))
         if ph.name not in ray_walls or table is None or not table.num_rows:
             continue
         seq = sequential_phase(p, ph.name, table)

@@ -26,21 +26,13 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from datetime import date
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
-for _k, _v in (("HF_HUB_OFFLINE", "1"), ("RAY_AUTH_MODE", "disabled"), ("OMP_WAIT_POLICY", "PASSIVE"),
-               ("TOKENIZERS_PARALLELISM", "false"), ("KERAS_BACKEND", "torch"),
-               ("RAY_DATA_DISABLE_PROGRESS_BARS", "1")):
-    os.environ.setdefault(_k, _v)
+import bench_env  # noqa: E402,F401  (first: repository on sys.path, offline defaults)
+from bench_env import HERE, machine  # noqa: E402
 
-from vision import machine  # noqa: E402
 
 from jobs.core import cli  # noqa: E402
 

@@ -32,14 +32,8 @@ import tempfile
 import time
 from datetime import date
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import bench_env  # noqa: E402,F401  (first: repository on sys.path, offline defaults)
+from bench_env import HERE, ROOT  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 
@@ -99,7 +93,7 @@ def main() -> None:
     import torch
 
     from antidote import _reached, stage_alone  # benchmarks/antidote.py: same per-stage harness
-    from jobs.core import driver
+    from jobs.core import driver, store
     from jobs import mmgen as pipeline
     from jobs.core.recipe import load_recipe
 
@@ -120,7 +114,7 @@ def main() -> None:
     prompts = manifest["funnel"][0]["out"]
     samples = manifest["outputs"]["samples_generated"]
     p = driver.plan(pipeline, recipe)
-    rows = driver.read_table(driver.work(out, "rows"))
+    rows = store.read_table(store.work(out, "rows"))
     order = [sp.stage.name for sp in p.row_stages()]
     alone = {}
     for sp in p.row_stages():

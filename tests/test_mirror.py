@@ -11,7 +11,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.core import cli, driver
+from jobs.core import cli, driver, store
 from jobs import mirror as J
 from jobs.core.recipe import RecipeError, load_recipe
 from tests.helpers import check_report_in_chromium
@@ -124,7 +124,7 @@ def test_mirror_offline_end_to_end(tmp_path):
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "RAY_AUTH_MODE": "disabled"})
     assert res.returncode == 0, res.stderr[-3000:]
-    m = driver.load_manifest(out)
+    m = store.load_manifest(out)
     fun = {f["stage"]: f for f in m["funnel"]}
     for f in m["funnel"]:
         assert f["in"] == f["out"] + f["rejected"] + f["errored"] + f.get("not_selected", 0), f

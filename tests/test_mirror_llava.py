@@ -35,12 +35,12 @@ def _dialogue(n_turns: int) -> list[dict]:
 def _mirror_out(root, dialogues: dict[str, list[dict]], *, missing: set[tuple[str, int]] = frozenset(),
                 rel_images: bool = False, expressions: bool = True, plan: str = PLAN) -> str:
     """A MIRROR output folder like ``jobs.mirror.export`` writes: mirror_data.parquet (one row per
-    kept dialogue; ``images`` = JSON list in client-turn order) + expressions.parquet + PNGs.
+    kept dialogue; ``images`` = JSON object {turn index: path}) + expressions.parquet + PNGs.
     ``missing``: (dialogue, client turn) pairs whose image entry is null."""
     root = str(root)
     data, expr = [], []
     for did, turns in dialogues.items():
-        images = []
+        images = {}
         for t, turn in enumerate(turns):
             if turn["speaker"] != "Client":
                 continue
@@ -50,7 +50,7 @@ def _mirror_out(root, dialogues: dict[str, list[dict]], *, missing: set[tuple[st
                 os.makedirs(os.path.join(root, "images", did), exist_ok=True)
                 Image.new("RGB", (32, 32), (10 * t, 80, 120)).save(os.path.join(root, rel))
                 path = rel if rel_images else os.path.join(root, rel)
-            images.append(path)
+            images[str(t)] = path
             expr.append({"id": f"{did}-turn-{t:02d}", "dialogue_id": did, "turn": t,
                          "stage_direction": turn["stage_direction"], "statement": turn["statement"], "image": path,
                          "_status": "ok"})
@@ -180,7 +180,7 @@ def test_rejects_name_dialogue_turn_and_field(tmp_path):
     # a stage direction missing (ec_planning) / a plan naming no technique (planning types)
     turns = _dialogue(4)
     turns[1]["stage_direction"] = ""
-    row = {**rows[0], "idx": "d-nodir", "proc_dialogue": json.dumps(turns), "images": json.dumps(["/x.png", "/y.png"])}
+    row = {**rows[0], "idx": "d-nodir", "proc_dialogue": json.dumps(turns), "images": json.dumps({"1": "/x.png", "3": "/y.png"})}
     c2 = ML.dialogue_records(row, "ec_planning")
     assert c2.records == [] and [r["field"] for r in c2.rejects] == ["stage_direction"] * 2
     assert ML.dialogue_records(row, "base").records[0]["image"] == "/x.png"
@@ -191,8 +191,10 @@ def test_rejects_name_dialogue_turn_and_field(tmp_path):
     assert c4.technique_sources == {"cbt_technique": 1}
     c5 = ML.dialogue_records({**row, "proc_dialogue": "[not json"}, "base")
     assert c5.rejects[0]["field"] == "proc_dialogue" and "not valid JSON" in c5.rejects[0]["reason"]
-    c6 = ML.dialogue_records({**row, "images": json.dumps(["/x.png"])}, "base")
-    assert "1 image paths for 2 client turns" in c6.rejects[0]["reason"]
+    c6 = ML.dialogue_records({**row, "images": json.dumps(["/x.png", "/y.png"])}, "base")  # positional: refused
+    assert c6.records == [] and c6.rejects[0]["field"] == "images" and "by position" in c6.rejects[0]["reason"]
+    c7 = ML.dialogue_records({**row, "images": json.dumps({"3": "/y.png"})}, "base")  # turn 1's image missing
+    assert c7.records == [] and c7.rejects[0]["field"] == "image" and c7.rejects[0]["turn"] == 2
 
 
 def test_data_command_writes_train_json_rejects_and_manifest(tmp_path, capsys):

@@ -451,13 +451,13 @@ def _run(out, *extra, limit=None):
 def test_mmgen_offline_end_to_end(tmp_path):
     if not os.path.exists(VQA) or not os.path.isdir(COCO):
         pytest.skip("../shared data not present")
-    from jobs.core import driver
+    from jobs.core import store
 
     out = str(tmp_path / "out")
     res = _run(out)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "placeholder models in partition, generate, loss_score" in res.stdout
-    m = driver.load_manifest(out)
+    m = store.load_manifest(out)
     assert [f["stage"] for f in m["funnel"]] == ["ingest", "build_messages", "generate", "make_records",
                                                  "loss_score", "loss_filter"]
     for f in m["funnel"]:
@@ -484,12 +484,12 @@ def test_mmgen_offline_end_to_end(tmp_path):
         assert s["prompt_id"] in {p["id"] for p in prompts["prompts"]}
     page = open(os.path.join(out, "report.html")).read()
     assert page.count('<div class="card">') == m["funnel"][0]["out"] and "funnel chart" in page  # one card a prompt
-    rows_t = driver.read_table(driver.work(out, "rows"))
+    rows_t = store.read_table(store.work(out, "rows"))
     assert all("generate" in p and "partition" in p for p in rows_t.column("_placeholder").to_pylist())
     # resume: nothing recomputed, same outputs
     res2 = _run(out)
     assert res2.returncode == 0, res2.stderr[-3000:]
-    m2 = driver.load_manifest(out)
+    m2 = store.load_manifest(out)
     assert m2["rows_processed_this_run"] == 0 and m2["outputs"] == m["outputs"]
     # Ray Data's statistics of the ingest's own model stage (partition) and of the row stages
     ingest = [r for r in m["stage_stats"] if r.get("ingest")]

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from jobs.core import driver
+from jobs.core import driver, store
 from jobs.core.recipe import RecipeError, load_recipe
 from jobs.core.runtime import Stage
 from tests import toy_pipeline as toy
@@ -56,6 +56,58 @@ def test_cli_errors_print_one_line(tmp_path):
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and out.stderr.startswith("error: ")
     assert "Traceback" not in out.stderr
+
+
+def test_cli_help_lists_every_command_and_missing_inputs_fail_before_ray(tmp_path):
+    """The front door: ``python -m jobs`` lists every registered command with its purpose and
+    an example; a missing --input / --faces is one error line, before any cluster starts."""
+    from jobs.core import registry
+
+    out = subprocess.run([sys.executable, "-m", "jobs", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0
+    for c in registry.COMMANDS:
+        assert f"  {c.name} " in out.stdout and c.example in out.stdout
+    assert "``" not in out.stdout  # no reST markup
+    bare = subprocess.run([sys.executable, "-m", "jobs"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2 and bare.stdout == out.stdout
+    t0 = time.time()
+    for argv, missing in ((["antidote", "--input", "no/such.jsonl"], "--input no/such.jsonl"),
+                          (["mirror", "--input", "data/counseling/cactus_eval_intake.jsonl", "--faces", "no/faces"],
+                           "--faces no/faces")):
+        r = subprocess.run([sys.executable, "-m", "jobs", *argv, "--output", str(tmp_path / "o")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.strip() == f"error: {missing}: no such file or folder", r.stderr
+    assert not (tmp_path / "o").exists()
+    assert time.time() - t0 < 60  # no Ray start (each would take seconds); generous for a loaded box
+
+
+def test_stage_outputs_become_plain_python():
+    """One converter (``udfs.llm_output.to_python``) turns whatever a stage returns into values
+    Arrow stores: numpy scalars, numeric and object arrays, and dicts holding them."""
+    import numpy as np
+    import pyarrow as pa
+
+    from jobs.core.runtime import StageRun, apply_stage
+    from udfs import rows as R
+
+    table = pa.table({"id": ["a", "b"], **{c: [R.OK if c == R.STATUS else ""] * 2 for c in R.CONTROL_COLUMNS}})
+
+    def stage(batch):
+        nested = np.empty(2, dtype=object)
+        nested[0], nested[1] = np.array([1, 2]), np.array([3], dtype=np.int64)
+        info = np.empty(2, dtype=object)
+        info[0], info[1] = {"k": np.int64(1), "v": np.array([0.5], np.float32)}, {"k": np.int64(2), "v": np.array([1.0])}
+        return {"score": np.array([0.25, 1.5]), "emb": np.arange(6, dtype=np.float32).reshape(2, 3),
+                "nested": nested, "info": info, "flag": np.array([True, False]), "n": np.int64(3) * np.ones(2, int)}
+
+    out = apply_stage(table, stage, StageRun("s", ("score", "emb", "nested", "info", "flag", "n")))
+    assert out.column("score").to_pylist() == [0.25, 1.5]
+    assert out.column("emb").to_pylist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    assert out.column("nested").to_pylist() == [[1, 2], [3]]
+    assert out.column("flag").to_pylist() == [True, False] and out.column("n").to_pylist() == [3, 3]
+    assert out.column("info").to_pylist() == [{"k": 1, "v": [0.5]}, {"k": 2, "v": [1.0]}]
+    assert out.column(R.STATUS).to_pylist() == [R.OK, R.OK]
 
 
 def test_plan_checks_columns_before_loading(tmp_path):
@@ -145,14 +197,14 @@ def test_resume_after_interrupt(tmp_path):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    committed = set(driver.read_table(rows_dir, columns=["id"]).column("id").to_pylist())
+    committed = set(store.read_table(rows_dir, columns=["id"]).column("id").to_pylist())
     assert 0 < len(committed) < 48, sorted(committed)
     subprocess.run([sys.executable, "-c", script, f"slow.params.log={log2}"], cwd=ROOT, env=env,
                    check=True, timeout=300)
     again = set(log2.read_text().split())
     assert not (again & committed), "committed rows were processed again"
     assert again | committed == {f"r{i:03d}" for i in range(48)}
-    final = driver.read_table(rows_dir, columns=["id"]).column("id").to_pylist()
+    final = store.read_table(rows_dir, columns=["id"]).column("id").to_pylist()
     assert sorted(final) == sorted(f"r{i:03d}" for i in range(48))  # each id exactly once
     assert len([json.loads(x) for x in open(f"{out}/toy.jsonl")]) == 48
 
@@ -185,7 +237,7 @@ def test_s3_round_trip(tmp_path, ray_local, monkeypatch):
         assert len(toy_out) == 9
         errs = io.read_text("s3://runtime-s3/out/errors/errors.jsonl").splitlines()
         assert [json.loads(e)["id"] for e in errs] == ["bad-2"]
-        assert driver.load_manifest("s3://runtime-s3/out")["funnel"][1]["errored"] == 1
+        assert store.load_manifest("s3://runtime-s3/out")["funnel"][1]["errored"] == 1
     finally:
         srv.stop()
 

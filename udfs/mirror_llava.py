@@ -220,13 +220,14 @@ def resolve_image(path: Any, base: str) -> str:
 
 def turn_images(row: dict[str, Any], turns: list[dict[str, str]], expressions: list[dict[str, Any]] | None,
                 base: str) -> dict[int, str]:
-    """Client turn index -> image path/URI for one dialogue.
+    """Client turn index -> image path/URI for one dialogue, always keyed by turn index.
 
-    ``expressions``: this dialogue's rows of ``expressions.parquet`` (``turn``, ``image``),
-    authoritative because they carry the turn index; without them the ``images`` column (JSON
-    list, one path per client turn in client-turn order) is used. Raises ``DialogueError``
-    when the ``images`` list length differs from the number of client turns. Missing entries
-    map to ``""`` (the caller rejects those records)."""
+    ``expressions``: this dialogue's rows of ``expressions.parquet`` (``turn``, ``image``);
+    without them the ``images`` column: a JSON object ``{"<turn index>": path}`` as
+    ``jobs.mirror.export`` writes it. A JSON *list* is refused (``DialogueError``): it would pair
+    images with client turns by position, the original's silent misalignment when an image is
+    missing (SPEC A, step 4 ``clip.py``). Missing entries map to ``""`` (the caller rejects
+    those records)."""
     did = str(row.get("idx"))
     client_turns = [t for t, x in enumerate(turns) if x["speaker"] == "Client"]
     if expressions:
@@ -238,10 +239,16 @@ def turn_images(row: dict[str, Any], turns: list[dict[str, str]], expressions: l
             raw = json.loads(raw)
         except json.JSONDecodeError as e:
             raise DialogueError(did, "images", f"not valid JSON: {e}") from None
-    images = list(raw) if raw is not None and not isinstance(raw, float) else []
-    if len(images) != len(client_turns):
-        raise DialogueError(did, "images", f"{len(images)} image paths for {len(client_turns)} client turns")
-    return {t: resolve_image(p, base) for t, p in zip(client_turns, images)}
+    if raw is None or isinstance(raw, float):
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DialogueError(did, "images", "a list pairs images with client turns by position; give "
+                            "expressions.parquet or a {turn index: path} object")
+    try:
+        by_turn = {int(k): v for k, v in raw.items()}
+    except (TypeError, ValueError):
+        raise DialogueError(did, "images", f"keys must be turn indices, got {sorted(raw)[:3]}") from None
+    return {t: resolve_image(by_turn.get(t), base) for t in client_turns}
 
 
 @dataclass

@@ -1,14 +1,8 @@
-"""Command line: ``python -m jobs <pipeline> ...``, ``submit``, ``status`` (also ``mmsynth``).
+"""Command line: ``python -m jobs <command> ...`` (also the console script ``mmsynth``).
 
-::
-
-    python -m jobs antidote --input CAPTIONS --output OUT [--profile offline|local|paper]
-        [--recipe FILE] [--set stage.key=value ...] [--limit N] [--dry-run] [--address ADDR]
-    python -m jobs submit antidote ... [--address http://HEAD:8265] [--no-wait]
-    python -m jobs status OUT
-    python -m jobs report OUT [--html FILE]
-
-Errors in arguments, recipes or plans print one line (``error: ...``) and exit with 2.
+The commands and their one-line purposes come from ``jobs.core.registry``; ``python -m jobs``
+with no argument or ``--help`` prints them with an example each. Errors in arguments, recipes
+or plans print one line (``error: ...``) and exit with 2, before any Ray cluster is started.
 """
 from __future__ import annotations
 
@@ -17,13 +11,10 @@ import importlib
 import os
 import shlex
 import sys
+import textwrap
 import time
 
-PIPELINES = {"antidote": "jobs.antidote", "mmgen": "jobs.mmgen", "mirror": "jobs.mirror"}
-#: commands that are not recipe pipelines: name -> "module:function(argv) -> exit status"
-COMMANDS = {"mirror-llava-data": "jobs.mirror_llava.data:main", "mirror-llava-train": "jobs.mirror_llava.train:main",
-            "mirror-llava-serve": "jobs.mirror_llava.serve:main",
-            "mirror-llava-infer": "jobs.mirror_llava.infer:main"}
+from jobs.core import registry
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -50,9 +41,27 @@ def _pipeline_parser(name: str, module) -> argparse.ArgumentParser:
 
 
 def _load(name: str):
-    if name not in PIPELINES:
-        raise SystemExit(f"error: unknown pipeline {name!r} (choose from {', '.join(PIPELINES)}, submit, status, report)")
-    return importlib.import_module(PIPELINES[name])
+    if name not in registry.PIPELINES:
+        raise ValueError(f"unknown command {name!r} (choose from {', '.join(registry.BY_NAME)}; "
+                         "python -m jobs --help lists them)")
+    return importlib.import_module(registry.PIPELINES[name])
+
+
+def usage() -> str:
+    """The top-level help: every command of the registry with its purpose and an example."""
+    width = max(len(c.name) for c in registry.COMMANDS)
+    lines = ["usage: python -m jobs <command> [options]   (also: mmsynth <command> ...)", "",
+             "mmsynth runs published multimodal synthetic-data pipelines as Ray jobs, on a laptop or a",
+             "cluster. Every command takes --help. Commands:", ""]
+    for c in registry.COMMANDS:
+        purpose = textwrap.wrap(c.purpose, 100 - width - 4)
+        lines.append(f"  {c.name:<{width}}  {purpose[0]}")
+        lines += [f"  {'':<{width}}  {more}" for more in purpose[1:]]
+        lines.append(f"  {'':<{width}}    e.g. {c.example}")
+    lines += ["", "Pipelines (antidote, mmgen, mirror) also take --profile offline|local|paper, --recipe FILE,",
+              "--set stage.key=value, --limit N, --dry-run (validate recipe, models and columns; load nothing)",
+              "and --address ADDR. Outputs: OUT/manifest.json, OUT/report.html, OUT/rejects/, OUT/errors/."]
+    return "\n".join(lines)
 
 
 def run_pipeline(name: str, argv: list[str]) -> int:
@@ -79,6 +88,7 @@ def run_pipeline(name: str, argv: list[str]) -> int:
         return 0
     if not recipe.input:
         raise ValueError("--input is required")
+    driver.check_inputs(recipe)  # before a cluster is started
     manifest = driver.run(module, recipe, ["python", "-m", "jobs", name, *argv], address=args.address)
     print()
     driver.print_funnel(manifest["funnel"])
@@ -96,8 +106,10 @@ def submit(argv: list[str]) -> int:
     ap.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "http://127.0.0.1:8265"),
                     help="Ray dashboard/jobs address of the cluster")
     ap.add_argument("--no-wait", action="store_true", help="return after submitting")
+    ap.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600,
+                    help="stop waiting after this many seconds (the job goes on; default one week)")
     args, rest = ap.parse_known_args(argv)
-    if args.pipeline not in COMMANDS:
+    if args.pipeline not in registry.BY_NAME or args.pipeline == "submit":
         _load(args.pipeline)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -120,7 +132,12 @@ def submit(argv: list[str]) -> int:
     print(f"submitted {job_id}: {entry}")
     if args.no_wait:
         return 0
+    deadline = time.monotonic() + args.wait_timeout
     while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        if time.monotonic() > deadline:
+            print(f"job {job_id}: still {status} after {args.wait_timeout:.0f} s; it goes on "
+                  f"(ray job status {job_id} --address {args.address})")
+            return 1
         time.sleep(2)
     print(client.get_job_logs(job_id)[-4000:])
     print(f"job {job_id}: {status}")
@@ -129,12 +146,12 @@ def submit(argv: list[str]) -> int:
 
 def status(argv: list[str]) -> int:
     """Print the per-stage funnel of a finished run from its manifest."""
-    from jobs.core import driver
+    from jobs.core import driver, store
 
     ap = argparse.ArgumentParser(prog="python -m jobs status")
     ap.add_argument("output")
     args = ap.parse_args(argv)
-    m = driver.load_manifest(args.output)
+    m = store.load_manifest(args.output)
     print(f"{m['pipeline']} run finished {m['finished']} ({m['wall_s']} s), profile {m['recipe']['profile']}")
     driver.print_funnel(m["funnel"])
     if m.get("placeholder_stages"):
@@ -148,21 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.core.recipe import RecipeError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help"}:
-        print(__doc__)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(usage())
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     try:
-        if cmd == "submit":
-            return submit(rest)
-        if cmd == "status":
-            return status(rest)
-        if cmd == "report":
-            from jobs.core import report
-
-            return report.main(rest)
-        if cmd in COMMANDS:
-            module, _, func = COMMANDS[cmd].partition(":")
+        entry = registry.BY_NAME.get(cmd)
+        if entry is not None and not entry.pipeline:
+            module, _, func = entry.target.partition(":")
             return getattr(importlib.import_module(module), func)(rest)
         return run_pipeline(cmd, rest)
     except (RecipeError, PlanError, FileNotFoundError, ValueError) as e:

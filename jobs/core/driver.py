@@ -36,13 +36,12 @@ from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pds
-import pyarrow.parquet as pq
 
 from actors.models import ModelResolutionError, ResolvedModel, resolve
-from jobs.core import stats
+from jobs.core import report, stats
 from jobs.core.recipe import Recipe, RecipeError
 from jobs.core.runtime import RAY_DATA_DEFAULTS, Stage, add_stage, forwarded_env
+from jobs.core.store import load_manifest, read_table, work, write_jsonl, write_table
 from udfs import io
 from udfs import rows as R
 
@@ -201,54 +200,9 @@ def describe_plan(p: Plan) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- storage of rows
-
-def work(out: str, *parts: str) -> str:
-    """URI of ``OUT/_work/<parts>`` (the run's internal state)."""
-    return io.join(out, "_work", *parts)
-
-
-def read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
-    """All parquet files under ``uri`` as one table, schemas unified (null → typed); None if absent.
-
-    A file that cannot be read (cut short by a killed writer) is skipped with a warning: its
-    rows were never committed to the checkpoint, so the next run computes them again.
-    """
-    files = io.list_files(uri, ".parquet")
-    if not files:
-        return None
-    fs, _ = io.filesystem(uri)
-    paths, schemas = [], []
-    for f in files:
-        path = io.filesystem(f)[1]
-        try:
-            schemas.append(pq.read_schema(path, filesystem=fs))
-            paths.append(path)
-        except (OSError, pa.ArrowInvalid) as e:
-            print(f"warning: skipping unreadable {f}: {e}", file=sys.stderr)
-    if not paths:
-        return None
-    schema = pa.unify_schemas(schemas, promote_options="permissive")
-    if columns is not None:
-        schema = pa.schema([schema.field(c) for c in columns if c in schema.names])
-    return pds.dataset(paths, schema=schema, filesystem=fs, format="parquet").to_table()
-
-
-def write_table(table: pa.Table, uri: str) -> None:
-    """Write one parquet file at ``uri`` (local or s3)."""
-    fs, path = io.filesystem(uri)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
-
-
-def write_jsonl(records: list[dict], uri: str) -> None:
-    """Write records as JSON lines at ``uri``."""
-    io.write_text(uri, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records))
-
-
 # ---------------------------------------------------------------- run
 
-def _ray_init(address: str | None) -> None:
+def ray_init(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -262,6 +216,15 @@ def _ray_init(address: str | None) -> None:
     else:  # a private local cluster, never someone else's
         ray.init(address="local", include_dashboard=False, runtime_env={"env_vars": env},
                  log_to_driver=False)
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Raise ``FileNotFoundError`` naming the option and the path when an input the recipe
+    names (``Recipe.input_uris``) does not exist, so a typo costs no cluster start."""
+    for option, uris in recipe.input_uris().items():
+        for uri in uris:
+            if not io.exists(uri):
+                raise FileNotFoundError(f"{option} {uri}: no such file or folder")
 
 
 def fingerprint(recipe: Recipe) -> dict:
@@ -439,9 +402,10 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         raise RecipeError("--output is required")
     out = recipe.output.rstrip("/")
     p = plan(pipeline, recipe)
+    check_inputs(recipe)
     started = datetime.now(timezone.utc)
     t0 = time.time()
-    _ray_init(address)
+    ray_init(address)
     import ray
 
     phases = phases_of(pipeline)
@@ -512,8 +476,6 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     io.write_text(io.join(out, "manifest.json"), json.dumps(manifest, indent=2, default=str))
-    from jobs.core import report  # imports this module
-
     report.write_quietly(out)
     return manifest
 
@@ -534,11 +496,3 @@ def _exactly_once(rows: pa.Table, input_table: pa.Table) -> pa.Table:
         raise RuntimeError(f"{len(missing)} input rows have no committed result (e.g. {sorted(missing)[:3]}); "
                            "rerun the same command to process them")
     return rows
-
-
-def load_manifest(out: str) -> dict:
-    """Read ``OUT/manifest.json``; raises ``FileNotFoundError`` naming the folder."""
-    uri = io.join(out, "manifest.json")
-    if not io.exists(uri):
-        raise FileNotFoundError(f"no manifest.json in {out} (has the run finished?)")
-    return json.loads(io.read_text(uri))

@@ -78,6 +78,11 @@ class Recipe(BaseModel):
                             "progress that a resumed run does not redo")
     stages: dict[str, StageConfig] = Field(default_factory=dict)
 
+    def input_uris(self) -> dict[str, list[str]]:
+        """Command-line option -> the paths or URIs it names that must exist before a run
+        starts (``--input``; pipelines add their own, e.g. MIRROR's ``--faces``)."""
+        return {"--input": [self.input] if self.input else []}
+
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from jobs.core import registry, store
 from udfs import io
 from udfs import rows as R
 
@@ -183,24 +184,24 @@ def galleries(out: str, manifest: dict) -> tuple[list[dict], list[dict]]:
     data URI, ``text``, ``scores``, ``stage``, ``reason``, ``audit``): for a pipeline, the
     committed rows of its ``REPORT`` phase; for a command, what its module's
     ``report_rows(out, manifest) -> (Gallery, kept, rejected)`` returns. Empty otherwise."""
-    from jobs.core import cli, driver
-
-    if "pipeline" not in manifest:  # a command: its module's report_rows(out, manifest), if any
-        module = cli.COMMANDS.get(manifest.get("command", ""), "").partition(":")[0]
-        hook = getattr(importlib.import_module(module), "report_rows", None) if module else None
+    entry = registry.command_for(manifest)
+    if entry is None:
+        return [], []
+    module = importlib.import_module(entry.module)
+    if not entry.pipeline:  # a command: its module's report_rows(out, manifest), if any
+        hook = getattr(module, "report_rows", None)
         found = hook(out, manifest) if hook else None
         if not found:
             return [], []
         spec, kept, dropped = found
         return _cards(kept[:GALLERY_SIZE], spec, out), _cards(dropped[:GALLERY_SIZE], spec, out)
-    module = cli.PIPELINES.get(manifest["pipeline"])
-    spec = getattr(importlib.import_module(module), "REPORT", None) if module else None
+    spec = getattr(module, "REPORT", None)
     if spec is None:
         return [], []
     single = spec.phase == "rows"
-    uri = io.join(driver.work(out) if single else driver.work(out, spec.phase), "rows")
+    uri = io.join(store.work(out) if single else store.work(out, spec.phase), "rows")
     wanted = [R.ID, *R.CONTROL_COLUMNS, *([spec.image] if spec.image else []), *spec.text, *spec.scores]
-    table = driver.read_table(uri, columns=list(dict.fromkeys(wanted)))
+    table = store.read_table(uri, columns=list(dict.fromkeys(wanted)))
     if table is None:
         return [], []
     rows = sorted(table.to_pylist(), key=lambda r: r[R.ID])
@@ -230,9 +231,7 @@ def build(out: str) -> str:
     """
     import jinja2
 
-    from jobs.core import driver
-
-    m = driver.load_manifest(out)
+    m = store.load_manifest(out)
     kept, rejected = galleries(out, m)
     env = jinja2.Environment(loader=jinja2.PackageLoader("jobs.core", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))

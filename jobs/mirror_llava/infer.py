@@ -509,9 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from ray import serve
 
-    from jobs.core.driver import _ray_init
+    from jobs.core.driver import ray_init
 
-    _ray_init(args.address)
+    ray_init(args.address)
     t0 = time.time()
     app_name = args.app or recipe.app_name
     if app is not None:

@@ -96,7 +96,7 @@ def main(argv: list[str]) -> int:
 
     from actors.models import resolve
     from actors.vlm_lora import check_reload, read_records, train_loop
-    from jobs.core.driver import _ray_init
+    from jobs.core.driver import ray_init
     from jobs.core.runtime import forwarded_env
 
     args = parser().parse_args(argv)
@@ -108,7 +108,7 @@ def main(argv: list[str]) -> int:
     if len(records) < args.workers:
         raise ValueError(f"{args.data}: {len(records)} records for {args.workers} workers")
     t0 = time.time()
-    _ray_init(args.address)
+    ray_init(args.address)
     import ray.data
 
     ds = ray.data.from_items(records)

@@ -11,15 +11,23 @@ model spec's ``backend`` picks the engine:
 - ``openai_batch`` (``actors.llm_batch``): MIRROR's original mode. ``write_batch_requests``
   writes OpenAI Batch API request files; after the provider ran them, this stage (with
   ``options.results``) joins the result files on ``custom_id`` = row id.
-- ``vllm`` (``actors.llm_vllm``): not an actor of ours — ``build_vllm_processor`` returns a
-  ``ray.data.llm`` processor (GPU only) that produces the same output columns.
+- ``vllm`` (``actors.llm_vllm``): vLLM's async engine, only inside a shared engine.
+
+In pipelines, local backends (``vllm``, ``transformers``) run in shared engines
+(``actors.llm_engine.LLMEngine``, a Ray Serve deployment per model spec): the stage gets
+``engine={"app", "deployment", "stage", "timeout_s"}`` and sends its batches there
+(``RemoteEngine``), so every stage naming one model uses one loaded copy of it. Without
+``engine`` the stage loads its own transformers model or API client (direct use, Serve apps).
 
 Output handling is shared: strip code fences, parse, validate against the row's output
 format; rows that fail are re-asked (all such rows of a batch together) with the error, up
 to ``max_repairs`` times; rows that still fail are rejected (``rows.ROW_REJECT``) with the
-error and the raw text. Other per-row failures (HTTP 400, retries exhausted, bad
-``messages``) become ``rows.ROW_ERROR`` = ``"ExceptionType: message"``. One bad row never
-fails the batch.
+error and the raw text. A prompt too long for the engine's context or the stage's
+``max_input_tokens`` is rejected before any generation (the reason names its token count).
+Other per-row failures (HTTP 400, retries exhausted, bad ``messages``) become
+``rows.ROW_ERROR`` = ``"ExceptionType: message"``. One bad row never fails the batch; a
+transient failure of the whole engine call (timeout, replica restarting) is raised so the
+runtime retries the rows.
 """
 from __future__ import annotations
 
@@ -37,12 +45,12 @@ from actors.llm_base import (
     LLMParams,
     LLMReply,
     LLMRequest,
+    PromptTooLongError,
     Sampling,
     describe_error,
     row_inputs,
 )
 from actors.llm_batch import read_batch_results, write_batch_requests
-from actors.llm_vllm import build_vllm_processor, vllm_processor_config
 from actors.models import ResolvedModel
 from udfs import rows
 from udfs.llm_output import (
@@ -67,9 +75,15 @@ class _RowResult:
     reject: str | None = None
 
 
-def make_engine(resolved: ResolvedModel, params: LLMParams) -> LLMEngine:
-    """Instantiate the engine for ``resolved.spec.backend``. Raises ``ValueError`` for an
-    unknown backend or for ``vllm`` (use ``build_vllm_processor``)."""
+def make_engine(resolved: ResolvedModel, params: LLMParams, engine: dict | None = None) -> LLMEngine:
+    """The engine for a stage: ``engine`` (``{"app", "deployment", "stage", "timeout_s"}``) -> a
+    ``RemoteEngine`` on that shared engine; else one for ``resolved.spec.backend`` in this
+    process. Raises ``ValueError`` for an unknown backend, or for ``vllm`` without a shared
+    engine (vLLM runs in engines only)."""
+    if engine:
+        from actors.llm_engine import RemoteEngine
+
+        return RemoteEngine(**engine)
     backend = resolved.spec.backend
     if backend == "transformers":
         from actors.llm_hf import TransformersEngine
@@ -84,7 +98,7 @@ def make_engine(resolved: ResolvedModel, params: LLMParams) -> LLMEngine:
 
         return BatchResultsEngine(resolved, params)
     if backend == "vllm":
-        raise ValueError("backend 'vllm' runs as a ray.data.llm processor: use actors.llm.build_vllm_processor")
+        raise ValueError("backend 'vllm' runs in a shared engine (actors.llm_engine): give the stage an engine")
     raise ValueError(f"unknown LLM backend {backend!r}; expected transformers, openai, openai_batch or vllm")
 
 
@@ -98,10 +112,11 @@ def _column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
 class LLMStage:
     """Ray Data actor: adds ``OUTPUT_COLUMNS`` (+ ``rows.ROW_ERROR``/``rows.ROW_REJECT``) to a batch.
 
-    ``__init__(model, params)``: ``model`` is ``ResolvedModel.model_dump()`` (a dict, so it
-    pickles into actors), ``params`` a dict of ``LLMParams`` fields. Loads the model / opens
-    the client once. Raises ``pydantic.ValidationError``/``ValueError`` for bad params and
-    the backend's load errors.
+    ``__init__(model, params, engine=None)``: ``model`` is ``ResolvedModel.model_dump()`` (a
+    dict, so it pickles into actors), ``params`` a dict of ``LLMParams`` fields, ``engine``
+    a shared engine's address (``make_engine``). Loads the model / opens the client once (or
+    only gets the engine's handle). Raises ``pydantic.ValidationError``/``ValueError`` for bad
+    params and the backend's load errors.
 
     ``__call__(batch)``: ``batch`` is ``dict[str, np.ndarray]`` (Ray Data
     ``batch_format="numpy"``; lists and pandas DataFrames are accepted too) with a
@@ -119,11 +134,11 @@ class LLMStage:
 
     Params = LLMParams
 
-    def __init__(self, model: dict, params: dict | None = None):
+    def __init__(self, model: dict, params: dict | None = None, engine: dict | None = None):
         self.resolved = ResolvedModel.model_validate(model)
         self.params = LLMParams.model_validate(params or {})
         self.default_format = self.params.output_format()
-        self.engine = make_engine(self.resolved, self.params)
+        self.engine = make_engine(self.resolved, self.params, engine)
         self._formats: dict[str, OutputFormat] = {}
 
     @classmethod
@@ -163,7 +178,8 @@ class LLMStage:
             except rows.InputError as err:  # one bad row never fails the batch
                 results[i].error = describe_error(err)
                 continue
-            out.append(LLMRequest(index=i, row_id=rid, messages=msgs, sampling=samp, fmt=fmt, original=msgs))
+            out.append(LLMRequest(index=i, row_id=rid, messages=msgs, sampling=samp, fmt=fmt, original=msgs,
+                                  max_input_tokens=self.params.max_input_tokens))
         return out
 
     # ------------------------------------------------------------------ generation loop
@@ -173,12 +189,18 @@ class LLMStage:
         while pending:
             try:
                 replies = self.engine.generate(pending)
-            except Exception as e:  # engine-wide failure: every pending row errors
+            except Exception as e:  # engine-wide failure: retried by the runtime, else every pending row errors
+                if getattr(self.engine, "is_transient", lambda _: False)(e):
+                    raise
                 replies = [e] * len(pending)
             retry = []
             for req, rep in zip(pending, replies):
                 r = results[req.index]
                 r.attempts = attempt
+                if isinstance(rep, PromptTooLongError):  # a filter's verdict, before any generation
+                    r.prompt_tokens += rep.tokens
+                    r.reject = f"PromptTooLong: {rep}"
+                    continue
                 if isinstance(rep, BaseException):
                     r.error = self.engine.describe_error(rep)
                     continue
@@ -220,5 +242,4 @@ class LLMStage:
 
 
 __all__ = ["LLMParams", "LLMStage", "Sampling", "LLMRequest", "LLMReply", "LLMEngine", "OUTPUT_COLUMNS",
-           "OPTIONAL_INPUT_COLUMNS", "describe_error",
-           "write_batch_requests", "read_batch_results", "build_vllm_processor", "vllm_processor_config"]
+           "OPTIONAL_INPUT_COLUMNS", "describe_error", "write_batch_requests", "read_batch_results"]

@@ -1,4 +1,7 @@
-"""Shared types of the LLM stage and its backends: parameters, requests, replies.
+"""Shared types of the LLM stage and its backends: parameters, requests, replies, and the wire
+form in which requests and replies travel between a stage and a shared engine
+(``actors.llm_engine``; plain JSON-able dicts, so an engine may run in another virtual
+environment, e.g. the CPU build of vLLM).
 
 Kept apart from ``actors.llm`` so backends (``llm_hf``, ``llm_openai``, ``llm_batch``,
 ``llm_vllm``) can import them without importing the stage (no import cycles).
@@ -60,6 +63,10 @@ class LLMParams(Sampling):
                                                   "(with the error) before the row is rejected.")
     system_prompt: str | None = Field(None, description="System message prepended to rows whose messages do "
                                                         "not start with a system message.")
+    max_input_tokens: int | None = Field(None, ge=1, description="Longest chat-templated prompt in tokens; a "
+                                         "longer row is rejected before any generation, its reason naming the "
+                                         "count (the engine's context window always applies too). Keeps one "
+                                         "oversized input from costing a batch its throughput.")
 
     @model_validator(mode="after")
     def _one_format(self):
@@ -89,6 +96,7 @@ class LLMRequest:
     sampling: dict[str, Any]
     fmt: OutputFormat
     original: list[dict[str, Any]] = field(default_factory=list)
+    max_input_tokens: int | None = None
 
 
 @dataclass
@@ -99,6 +107,67 @@ class LLMReply:
     finish_reason: str | None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+class PromptTooLongError(ValueError):
+    """A chat-templated prompt longer than the engine's context window or the stage's
+    ``max_input_tokens``. Raised (returned as a reply) before any generation; the stage
+    rejects the row with this message, which names the token count."""
+
+    def __init__(self, tokens: int, limit: int, what: str):
+        self.tokens, self.limit, self.what = int(tokens), int(limit), what
+        super().__init__(f"prompt has {self.tokens} tokens; {what} is {self.limit}")
+
+
+def check_prompt_length(tokens: int, context: int | None, max_input_tokens: int | None) -> None:
+    """Raise ``PromptTooLongError`` when ``tokens`` leaves no room to generate in a ``context``
+    window (tokens >= context) or exceeds ``max_input_tokens``."""
+    if context and tokens >= context:
+        raise PromptTooLongError(tokens, context - 1, "the most the model's context window leaves room for")
+    if max_input_tokens and tokens > max_input_tokens:
+        raise PromptTooLongError(tokens, max_input_tokens, "the stage's max_input_tokens")
+
+
+class EngineError(RuntimeError):
+    """A per-request failure reported by a shared engine; ``str()`` is the engine's
+    ``"ExceptionType: message"`` text, kept as the row's error."""
+
+
+def request_to_wire(req: "LLMRequest") -> dict[str, Any]:
+    """``LLMRequest`` -> a JSON-able dict for a shared engine (the format travels as kind,
+    schema and grammar; the pydantic model class of a schema stays with the stage)."""
+    return {"index": req.index, "row_id": req.row_id, "messages": req.messages, "sampling": req.sampling,
+            "format": {"kind": req.fmt.kind, "schema": req.fmt.schema, "grammar": req.fmt.grammar},
+            "max_input_tokens": req.max_input_tokens}
+
+
+def request_from_wire(d: dict[str, Any]) -> "LLMRequest":
+    """The engine side of ``request_to_wire``."""
+    f = d.get("format") or {}
+    return LLMRequest(index=int(d["index"]), row_id=d.get("row_id"), messages=d["messages"], sampling=d["sampling"],
+                      fmt=OutputFormat(kind=f.get("kind", "text"), schema=f.get("schema"), grammar=f.get("grammar")),
+                      max_input_tokens=d.get("max_input_tokens"))
+
+
+def reply_to_wire(rep: "LLMReply | BaseException") -> dict[str, Any]:
+    """A reply, a ``PromptTooLongError`` or another per-request exception -> a JSON-able dict."""
+    if isinstance(rep, PromptTooLongError):
+        return {"too_long": rep.tokens, "limit": rep.limit, "what": rep.what}
+    if isinstance(rep, BaseException):
+        return {"error": error_text(rep)}
+    return {"text": rep.text, "finish_reason": rep.finish_reason, "prompt_tokens": int(rep.prompt_tokens or 0),
+            "completion_tokens": int(rep.completion_tokens or 0)}
+
+
+def reply_from_wire(d: dict[str, Any]) -> "LLMReply | BaseException":
+    """The stage side of ``reply_to_wire``: an ``LLMReply``, a ``PromptTooLongError`` or an
+    ``EngineError``."""
+    if "too_long" in d:
+        return PromptTooLongError(d["too_long"], d["limit"], d.get("what") or "the limit")
+    if "error" in d:
+        return EngineError(d["error"])
+    return LLMReply(text=d["text"], finish_reason=d.get("finish_reason"), prompt_tokens=int(d.get("prompt_tokens") or 0),
+                    completion_tokens=int(d.get("completion_tokens") or 0))
 
 
 class LLMEngine(Protocol):
@@ -113,8 +182,14 @@ class LLMEngine(Protocol):
     def describe_error(self, exc: BaseException) -> str:
         """``"ExceptionType: message"`` for ``ROW_ERROR``, with secrets removed."""
 
+    def is_transient(self, exc: BaseException) -> bool:
+        """True when ``exc`` (raised by ``generate`` as a whole) may pass on a retry: the stage
+        then re-raises it so the runtime retries the rows (``jobs.core.runtime``)."""
 
-describe_error = error_text  # default ROW_ERROR text: "ExceptionType: message"
+
+def describe_error(exc: BaseException) -> str:
+    """Default ``ROW_ERROR`` text: ``"ExceptionType: message"``; an engine's own text as is."""
+    return str(exc) if isinstance(exc, EngineError) else error_text(exc)
 
 
 def row_inputs(row_id: str, messages: Any, sampling: Any, params: "LLMParams",

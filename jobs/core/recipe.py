@@ -24,6 +24,60 @@ class RecipeError(ValueError):
     """A recipe cannot be read, an override is malformed, or validation failed (one line)."""
 
 
+class RuntimeEnvConfig(BaseModel):
+    """The Ray runtime environment a stage's tasks/actors or an engine's replicas run in
+    (``ray.runtime_env.RuntimeEnv``; checked with Ray's own validation and, for
+    ``py_executable``, by running the interpreter at planning time, ``jobs.core.engines``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    py_executable: str | None = Field(None, description="Python interpreter of another virtual environment "
+                                      "(e.g. .venv-vllm/bin/python, the CPU build of vLLM that scripts/setup.sh "
+                                      "builds); a relative path is taken from the repository root when it exists "
+                                      "there. It needs the same Python minor version and Ray version as the "
+                                      "driver, and this project importable.")
+    pip: list[str] | None = Field(None, description="Packages Ray installs for these workers (requirement strings).")
+    env_vars: dict[str, str] = Field(default_factory=dict, description="Environment variables of these workers "
+                                     "(added to the ones every stage gets, e.g. HF_HUB_OFFLINE).")
+    image_uri: str | None = Field(None, description="Container image the workers run in (Ray's image_uri; only "
+                                  "env_vars may be combined with it).")
+
+    def ray_dict(self) -> dict[str, Any]:
+        """The ``runtime_env`` dict for Ray (unset fields left out)."""
+        return self.model_dump(exclude_none=True, exclude_defaults=True)
+
+
+class EngineConfig(BaseModel):
+    """A shared LLM engine (``actors.llm_engine``): one loaded model served by a Ray Serve
+    deployment to every LLM stage that names it (``stages.X.engine``) or names the same model
+    spec. Replicas autoscale between ``min_replicas`` and ``max_replicas`` (Serve autoscaling on
+    ongoing requests); each replica reserves ``num_cpus``/``num_gpus``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSpec = Field(description="Model spec of a local backend: vllm or transformers")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (fractional shares a GPU)")
+    min_replicas: int = Field(1, ge=1, description="Replicas started with the run (and kept while it runs)")
+    max_replicas: int = Field(1, ge=1, description="Most replicas Serve autoscaling may start")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests (one per call of a stage batch) a replica "
+                                      "accepts at once; more queue in Serve")
+    batches_in_flight: int = Field(2, ge=1, description="Batches each stage using this engine sends at once "
+                                   "(concurrent Ray Data tasks of the stage): with several stages this keeps the "
+                                   "engine's continuous batching fed without starting a process per row")
+    request_timeout_s: float = Field(900.0, gt=0, description="How long a stage waits for one batch's replies "
+                                     "before the batch fails with TimeoutError (retried like other transient "
+                                     "errors)")
+    runtime_env: RuntimeEnvConfig | None = Field(None, description="Runtime environment of the replicas (e.g. the "
+                                                 "CPU vLLM venv's py_executable)")
+
+    @model_validator(mode="after")
+    def _replicas(self):
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
 class StageConfig(BaseModel):
     """Per-stage settings. Model stages run in an actor pool; pure stages run as tasks.
 
@@ -36,6 +90,13 @@ class StageConfig(BaseModel):
 
     enabled: bool = Field(True, description="False skips the stage (its outputs are not produced)")
     model: ModelSpec | None = Field(None, description="Model for model stages; None for pure stages")
+    engine: str | None = Field(None, description="LLM stages: name of an entry of the recipe's engines (the "
+                               "stage then takes its model from there). An LLM stage with a local model "
+                               "(vllm/transformers) and no engine name gets the engine of its model spec, "
+                               "shared with every stage naming the same spec, with this stage's num_cpus/"
+                               "num_gpus/pool as the engine's replicas")
+    runtime_env: RuntimeEnvConfig | None = Field(None, description="Runtime environment of this stage's tasks "
+                                                 "or actors (py_executable, pip, env_vars, image_uri)")
     batch_size: int = Field(8, ge=1, description="Rows per map_batches call (one forward pass)")
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per task/actor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractional shares a GPU)")
@@ -74,8 +135,13 @@ class Recipe(BaseModel):
     output: str | None = Field(None, description="Output folder path or s3:// URI")
     limit: int | None = Field(None, ge=1, description="Process at most this many input rows")
     seed: int = Field(0, description="Seed for sampling/shuffling (per-row seeds derive from ids)")
-    block_rows: int = Field(16, ge=1, description="Input rows per Ray Data block: the unit of "
-                            "progress that a resumed run does not redo")
+    block_rows: int | None = Field(None, ge=1, description="Input rows per Ray Data block: the unit of progress "
+                                   "that a resumed run does not redo, and the largest batch a stage gets. None "
+                                   "(default): sized from the input (jobs.core.driver.block_rows_for): one row "
+                                   "per block for small runs so every stage has work while the others run, up "
+                                   "to 16 rows for large ones")
+    engines: dict[str, EngineConfig] = Field(default_factory=dict, description="Shared LLM engines by name "
+                                             "(stages name them with `engine:`)")
     stages: dict[str, StageConfig] = Field(default_factory=dict)
 
     def input_uris(self) -> dict[str, list[str]]:

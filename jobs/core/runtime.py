@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -242,25 +243,55 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
 
 
-def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False):
+#: CPU share of an LLM stage's tasks when a shared engine does the generation (they build
+#: requests, wait for replies, validate and re-ask)
+ENGINE_CLIENT_NUM_CPUS = 0.05
+
+
+@functools.lru_cache(maxsize=32)
+def _engine_client(target: str, model_json: str, params_json: str, engine_json: str):
+    """The stage object of an engine-backed LLM stage, made once per worker process."""
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)(model=json.loads(model_json), params=json.loads(params_json),
+                                                          engine=json.loads(engine_json))
+
+
+def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_rows: int | None = None,
+              engine: dict | None = None, engine_tasks: int = 2):
     """Append ``stage`` to the Ray dataset ``ds`` with the recipe's ``cfg`` (a StageConfig).
 
     Task stages become a task ``map_batches``; actor stages an actor pool
     (``ActorPoolStrategy(min_size, max_size)``) with ``num_cpus``/``num_gpus`` from the
-    recipe. The operator carries the stage's name, so Ray Data's progress and statistics
-    show it. ``resolved`` is the stage's ``ResolvedModel`` (placeholder flag, load path).
+    recipe. An LLM stage with a shared ``engine`` (``jobs.core.engines.EngineSet.ref``) runs
+    as at most ``engine_tasks`` concurrent tasks of ``ENGINE_CLIENT_NUM_CPUS`` that send their
+    batches to the engine. ``batch_size`` is capped at ``block_rows`` (Ray Data would
+    otherwise merge blocks into one batch, and a small run would stop streaming). The
+    operator carries the stage's name, so Ray Data's progress and statistics show it.
+    ``resolved`` is the stage's ``ResolvedModel`` (placeholder flag, load path); the stage's
+    ``runtime_env`` is passed to Ray with the forwarded environment variables.
     """
     import ray.data
+
+    from jobs.core.engines import ray_runtime_env
 
     _, outputs = stage.columns(cfg.params)
     run = StageRun(name=stage.name, outputs=tuple(outputs), filter=stage.filter, audit=audit,
                    placeholder=bool(resolved is not None and resolved.placeholder),
                    max_retries=cfg.max_retries, rename=tuple(stage.rename.items()))
-    common = dict(batch_size=cfg.batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus,
-                  zero_copy_batch=True)
-    env = forwarded_env()
+    batch_size = min(cfg.batch_size, block_rows) if block_rows else cfg.batch_size
+    common = dict(batch_size=batch_size, batch_format="pyarrow", num_cpus=cfg.num_cpus, zero_copy_batch=True)
+    env = ray_runtime_env(cfg.runtime_env, forwarded_env())
     if env:
-        common["runtime_env"] = {"env_vars": env}
+        common["runtime_env"] = env
+    if engine is not None:
+        client = (stage.target, json.dumps(resolved.model_dump(mode="json")),
+                  json.dumps(stage.merged(cfg.params), default=str), json.dumps(engine))
+
+        def call(table: pa.Table) -> pa.Table:
+            return apply_stage(table, _engine_client(*client), run)
+        call.__name__ = call.__qualname__ = stage.name
+        return ds.map_batches(call, compute=ray.data.TaskPoolStrategy(size=engine_tasks),
+                              **{**common, "num_cpus": ENGINE_CLIENT_NUM_CPUS})
     if stage.is_actor:
         named = type(stage.name, (StageActor,), {"__module__": __name__})
         lo, hi = cfg.pool_bounds()

@@ -38,6 +38,7 @@ from jobs.core.report import Gallery
 from jobs.core.runtime import Stage, llm_stage
 from udfs import io
 from udfs import mmgen as M
+from udfs import mmgen_output as MO
 from udfs import rows as R
 
 INPUT_COLUMNS = ("keyword", "subgroup", "mode", "candidate", "image_1", "icl_indices", "prompt", "num_gen",
@@ -119,10 +120,10 @@ def make_records(batch: dict, params, audit: bool = False) -> dict:
     res = {k: [] for k in ("items", "records", "n_items", "n_records", "count_mismatch", R.ROW_REJECT)}
     for i in range(len(batch["id"])):
         mode, num = batch["mode"][i], int(batch["num_gen"][i])
-        items, report = M.parse_items(mode, batch["generate_parsed"][i], num)
+        items, report = MO.parse_items(mode, batch["generate_parsed"][i], num)
         prompt = {"id": batch["id"][i], "keyword": batch["keyword"][i], "image_1": batch["image_1"][i],
                   "icl_indices": [int(x) for x in batch["icl_indices"][i]]}
-        recs = M.records_for(mode, items, prompt, batch["dataset_description"][i])
+        recs = MO.records_for(mode, items, prompt, batch["dataset_description"][i])
         res["items"].append(json.dumps(items, ensure_ascii=False))
         res["records"].append(json.dumps(recs, ensure_ascii=False))
         res["n_items"].append(len(items))
@@ -138,10 +139,10 @@ def stages(recipe: MMGenRecipe) -> list[Stage]:
     """The row stages, in order. Stage names are the keys of the recipe's ``stages``."""
     num = _num(recipe)
     max_items = 2 * num
-    schema = M.item_schema(recipe.mode, num, recipe.max_chars, recipe.charset, max_items)
+    schema = MO.item_schema(recipe.mode, num, recipe.max_chars, recipe.charset, max_items)
     gen_defaults = {"response_schema": schema}
     if recipe.charset == "ascii":  # a budget the grammar's worst case always fits (notes/mmgen-vlm.md §3)
-        gen_defaults["max_tokens"] = M.worst_case_tokens(recipe.mode, max_items, recipe.max_chars) + 8
+        gen_defaults["max_tokens"] = MO.worst_case_tokens(recipe.mode, max_items, recipe.max_chars) + 8
     return [
         Stage("build_messages", build_messages, ("mode", "prompt", "num_gen", "dataset_description"), ("messages",)),
         llm_stage("generate", None, True, **gen_defaults),
@@ -350,7 +351,7 @@ def export(rows: pa.Table, recipe: MMGenRecipe, out: str) -> dict:
     funnel = []
     kept, dropped = samples, []
     if has_loss and samples:
-        mask = M.select_highest([s["loss"] for s in samples], recipe.keep_fraction, [s["id"] for s in samples])
+        mask = MO.select_highest([s["loss"] for s in samples], recipe.keep_fraction, [s["id"] for s in samples])
         kept_losses = [s["loss"] for s, m in zip(samples, mask) if m]
         threshold = min(kept_losses) if kept_losses else None
         would = [s for s, m in zip(samples, mask) if not m]
@@ -372,7 +373,7 @@ def export(rows: pa.Table, recipe: MMGenRecipe, out: str) -> dict:
                  "len_samples": len(kept), "samples": kept}
     io.write_text(io.join(out, "generated.json"), json.dumps(generated, indent=1, ensure_ascii=False))
     io.write_text(io.join(out, "llava_train.json"),
-                  json.dumps([M.llava_record(s) for s in kept], indent=1, ensure_ascii=False))
+                  json.dumps([MO.llava_record(s) for s in kept], indent=1, ensure_ascii=False))
     mismatch = sum(1 for v in ok.column("count_mismatch").to_pylist() if v) if "count_mismatch" in ok.column_names \
         else 0
     return {"prompts_ok": ok.num_rows, "samples_generated": len(samples), "samples_kept": len(kept),

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from udfs import mmgen as M
+from udfs import mmgen_output as MO
 from udfs import rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -181,61 +182,61 @@ PROMPT = {"id": "p00-000001", "keyword": "bar", "icl_indices": [3], "image_1": "
 
 
 def test_parse_items_cleans_and_counts():
-    items, rep = M.parse_items("vqa_nr", json.dumps([{"Q": "What <image> is max?", "A": "7", "choices": ["6", "7"]},
+    items, rep = MO.parse_items("vqa_nr", json.dumps([{"Q": "What <image> is max?", "A": "7", "choices": ["6", "7"]},
                                                      {"Q": "<b></b>", "A": "x"}]), 3)
     assert items == [{"Q": "What  is max?\nA. 6\nB. 7", "A": "7"}]
     assert rep == {"expected": 3, "returned": 2, "kept": 1, "count_mismatch": True}
-    _, rep = M.parse_items("descript", [{"A": "a"}, {"A": "b"}], 2)
+    _, rep = MO.parse_items("descript", [{"A": "a"}, {"A": "b"}], 2)
     assert rep["count_mismatch"] is False
 
 
 def test_record_rules_per_mode():
-    vqa = M.records_for("vqa", [{"Q": "Q1", "R": "because", "A": "B"}], PROMPT, "Chart QA.")
+    vqa = MO.records_for("vqa", [{"Q": "Q1", "R": "because", "A": "B"}], PROMPT, "Chart QA.")
     assert [r["id"] for r in vqa] == ["p00-000001-0-0", "p00-000001-0-1"]
-    assert vqa[0]["conversations"][0]["value"] == f"<image>\nQ1\n{M.REASONING_REQUEST}"
+    assert vqa[0]["conversations"][0]["value"] == f"<image>\nQ1\n{MO.REASONING_REQUEST}"
     assert vqa[0]["conversations"][1]["value"] == "because\nB" and vqa[1]["conversations"][1]["value"] == "B"
     assert all(r["image_1"] == "c/x.png" and r["keyword"] == "bar" and r["icl_indices"] == [3]
                and r["mode"] == "vqa" and r["prompt_id"] == "p00-000001" for r in vqa)
-    nr = M.records_for("vqa_nr", [{"Q": "Q1", "A": "B"}, {"Q": "Q2", "A": "C"}], PROMPT, "Chart QA.")
+    nr = MO.records_for("vqa_nr", [{"Q": "Q1", "A": "B"}, {"Q": "Q2", "A": "C"}], PROMPT, "Chart QA.")
     assert len(nr) == 2 and nr[1]["conversations"] == [{"from": "human", "value": "<image>\nQ2"},
                                                       {"from": "gpt", "value": "C"}]
-    tqa = M.records_for("tqa", [{"I": "A bar chart of rain.", "Q": "Q1", "R": "r", "A": "A"}], PROMPT, "Chart QA.")
+    tqa = MO.records_for("tqa", [{"I": "A bar chart of rain.", "Q": "Q1", "R": "r", "A": "A"}], PROMPT, "Chart QA.")
     assert "image_1" not in tqa[0] and "<image>" not in tqa[0]["conversations"][0]["value"]
     assert tqa[0]["conversations"][0]["value"].startswith("A bar chart of rain.\nQ1") and tqa[1]["image_1"] == "c/x.png"
-    d = M.records_for("descript", [{"A": "desc"}], PROMPT, "Chart QA.")
+    d = MO.records_for("descript", [{"A": "desc"}], PROMPT, "Chart QA.")
     assert d[0]["conversations"][0]["value"] == "<image>\nDescribe the image as an expert in Chart QA."
-    assert M.records_for("descript_task_desc", [{"A": "d"}], PROMPT, "Maps")[0]["conversations"][0]["value"] \
+    assert MO.records_for("descript_task_desc", [{"A": "d"}], PROMPT, "Maps")[0]["conversations"][0]["value"] \
         == "<image>\nDescribe the image as an expert in Maps."
-    assert M.records_for("generic", [{"A": "d"}], PROMPT, "Maps")[0]["conversations"][0]["value"] \
+    assert MO.records_for("generic", [{"A": "d"}], PROMPT, "Maps")[0]["conversations"][0]["value"] \
         == "<image>\nDescribe the image."
-    assert M.llava_record(tqa[0]) == {"id": tqa[0]["id"], "conversations": tqa[0]["conversations"]}
-    assert M.llava_record(d[0])["image"] == "c/x.png"
+    assert MO.llava_record(tqa[0]) == {"id": tqa[0]["id"], "conversations": tqa[0]["conversations"]}
+    assert MO.llava_record(d[0])["image"] == "c/x.png"
 
 
 def test_item_schema_bounds_and_validation():
     import jsonschema
 
-    s = M.item_schema("vqa", 2, max_chars=10, charset="ascii")
+    s = MO.item_schema("vqa", 2, max_chars=10, charset="ascii")
     jsonschema.validate([{"Q": "Which bar?", "R": "tallest", "A": "B"}], s)
     for bad in ([], [{"Q": "x" * 11, "R": "r", "A": "a"}], [{"Q": "q", "A": "a"}], [{"Q": "<image>", "R": "r", "A": "a"}],
                 [{"Q": "q", "R": "r", "A": "a"}] * 5):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, s)
-    assert M.worst_case_tokens("vqa_nr", 2, 24) == 136
-    assert M.item_schema("generic", 1)["items"]["required"] == ["A"]
+    assert MO.worst_case_tokens("vqa_nr", 2, 24) == 136
+    assert MO.item_schema("generic", 1)["items"]["required"] == ["A"]
 
 
 def test_select_highest_exact_fraction_and_ties():
     losses = [0.5, 2.0, 1.0, 2.0, None, 0.1, 3.0]
-    keep = M.select_highest(losses, 0.5, [f"s{i}" for i in range(7)])
+    keep = MO.select_highest(losses, 0.5, [f"s{i}" for i in range(7)])
     assert sum(keep) == 3 and [i for i, k in enumerate(keep) if k] == [1, 3, 6]
-    keep = M.select_highest([1.0] * 5, 0.4, ["e", "d", "c", "b", "a"])
+    keep = MO.select_highest([1.0] * 5, 0.4, ["e", "d", "c", "b", "a"])
     assert [i for i, k in enumerate(keep) if k] == [3, 4]  # ties broken by id
     rng = np.random.default_rng(0)
     for n in (1, 2, 7, 100):
-        assert sum(M.select_highest(list(rng.random(n)), 0.5)) == -(-n // 2)
+        assert sum(MO.select_highest(list(rng.random(n)), 0.5)) == -(-n // 2)
     with pytest.raises(ValueError):
-        M.select_highest([1.0], 0)
+        MO.select_highest([1.0], 0)
 
 
 # ============================================================================ image inlining
@@ -342,7 +343,7 @@ def test_openai_vision_payload_429_and_fixer(vision_api, tmp_path):
         rows_msgs.append(json.dumps(msgs))
     model = resolve({"backend": "openai", "model": "gpt-4o", "options": {
         "base_url": vision_api.base_url, "api_key_env": None, "backoff_s": 0.01, "image_max_side": 128}}).model_dump()
-    stage = LLMStage(model, {"response_schema": M.item_schema("vqa_nr", 1), "max_repairs": 2})
+    stage = LLMStage(model, {"response_schema": MO.item_schema("vqa_nr", 1), "max_repairs": 2})
     out = stage({"id": np.array(ids, dtype=object), "messages": np.array(rows_msgs, dtype=object)})
     assert list(out[rows.ROW_ERROR]) == [None] * 3 and list(out[rows.ROW_REJECT]) == [None] * 3
     assert [json.loads(p)[0]["A"] for p in out["parsed"]] == ["B"] * 3
@@ -381,9 +382,9 @@ def test_tiny_llava_generation_with_images_is_constrained(tiny_llava, tmp_path):
     from actors.llm import LLMStage
 
     a, b = _img(tmp_path, "a.png", (255, 0, 0)), _img(tmp_path, "b.png", (0, 0, 255))
-    schema = M.item_schema("vqa_nr", 1, max_chars=12, charset="ascii")
+    schema = MO.item_schema("vqa_nr", 1, max_chars=12, charset="ascii")
     stage = LLMStage(tiny_llava, {"temperature": 1.0, "seed": 0, "response_schema": schema,
-                                  "max_tokens": M.worst_case_tokens("vqa_nr", 2, 12) + 4, "max_repairs": 0})
+                                  "max_tokens": MO.worst_case_tokens("vqa_nr", 2, 12) + 4, "max_repairs": 0})
     task = {"image_folder": str(tmp_path), "samples": [{"id": "r", "image_1": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]}
     msgs = [json.dumps(M.chat_messages("vqa_nr", "d", M.prompt_items("vqa_nr", task, [0], c), 1))
@@ -416,7 +417,7 @@ def test_answer_loss_batched_equals_one_by_one(tiny_llava, tmp_path):
     for i in range(5):
         items = [{"Q": f"Which bar is tallest number {i}?" + " really" * i, "R": "the blue one" * (1 + i % 2),
                   "A": ["A", "B. blue", "C", "D. no", "E"][i]}]
-        recs.append(json.dumps(M.records_for("vqa", items, {**PROMPT, "id": f"p{i}"}, "Chart QA.")))
+        recs.append(json.dumps(MO.records_for("vqa", items, {**PROMPT, "id": f"p{i}"}, "Chart QA.")))
     batch = {"id": np.array([f"p{i}" for i in range(5)], dtype=object), "records": np.array(recs, dtype=object),
              "candidate": np.array(imgs, dtype=object)}
     together = AnswerLoss(tiny_llava, {"max_batch_size": 10})(batch)
@@ -427,7 +428,7 @@ def test_answer_loss_batched_equals_one_by_one(tiny_llava, tmp_path):
     assert [t for row in together["answer_tokens"] for t in row] == [t for row in alone["answer_tokens"] for t in row]
     assert len({round(x, 5) for x in a.ravel()}) > 5  # real per-sample values, not a batch mean
     # text-only records (tqa's first) are scored without an image; a missing image is a row error
-    tqa = json.dumps(M.records_for("tqa", [{"I": "A chart.", "Q": "Q?", "R": "r", "A": "A"}], PROMPT, "d"))
+    tqa = json.dumps(MO.records_for("tqa", [{"I": "A chart.", "Q": "Q?", "R": "r", "A": "A"}], PROMPT, "d"))
     out = AnswerLoss(tiny_llava, {})({"id": np.array(["t", "u"], dtype=object),
                                       "records": np.array([tqa, tqa], dtype=object),
                                       "candidate": np.array([imgs[0], str(tmp_path / "nope.png")], dtype=object)})

@@ -1,0 +1,173 @@
+"""MM-GEN pure logic, output side: the reply schema, reply parsing, LLaVA records, the loss filter.
+
+Stage 3's reply of a vision LLM (SPEC D5/D6) is validated against ``item_schema`` and turned
+into clean items (``parse_items``) and per-mode LLaVA-format records (``records_for``);
+stage 4 keeps the samples with the highest target-model loss (``select_highest``, SPEC D7).
+Pure Python (no Ray, no model); the prompts and the input side live in ``udfs.mmgen``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Sequence
+
+from udfs.mmgen import ANY_TAG, DESCRIPTION_MODES, ITEM_KEYS, LETTERS
+
+# ----------------------------------------------------------------------------- output schema
+
+#: printable ASCII without quote, backslash and angle brackets: decodes one token per char at
+#: worst, so a grammar's token budget is bounded (notes/mmgen-vlm.md §3, traps T4/T6)
+ASCII_CHARS = r"A-Za-z0-9 ,.?!'()%:;/+=*&#$@_-"
+
+
+def item_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any",
+                max_items: int | None = None) -> dict[str, Any]:
+    """JSON schema of a reply: an array of 1..``max_items`` (default ``2 * num``) objects with
+    exactly the mode's keys, each a string of 1..``max_chars`` characters.
+
+    ``charset="ascii"``: the bound lives inside a ``pattern`` over ``ASCII_CHARS`` (xgrammar
+    ignores ``maxLength`` next to a ``pattern``; a pattern also keeps control bytes, quotes
+    and ``<image>`` out — notes/mmgen-vlm.md §3), so constrained decoding of a random model
+    always fits ``max_tokens >= worst_case_tokens(...)``. ``charset="any"``: plain
+    ``minLength``/``maxLength`` strings (API models; the count is only validated).
+    """
+    if charset not in ("ascii", "any"):
+        raise ValueError(f"charset must be 'ascii' or 'any', got {charset!r}")
+    if charset == "ascii":
+        s = {"type": "string", "pattern": f"^[{ASCII_CHARS}]{{1,{max_chars}}}$"}
+    else:
+        s = {"type": "string", "minLength": 1, "maxLength": max_chars}
+    keys = ITEM_KEYS[mode]
+    return {"type": "array", "minItems": 1, "maxItems": max_items or 2 * num,
+            "items": {"type": "object", "required": list(keys), "additionalProperties": False,
+                      "properties": {k: dict(s) for k in keys}}}
+
+
+def worst_case_tokens(mode: str, max_items: int, max_chars: int) -> int:
+    """Upper bound on the tokens of a compact reply to ``item_schema(..., charset="ascii")``
+    (one token per character at worst): ``2 + N * (2 + sum over keys (8 + L)) + 2 (N - 1)``."""
+    per_item = 2 + sum(8 + max_chars for _ in ITEM_KEYS[mode])
+    return 2 + max_items * per_item + 2 * (max_items - 1)
+
+
+def clean_generated(text: Any) -> str:
+    """Generated text with ``<…>`` tags removed (the original stripped them; a leaked
+    ``<image>`` would add a bogus image placeholder to a LLaVA record) and whitespace trimmed."""
+    return ANY_TAG.sub("", str(text)).strip()
+
+
+def parse_items(mode: str, parsed: Any, num: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    """Validated reply → clean items and a report.
+
+    ``parsed``: the JSON array (or its JSON string). Every item keeps the mode's keys (tags
+    stripped); a ``choices`` key, when present, is appended to the question as lettered lines
+    (SPEC D6). Items missing a key or left empty are dropped. Report: ``expected`` (= ``num``),
+    ``returned``, ``kept``, ``count_mismatch`` (kept != expected; recorded, never rejected, as
+    in the original which only logged it).
+    """
+    if isinstance(parsed, str):
+        parsed = json.loads(parsed)
+    if isinstance(parsed, dict):
+        parsed = [parsed]
+    if not isinstance(parsed, list):
+        raise ValueError(f"expected a JSON array of items, got {type(parsed).__name__}")
+    keys = ITEM_KEYS[mode]
+    items = []
+    for it in parsed:
+        if not isinstance(it, dict):
+            continue
+        clean = {k: clean_generated(it.get(k, "")) for k in keys}
+        if "Q" in clean and it.get("choices"):
+            ch = it["choices"]
+            extra = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(ch)) if isinstance(ch, list) else str(ch)
+            clean["Q"] = f"{clean['Q']}\n{clean_generated(extra)}"
+        if all(clean[k] for k in keys):
+            items.append(clean)
+    report = {"expected": num, "returned": len(parsed), "kept": len(items), "count_mismatch": len(items) != num}
+    return items, report
+
+
+# ----------------------------------------------------------------------------- records
+
+REASONING_REQUEST = "Think it through step by step, then give the answer."
+CONCISE_REQUEST = "Answer briefly."
+
+
+def describe_request(mode: str, dataset_description: str) -> str:
+    """Human turn of a description record. ``descript`` modes ask for a description as an
+    expert in the task (the original meant to, but a bug gave every mode the generic request,
+    SPEC D9.8); ``generic`` asks for a plain description."""
+    if mode == "generic":
+        return "Describe the image."
+    return f"Describe the image as an expert in {dataset_description.strip().rstrip('.')}."
+
+
+def records_for(mode: str, items: Sequence[dict[str, str]], prompt: dict[str, Any],
+                dataset_description: str) -> list[dict[str, Any]]:
+    """LLaVA-format records of one prompt's items (SPEC D5 record rules).
+
+    ``prompt``: ``{"id", "keyword", "icl_indices", "image_1"}`` (``image_1`` relative to the
+    export's ``image_folder``). Per item:
+
+    - ``vqa``: two records, ``<image>`` Q + reasoning request → "R\\nA" and Q + concise request → A;
+    - ``vqa_nr`` / ``vqa_task_desc``: one record ``<image>`` Q → A;
+    - ``tqa``: two records; the first is text-only (no ``image_1``): description I, Q and the
+      reasoning request → "R\\nA"; the second pairs Q + concise request with the prompt's
+      candidate image → A (the original's record layout);
+    - description modes: one record, ``describe_request`` → A.
+
+    Record ids: ``<prompt id>-<item>-<record>``; every record carries ``keyword``,
+    ``icl_indices``, ``mode`` and ``prompt_id``.
+    """
+    out = []
+
+    def rec(k: int, r: int, human: str, gpt: str, image: bool = True) -> dict[str, Any]:
+        d: dict[str, Any] = {"id": f"{prompt['id']}-{k}-{r}"}
+        if image:
+            d["image_1"] = prompt["image_1"]
+        d["conversations"] = [{"from": "human", "value": ("<image>\n" if image else "") + human},
+                              {"from": "gpt", "value": gpt}]
+        d.update(keyword=prompt["keyword"], icl_indices=list(prompt["icl_indices"]), mode=mode,
+                 prompt_id=prompt["id"])
+        return d
+
+    for k, it in enumerate(items):
+        if mode == "vqa":
+            out += [rec(k, 0, f"{it['Q']}\n{REASONING_REQUEST}", f"{it['R']}\n{it['A']}"),
+                    rec(k, 1, f"{it['Q']}\n{CONCISE_REQUEST}", it["A"])]
+        elif mode in ("vqa_nr", "vqa_task_desc"):
+            out.append(rec(k, 0, it["Q"], it["A"]))
+        elif mode == "tqa":
+            out += [rec(k, 0, f"{it['I']}\n{it['Q']}\n{REASONING_REQUEST}", f"{it['R']}\n{it['A']}", image=False),
+                    rec(k, 1, f"{it['Q']}\n{CONCISE_REQUEST}", it["A"])]
+        elif mode in DESCRIPTION_MODES:
+            out.append(rec(k, 0, describe_request(mode, dataset_description), it["A"]))
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+    return out
+
+
+def llava_record(rec: dict[str, Any]) -> dict[str, Any]:
+    """Standard LLaVA training record: ``id``, ``image`` (omitted for text-only records),
+    ``conversations``."""
+    d = {"id": rec["id"]}
+    if rec.get("image_1") is not None:
+        d["image"] = rec["image_1"]
+    d["conversations"] = rec["conversations"]
+    return d
+
+
+# ----------------------------------------------------------------------------- loss filter
+
+def select_highest(losses: Sequence[float], keep_fraction: float, ids: Sequence[str] | None = None) -> list[bool]:
+    """Keep mask of the ``ceil(keep_fraction * n)`` highest-loss samples (MM-GEN stage 4 keeps
+    the top 50 % by the target model's loss, SPEC D7). Exactly that many are kept: ties are
+    broken by ``ids`` (ascending), then by position. ``None`` losses are never kept. Raises
+    ``ValueError`` for ``keep_fraction`` outside (0, 1]."""
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    valid = [i for i, v in enumerate(losses) if v is not None and not math.isnan(v)]
+    k = math.ceil(keep_fraction * len(valid))
+    order = sorted(valid, key=lambda i: (-float(losses[i]), ids[i] if ids is not None else "", i))
+    keep = set(order[:k])
+    return [i in keep for i in range(len(losses))]

@@ -14,7 +14,7 @@ fan-out (SPEC part D; Joshi et al. 2025):
   prompt (``id`` = ``p<subgroup>-<index>``).
 - ``build_messages`` → ``generate`` (the shared LLM stage with a vision model: transformers
   VLM, any OpenAI-compatible endpoint with bounded base64 images, or vLLM through
-  ``ray.data.llm``; JSON array validated per mode, format-fixing re-ask, then rejects/) →
+  ``ray.data.llm``; reply ``{"items": [...]}`` validated per mode, format-fixing re-ask, then rejects/) →
   ``make_records`` (per-mode record rules, count mismatches recorded) → ``loss_score``
   (per-sample answer loss under the target VLM, ``actors.vlm.AnswerLoss``).
 - export: the loss filter keeps the ``keep_fraction`` highest-loss samples (stage 4; audit
@@ -139,7 +139,7 @@ def stages(recipe: MMGenRecipe) -> list[Stage]:
     """The row stages, in order. Stage names are the keys of the recipe's ``stages``."""
     num = _num(recipe)
     max_items = 2 * num
-    schema = MO.item_schema(recipe.mode, num, recipe.max_chars, recipe.charset, max_items)
+    schema = MO.reply_schema(recipe.mode, num, recipe.max_chars, recipe.charset, max_items)
     gen_defaults = {"response_schema": schema}
     if recipe.charset == "ascii":  # a budget the grammar's worst case always fits (notes/mmgen-vlm.md §3)
         gen_defaults["max_tokens"] = MO.worst_case_tokens(recipe.mode, max_items, recipe.max_chars) + 8

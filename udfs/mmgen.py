@@ -34,6 +34,8 @@ CANDIDATE_MODES = tuple(m for m in MODES if m != "tqa")
 ITEM_KEYS = {"vqa": ("Q", "R", "A"), "vqa_nr": ("Q", "A"), "tqa": ("I", "Q", "R", "A"), "descript": ("A",),
              "generic": ("A",), "vqa_task_desc": ("Q", "A"), "descript_task_desc": ("A",)}
 DESCRIPTION_MODES = ("descript", "generic", "descript_task_desc")
+#: top-level key of a generation reply: ``{"items": [...]}`` (JSON modes return objects only)
+REPLY_KEY = "items"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 _ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
@@ -444,7 +446,8 @@ def generation_instruction(mode: str, num: int) -> str:
         body = (f"Write exactly {num} new items about {subject}. Vary the kinds of questions. Write the options "
                 "of a multiple-choice question as separate lines starting with A., B., C. and so on. Every answer "
                 "must follow from what the image shows.")
-    return (f"{body}\nReply with a JSON array only, one object per item, each with the keys {layout}.")
+    return (f'{body}\nReply with a JSON object only, of the form {{"{REPLY_KEY}": [...]}}, with one object per '
+            f"item in the list, each with the keys {layout}.")
 
 
 def system_prompt(mode: str, dataset_description: str) -> str:

@@ -1,6 +1,6 @@
 """MM-GEN pure logic, output side: the reply schema, reply parsing, LLaVA records, the loss filter.
 
-Stage 3's reply of a vision LLM (SPEC D5/D6) is validated against ``item_schema`` and turned
+Stage 3's reply of a vision LLM (SPEC D5/D6) is validated against ``reply_schema`` and turned
 into clean items (``parse_items``) and per-mode LLaVA-format records (``records_for``);
 stage 4 keeps the samples with the highest target-model loss (``select_highest``, SPEC D7).
 Pure Python (no Ray, no model); the prompts and the input side live in ``udfs.mmgen``.
@@ -11,7 +11,7 @@ import json
 import math
 from typing import Any, Sequence
 
-from udfs.mmgen import ANY_TAG, DESCRIPTION_MODES, ITEM_KEYS, LETTERS
+from udfs.mmgen import ANY_TAG, DESCRIPTION_MODES, ITEM_KEYS, LETTERS, REPLY_KEY
 
 # ----------------------------------------------------------------------------- output schema
 
@@ -20,16 +20,23 @@ from udfs.mmgen import ANY_TAG, DESCRIPTION_MODES, ITEM_KEYS, LETTERS
 ASCII_CHARS = r"A-Za-z0-9 ,.?!'()%:;/+=*&#$@_-"
 
 
-def item_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any",
-                max_items: int | None = None) -> dict[str, Any]:
-    """JSON schema of a reply: an array of 1..``max_items`` (default ``2 * num``) objects with
-    exactly the mode's keys, each a string of 1..``max_chars`` characters.
+def reply_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any",
+                 max_items: int | None = None) -> dict[str, Any]:
+    """JSON schema of a reply: an object ``{"items": [...]}`` (``REPLY_KEY``) whose array holds
+    1..``max_items`` (default ``2 * num``) objects with exactly the mode's keys, each a string
+    of 1..``max_chars`` characters.
+
+    The root is an object because OpenAI's and Azure's JSON mode (``response_format:
+    json_object``) and strict structured outputs only ever return JSON objects; the
+    original's bare top-level array (SPEC D6: "regex first [...] JSON array") cannot come back
+    from them. ``parse_items`` still reads a bare array.
 
     ``charset="ascii"``: the bound lives inside a ``pattern`` over ``ASCII_CHARS`` (xgrammar
     ignores ``maxLength`` next to a ``pattern``; a pattern also keeps control bytes, quotes
     and ``<image>`` out — notes/mmgen-vlm.md §3), so constrained decoding of a random model
     always fits ``max_tokens >= worst_case_tokens(...)``. ``charset="any"``: plain
     ``minLength``/``maxLength`` strings (API models; the count is only validated).
+    Raises ``ValueError`` for an unknown charset.
     """
     if charset not in ("ascii", "any"):
         raise ValueError(f"charset must be 'ascii' or 'any', got {charset!r}")
@@ -38,16 +45,19 @@ def item_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any",
     else:
         s = {"type": "string", "minLength": 1, "maxLength": max_chars}
     keys = ITEM_KEYS[mode]
-    return {"type": "array", "minItems": 1, "maxItems": max_items or 2 * num,
-            "items": {"type": "object", "required": list(keys), "additionalProperties": False,
-                      "properties": {k: dict(s) for k in keys}}}
+    items = {"type": "array", "minItems": 1, "maxItems": max_items or 2 * num,
+             "items": {"type": "object", "required": list(keys), "additionalProperties": False,
+                       "properties": {k: dict(s) for k in keys}}}
+    return {"type": "object", "required": [REPLY_KEY], "additionalProperties": False,
+            "properties": {REPLY_KEY: items}}
 
 
 def worst_case_tokens(mode: str, max_items: int, max_chars: int) -> int:
-    """Upper bound on the tokens of a compact reply to ``item_schema(..., charset="ascii")``
-    (one token per character at worst): ``2 + N * (2 + sum over keys (8 + L)) + 2 (N - 1)``."""
+    """Upper bound on the tokens of a compact reply to ``reply_schema(..., charset="ascii")``
+    (one token per character at worst): ``13 + N * (2 + sum over keys (8 + L)) + 2 (N - 1)``
+    (13 = the wrapper ``{"items": [`` … ``]}``)."""
     per_item = 2 + sum(8 + max_chars for _ in ITEM_KEYS[mode])
-    return 2 + max_items * per_item + 2 * (max_items - 1)
+    return len(f'{{"{REPLY_KEY}": []}}') + max_items * per_item + 2 * (max_items - 1)
 
 
 def clean_generated(text: Any) -> str:
@@ -59,7 +69,9 @@ def clean_generated(text: Any) -> str:
 def parse_items(mode: str, parsed: Any, num: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Validated reply → clean items and a report.
 
-    ``parsed``: the JSON array (or its JSON string). Every item keeps the mode's keys (tags
+    ``parsed``: the reply object ``{"items": [...]}``, a bare JSON array (the original's
+    form), or a JSON string of either; any other object counts as one item. Every item keeps
+    the mode's keys (tags
     stripped); a ``choices`` key, when present, is appended to the question as lettered lines
     (SPEC D6). Items missing a key or left empty are dropped. Report: ``expected`` (= ``num``),
     ``returned``, ``kept``, ``count_mismatch`` (kept != expected; recorded, never rejected, as
@@ -68,7 +80,7 @@ def parse_items(mode: str, parsed: Any, num: int) -> tuple[list[dict[str, str]],
     if isinstance(parsed, str):
         parsed = json.loads(parsed)
     if isinstance(parsed, dict):
-        parsed = [parsed]
+        parsed = parsed[REPLY_KEY] if isinstance(parsed.get(REPLY_KEY), list) else [parsed]
     if not isinstance(parsed, list):
         raise ValueError(f"expected a JSON array of items, got {type(parsed).__name__}")
     keys = ITEM_KEYS[mode]

@@ -138,10 +138,12 @@ def make_records(batch: dict, params, audit: bool = False) -> dict:
 def stages(recipe: MMGenRecipe) -> list[Stage]:
     """The row stages, in order. Stage names are the keys of the recipe's ``stages``."""
     num = _num(recipe)
-    max_items = 2 * num
-    schema = MO.reply_schema(recipe.mode, num, recipe.max_chars, recipe.charset, max_items)
+    # open schema for API models (extra keys and items kept, as the original did); closed and
+    # bounded for constrained decoding (charset ascii), see udfs.mmgen_output.reply_schema
+    schema = MO.reply_schema(recipe.mode, num, recipe.max_chars, recipe.charset)
     gen_defaults = {"response_schema": schema}
     if recipe.charset == "ascii":  # a budget the grammar's worst case always fits (notes/mmgen-vlm.md §3)
+        max_items = schema["properties"][M.REPLY_KEY]["maxItems"]
         gen_defaults["max_tokens"] = MO.worst_case_tokens(recipe.mode, max_items, recipe.max_chars) + 8
     return [
         Stage("build_messages", build_messages, ("mode", "prompt", "num_gen", "dataset_description"), ("messages",)),

@@ -23,33 +23,44 @@ ASCII_CHARS = r"A-Za-z0-9 ,.?!'()%:;/+=*&#$@_-"
 def reply_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any",
                  max_items: int | None = None) -> dict[str, Any]:
     """JSON schema of a reply: an object ``{"items": [...]}`` (``REPLY_KEY``) whose array holds
-    1..``max_items`` (default ``2 * num``) objects with exactly the mode's keys, each a string
-    of 1..``max_chars`` characters.
+    objects with the mode's keys, each a string of 1..``max_chars`` characters.
 
     The root is an object because OpenAI's and Azure's JSON mode (``response_format:
     json_object``) and strict structured outputs only ever return JSON objects; the
     original's bare top-level array (SPEC D6: "regex first [...] JSON array") cannot come back
     from them. ``parse_items`` still reads a bare array.
 
-    ``charset="ascii"``: the bound lives inside a ``pattern`` over ``ASCII_CHARS`` (xgrammar
-    ignores ``maxLength`` next to a ``pattern``; a pattern also keeps control bytes, quotes
-    and ``<image>`` out — notes/mmgen-vlm.md §3), so constrained decoding of a random model
-    always fits ``max_tokens >= worst_case_tokens(...)``. ``charset="any"``: plain
-    ``minLength``/``maxLength`` strings (API models; the count is only validated).
+    ``charset="any"`` (API models): plain ``minLength``/``maxLength`` strings; the schema is
+    open like the original's validation, which only required the mode's keys: items may carry
+    more keys (a ``choices`` key is appended to the question by ``parse_items``) and the array
+    may hold more items than asked (the original kept them and only logged the count
+    mismatch, SPEC D6); ``max_items`` bounds it only when given.
+
+    ``charset="ascii"`` (constrained decoding of small or random local models): closed (no
+    other keys, 1..``max_items`` items, default ``2 * num``) and bounded inside a ``pattern``
+    over ``ASCII_CHARS`` (xgrammar ignores ``maxLength`` next to a ``pattern``; a pattern also
+    keeps control bytes, quotes and ``<image>`` out — notes/mmgen-vlm.md §3), so the grammar
+    always fits ``max_tokens >= worst_case_tokens(...)``; a constrained decoder produces only
+    what the grammar allows, so nothing the original kept is lost there.
     Raises ``ValueError`` for an unknown charset.
     """
     if charset not in ("ascii", "any"):
         raise ValueError(f"charset must be 'ascii' or 'any', got {charset!r}")
-    if charset == "ascii":
+    closed = charset == "ascii"
+    if closed:
         s = {"type": "string", "pattern": f"^[{ASCII_CHARS}]{{1,{max_chars}}}$"}
+        max_items = max_items or 2 * num
     else:
         s = {"type": "string", "minLength": 1, "maxLength": max_chars}
     keys = ITEM_KEYS[mode]
-    items = {"type": "array", "minItems": 1, "maxItems": max_items or 2 * num,
-             "items": {"type": "object", "required": list(keys), "additionalProperties": False,
-                       "properties": {k: dict(s) for k in keys}}}
-    return {"type": "object", "required": [REPLY_KEY], "additionalProperties": False,
-            "properties": {REPLY_KEY: items}}
+    item = {"type": "object", "required": list(keys), "properties": {k: dict(s) for k in keys}}
+    items: dict[str, Any] = {"type": "array", "minItems": 1, "items": item}
+    if max_items:
+        items["maxItems"] = max_items
+    root = {"type": "object", "required": [REPLY_KEY], "properties": {REPLY_KEY: items}}
+    if closed:
+        item["additionalProperties"] = root["additionalProperties"] = False
+    return root
 
 
 def worst_case_tokens(mode: str, max_items: int, max_chars: int) -> int:

@@ -201,8 +201,12 @@ def test_record_rules_per_mode():
     assert len(nr) == 2 and nr[1]["conversations"] == [{"from": "human", "value": "<image>\nQ2"},
                                                       {"from": "gpt", "value": "C"}]
     tqa = MO.records_for("tqa", [{"I": "A bar chart of rain.", "Q": "Q1", "R": "r", "A": "A"}], PROMPT, "Chart QA.")
-    assert "image_1" not in tqa[0] and "<image>" not in tqa[0]["conversations"][0]["value"]
-    assert tqa[0]["conversations"][0]["value"].startswith("A bar chart of rain.\nQ1") and tqa[1]["image_1"] == "c/x.png"
+    # both tqa records are text-only: the prompt showed no candidate image (SPEC D5), so none is attached
+    for r in tqa:
+        assert "image_1" not in r and "<image>" not in r["conversations"][0]["value"]
+        assert r["conversations"][0]["value"].startswith("A bar chart of rain.\nQ1")
+    assert tqa[1]["conversations"] == [{"from": "human", "value": f"A bar chart of rain.\nQ1\n{MO.CONCISE_REQUEST}"},
+                                       {"from": "gpt", "value": "A"}]
     d = MO.records_for("descript", [{"A": "desc"}], PROMPT, "Chart QA.")
     assert d[0]["conversations"][0]["value"] == "<image>\nDescribe the image as an expert in Chart QA."
     assert MO.records_for("descript_task_desc", [{"A": "d"}], PROMPT, "Maps")[0]["conversations"][0]["value"] \
@@ -532,13 +536,16 @@ def test_answer_loss_batched_equals_one_by_one(tiny_llava, tmp_path):
     assert a.shape == (5, 2) and np.all(a > 0) and np.abs(a - b).max() < 1e-4
     assert [t for row in together["answer_tokens"] for t in row] == [t for row in alone["answer_tokens"] for t in row]
     assert len({round(x, 5) for x in a.ravel()}) > 5  # real per-sample values, not a batch mean
-    # text-only records (tqa's first) are scored without an image; a missing image is a row error
+    # text-only records (all of tqa's) are scored without reading an image; a missing image is a row error
     tqa = json.dumps(MO.records_for("tqa", [{"I": "A chart.", "Q": "Q?", "R": "r", "A": "A"}], PROMPT, "d"))
-    out = AnswerLoss(tiny_llava, {})({"id": np.array(["t", "u"], dtype=object),
-                                      "records": np.array([tqa, tqa], dtype=object),
-                                      "candidate": np.array([imgs[0], str(tmp_path / "nope.png")], dtype=object)})
+    nr = json.dumps(MO.records_for("vqa_nr", [{"Q": "Q?", "A": "A"}], PROMPT, "d"))
+    gone = str(tmp_path / "nope.png")
+    out = AnswerLoss(tiny_llava, {})({"id": np.array(["t", "u", "v"], dtype=object),
+                                      "records": np.array([tqa, tqa, nr], dtype=object),
+                                      "candidate": np.array([imgs[0], gone, gone], dtype=object)})
     assert len(out["answer_loss"][0]) == 2 and out["__row_error__"][0] is None
-    assert out["__row_error__"][1].startswith("InputError: row 'u' field 'candidate'")
+    assert out["answer_loss"][1] == out["answer_loss"][0] and out["__row_error__"][1] is None
+    assert out["__row_error__"][2].startswith("InputError: row 'v' field 'candidate'")
 
 
 # ============================================================================ end to end

@@ -134,9 +134,11 @@ def records_for(mode: str, items: Sequence[dict[str, str]], prompt: dict[str, An
 
     - ``vqa``: two records, ``<image>`` Q + reasoning request → "R\\nA" and Q + concise request → A;
     - ``vqa_nr`` / ``vqa_task_desc``: one record ``<image>`` Q → A;
-    - ``tqa``: two records; the first is text-only (no ``image_1``): description I, Q and the
-      reasoning request → "R\\nA"; the second pairs Q + concise request with the prompt's
-      candidate image → A (the original's record layout);
+    - ``tqa``: two text-only records (no ``image_1``, no ``<image>``): description I, Q and the
+      reasoning request → "R\\nA"; I, Q and the concise request → A. A tqa prompt shows no
+      candidate image (its generator invents the image, SPEC D5), so none is attached: the
+      original's second record had an image slot, but it held a broken path (the last
+      in-context text taken for the candidate, SPEC D9.8); the description takes its place;
     - description modes: one record, ``describe_request`` → A.
 
     Record ids: ``<prompt id>-<item>-<record>``; every record carries ``keyword``,
@@ -162,7 +164,7 @@ def records_for(mode: str, items: Sequence[dict[str, str]], prompt: dict[str, An
             out.append(rec(k, 0, it["Q"], it["A"]))
         elif mode == "tqa":
             out += [rec(k, 0, f"{it['I']}\n{it['Q']}\n{REASONING_REQUEST}", f"{it['R']}\n{it['A']}", image=False),
-                    rec(k, 1, f"{it['Q']}\n{CONCISE_REQUEST}", it["A"])]
+                    rec(k, 1, f"{it['I']}\n{it['Q']}\n{CONCISE_REQUEST}", it["A"], image=False)]
         elif mode in DESCRIPTION_MODES:
             out.append(rec(k, 0, describe_request(mode, dataset_description), it["A"]))
         else:

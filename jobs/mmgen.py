@@ -30,7 +30,7 @@ import os
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from jobs.core import stats
 from jobs.core.recipe import Recipe
@@ -64,7 +64,13 @@ class MMGenRecipe(Recipe):
     exclude_references: bool = Field(True, description="Drop candidates that are reference images")
     max_chars: int = Field(400, ge=8, description="Longest generated string (characters) in the reply schema")
     charset: str = Field("any", pattern="^(ascii|any)$", description="'ascii': bounded ASCII pattern (constrained "
-                         "decoding of small/random models); 'any': plain bounded strings (API models)")
+                         "decoding of small/random models; max_chars <= 128, options_format choices); 'any': plain "
+                         "bounded strings in an open schema (API models: extra keys and items kept, as the original)")
+    options_format: str = Field("lines", pattern="^(lines|choices)$", description="Where generated multiple-choice "
+                                "options go: 'lines' = inside the question as lettered lines (the original's "
+                                "instruction); 'choices' = a separate 'choices' list, lettered into lines when the "
+                                "reply is parsed (needed by charset ascii: a pattern-constrained string cannot hold "
+                                "a newline)")
     keep_fraction: float = Field(0.5, gt=0, le=1, description="Loss filter: keep this fraction of the samples "
                                  "with the highest target-model loss (SPEC D7: 50 %)")
 
@@ -78,6 +84,12 @@ class MMGenRecipe(Recipe):
         if v not in M.MODES:
             raise ValueError(f"unknown mode {v!r} (choose from {', '.join(M.MODES)})")
         return v
+
+    @model_validator(mode="after")
+    def _reply_format(self):
+        MO.reply_schema(self.mode, self.min_gen_per_candidate, self.max_chars, self.charset,
+                        options=self.options_format)  # raises ValueError for combinations that cannot work
+        return self
 
     @field_validator("keywords")
     @classmethod
@@ -105,10 +117,12 @@ def ingest_stages(recipe: MMGenRecipe) -> list[Stage]:
 
 def build_messages(batch: dict, params) -> dict:
     """Stage: each prompt's items → OpenAI chat messages (JSON string): the mode's system prompt,
-    then the items (images as path/URI ``image_url`` parts) and the generation instruction."""
+    then the items (images as path/URI ``image_url`` parts) and the generation instruction;
+    ``params["options_format"]`` (the recipe's) says where multiple-choice options go."""
+    options = params.get("options_format", "lines")
     out = []
     for mode, prompt, num, desc in zip(batch["mode"], batch["prompt"], batch["num_gen"], batch["dataset_description"]):
-        out.append(json.dumps(M.chat_messages(mode, desc, json.loads(prompt), int(num)), ensure_ascii=False))
+        out.append(json.dumps(M.chat_messages(mode, desc, json.loads(prompt), int(num), options), ensure_ascii=False))
     return {"messages": out}
 
 
@@ -140,13 +154,15 @@ def stages(recipe: MMGenRecipe) -> list[Stage]:
     num = _num(recipe)
     # open schema for API models (extra keys and items kept, as the original did); closed and
     # bounded for constrained decoding (charset ascii), see udfs.mmgen_output.reply_schema
-    schema = MO.reply_schema(recipe.mode, num, recipe.max_chars, recipe.charset)
+    schema = MO.reply_schema(recipe.mode, num, recipe.max_chars, recipe.charset, options=recipe.options_format)
     gen_defaults = {"response_schema": schema}
     if recipe.charset == "ascii":  # a budget the grammar's worst case always fits (notes/mmgen-vlm.md §3)
         max_items = schema["properties"][M.REPLY_KEY]["maxItems"]
-        gen_defaults["max_tokens"] = MO.worst_case_tokens(recipe.mode, max_items, recipe.max_chars) + 8
+        gen_defaults["max_tokens"] = MO.worst_case_tokens(recipe.mode, max_items, recipe.max_chars,
+                                                          recipe.options_format) + 8
     return [
-        Stage("build_messages", build_messages, ("mode", "prompt", "num_gen", "dataset_description"), ("messages",)),
+        Stage("build_messages", build_messages, ("mode", "prompt", "num_gen", "dataset_description"), ("messages",),
+              defaults={"options_format": recipe.options_format}),
         llm_stage("generate", None, True, **gen_defaults),
         Stage("make_records", make_records,
               ("id", "mode", "keyword", "image_1", "icl_indices", "num_gen", "dataset_description", "generate_parsed"),

@@ -220,17 +220,24 @@ def test_record_rules_per_mode():
 def test_reply_schema_bounds_and_validation():
     import jsonschema
 
-    s = MO.reply_schema("vqa", 2, max_chars=10, charset="ascii")
-    jsonschema.validate({"items": [{"Q": "Which bar?", "R": "tallest", "A": "B"}]}, s)
-    for bad in ([], [{"Q": "x" * 11, "R": "r", "A": "a"}], [{"Q": "q", "A": "a"}], [{"Q": "<image>", "R": "r", "A": "a"}],
-                [{"Q": "q", "R": "r", "A": "a"}] * 5):
+    s = MO.reply_schema("vqa", 2, max_chars=10, charset="ascii", options="choices")
+    jsonschema.validate({"items": [{"Q": "Which bar?", "choices": [], "R": "tallest", "A": "B"}]}, s)
+    for bad in ([], [{"Q": "x" * 11, "choices": [], "R": "r", "A": "a"}], [{"Q": "q", "choices": [], "A": "a"}],
+                [{"Q": "<image>", "choices": [], "R": "r", "A": "a"}], [{"Q": "q", "choices": [], "R": "r", "A": "a"}] * 5,
+                [{"Q": "q", "choices": ["x"] * 7, "R": "r", "A": "a"}], [{"Q": "q", "R": "r", "A": "a"}]):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate({"items": bad}, s)
     with pytest.raises(jsonschema.ValidationError):  # the original's bare array: not an object
-        jsonschema.validate([{"Q": "Which bar?", "R": "tallest", "A": "B"}], s)
+        jsonschema.validate([{"Q": "Which bar?", "choices": [], "R": "tallest", "A": "B"}], s)
     assert MO.worst_case_tokens("vqa_nr", 2, 24) == 136 + 11  # + the {"items": ...} wrapper
     reply = json.dumps({"items": [{"Q": "x" * 24, "A": "y" * 24}] * 2})
     assert len(reply) == MO.worst_case_tokens("vqa_nr", 2, 24)  # the longest reply, in the compact layout
+    longest = json.dumps({"items": [{"Q": "x" * 24, "choices": ["o" * 24] * MO.MAX_CHOICES, "A": "y" * 24}] * 2})
+    assert len(longest) <= MO.worst_case_tokens("vqa_nr", 2, 24, "choices")
+    for bad_combo in ({"options": "lines"}, {"options": "choices", "max_chars": 129}):
+        with pytest.raises(ValueError):
+            MO.reply_schema("vqa_nr", 1, charset="ascii", **{"max_chars": 24, **bad_combo})
+    assert "choices" not in MO.reply_schema("generic", 1, 24, "ascii", options="lines")["properties"]["items"]["items"]
     assert MO.reply_schema("generic", 1)["properties"]["items"]["items"]["required"] == ["A"]
     assert MO.parse_items("generic", [{"A": "a"}], 1)[0] == MO.parse_items("generic", {"items": [{"A": "a"}]}, 1)[0]
 
@@ -491,9 +498,10 @@ def test_tiny_llava_generation_with_images_is_constrained(tiny_llava, tmp_path):
     from actors.llm import LLMStage
 
     a, b = _img(tmp_path, "a.png", (255, 0, 0)), _img(tmp_path, "b.png", (0, 0, 255))
-    schema = MO.reply_schema("vqa_nr", 1, max_chars=12, charset="ascii")
+    schema = MO.reply_schema("vqa_nr", 1, max_chars=12, charset="ascii", options="choices")
     stage = LLMStage(tiny_llava, {"temperature": 1.0, "seed": 0, "response_schema": schema,
-                                  "max_tokens": MO.worst_case_tokens("vqa_nr", 2, 12) + 4, "max_repairs": 0})
+                                  "max_tokens": MO.worst_case_tokens("vqa_nr", 2, 12, "choices") + 4,
+                                  "max_repairs": 0})
     task = {"image_folder": str(tmp_path), "samples": [{"id": "r", "image_1": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]}
     msgs = [json.dumps(M.chat_messages("vqa_nr", "d", M.prompt_items("vqa_nr", task, [0], c), 1))
@@ -502,8 +510,39 @@ def test_tiny_llava_generation_with_images_is_constrained(tiny_llava, tmp_path):
     assert out["__row_error__"][2].startswith("InputError: row 'z' field 'messages'")
     for k in (0, 1):
         items = json.loads(out["parsed"][k])["items"]
-        assert 1 <= len(items) <= 2 and all(set(i) == {"Q", "A"} for i in items)
+        assert 1 <= len(items) <= 2 and all(set(i) == {"Q", "choices", "A"} for i in items)
     assert out["llm_backend"][0] == "transformers"
+
+
+@pytest.mark.parametrize("profile", ["offline", "local"])
+def test_constrained_grammar_accepts_the_instructed_multiple_choice_layout(tiny_llava, tmp_path, monkeypatch, profile):
+    """The constrained profiles' grammar must allow a reply written as the prompt instructs."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+
+    from actors.models import ResolvedModel, materialize
+    from jobs import mmgen as J
+    from jobs.core.recipe import load_recipe
+
+    recipe = load_recipe(J.RECIPE, "mmgen", profile, input="refs.json", output="out")
+    assert recipe.charset == "ascii"
+    gen = next(s for s in J.stages(recipe) if s.name == "generate").merged(recipe.stages["generate"].params)
+    msgs = json.loads(_mmgen_batch(J, recipe, tmp_path, ["[mcq]"])["messages"][0])
+    instruction = msgs[1]["content"][-1]["text"]
+    if '"choices"' in instruction:  # options in their own list, as the instruction asks
+        assert "inside the question" not in msgs[0]["content"] and '"choices"' in msgs[0]["content"]
+        item = {"Q": "Which bar is red", "choices": ["left", "B. right"], "A": "B"}
+    else:  # options as separate lettered lines inside the question
+        item = {"Q": "Which bar is red\nA. left\nB. right", "A": "B"}
+    reply = json.dumps({"items": [item]})
+    tok = AutoTokenizer.from_pretrained(materialize(ResolvedModel.model_validate(tiny_llava)))
+    compiled = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tok)).compile_json_schema(
+        json.dumps(gen["response_schema"]), any_whitespace=False)
+    matcher = xgr.GrammarMatcher(compiled)
+    assert matcher.accept_string(reply) and matcher.is_completed(), (instruction, reply)
+    assert len(reply) <= gen["max_tokens"]
+    items, _ = MO.parse_items(recipe.mode, reply, 1)
+    assert items == [{"Q": "Which bar is red\nA. left\nB. right", "A": "B"}]
 
 
 def test_vlm_encode_checks_images_per_row(tiny_llava, tmp_path):

@@ -430,30 +430,49 @@ SYSTEM_PROMPTS = {
 
 _KEY_NAMES = {"Q": "the question", "R": "the step-by-step reasoning", "A": "the answer", "I": "the image description"}
 
+#: where generated multiple-choice options go: ``lines`` — inside the question, one lettered line
+#: each (the original's instruction, SPEC D5); ``choices`` — in the item's own ``choices`` list,
+#: lettered into lines by ``udfs.mmgen_output.parse_items`` (the original's parser appended such
+#: a key too). Constrained decoding needs ``choices``: xgrammar's string patterns cannot emit a
+#: newline (measured with xgrammar 0.2.x: neither ``\n`` escapes nor raw newlines are accepted).
+OPTIONS_FORMATS = ("lines", "choices")
+_INLINE_OPTIONS = "put its options inside the question."
+_LISTED_OPTIONS = 'list its options in the item\'s "choices".'
 
-def generation_instruction(mode: str, num: int) -> str:
+
+def generation_instruction(mode: str, num: int, options: str = "lines") -> str:
     """The closing user text of a prompt (SPEC D5, our wording): how many items, the JSON keys,
-    options as lettered lines, answers grounded in the image, variety; descriptions for the
-    description modes."""
+    where multiple-choice options go (``options``, one of ``OPTIONS_FORMATS``), answers
+    grounded in the image, variety; descriptions for the description modes. Raises
+    ``ValueError`` for an unknown ``options``."""
+    if options not in OPTIONS_FORMATS:
+        raise ValueError(f"options must be one of {OPTIONS_FORMATS}, got {options!r}")
     keys = ITEM_KEYS[mode]
-    layout = ", ".join(f'"{k}" ({_KEY_NAMES[k]})' for k in keys)
+    names = dict(_KEY_NAMES, choices="the options")
+    if options == "choices" and "Q" in keys:
+        keys = tuple(x for k in keys for x in ((k, "choices") if k == "Q" else (k,)))
+    layout = ", ".join(f'"{k}" ({names[k]})' for k in keys)
     subject = "the last image above" if mode in CANDIDATE_MODES and mode in ICL_MODES else \
         ("the image above" if mode in CANDIDATE_MODES else "your invented image")
     if mode in DESCRIPTION_MODES:
         body = (f"Write exactly {num} different descriptions of {subject}, each several sentences long and "
                 "not repeating the others.")
     else:
-        body = (f"Write exactly {num} new items about {subject}. Vary the kinds of questions. Write the options "
-                "of a multiple-choice question as separate lines starting with A., B., C. and so on. Every answer "
+        where = ("Write the options of a multiple-choice question as separate lines starting with A., B., C. and so "
+                 "on." if options == "lines" else 'Put the options of a multiple-choice question, without letters, '
+                 'in the item\'s list "choices" (an empty list for other questions).')
+        body = (f"Write exactly {num} new items about {subject}. Vary the kinds of questions. {where} Every answer "
                 "must follow from what the image shows.")
     return (f'{body}\nReply with a JSON object only, of the form {{"{REPLY_KEY}": [...]}}, with one object per '
             f"item in the list, each with the keys {layout}.")
 
 
-def system_prompt(mode: str, dataset_description: str) -> str:
-    """The mode's system prompt with the task description filled in. Raises ``KeyError`` for
-    an unknown mode."""
-    return SYSTEM_PROMPTS[mode].replace("{task}", dataset_description.strip())
+def system_prompt(mode: str, dataset_description: str, options: str = "lines") -> str:
+    """The mode's system prompt with the task description filled in; with ``options="choices"``
+    it asks for options in the item's ``choices`` list instead of inside the question. Raises
+    ``KeyError`` for an unknown mode."""
+    text = SYSTEM_PROMPTS[mode].replace("{task}", dataset_description.strip())
+    return text.replace(_INLINE_OPTIONS, _LISTED_OPTIONS) if options == "choices" else text
 
 
 def prompt_items(mode: str, task: dict[str, Any], icl_indices: Sequence[int], candidate: str) -> list[dict[str, str]]:
@@ -467,18 +486,19 @@ def prompt_items(mode: str, task: dict[str, Any], icl_indices: Sequence[int], ca
     return items
 
 
-def chat_messages(mode: str, dataset_description: str, items: Sequence[dict[str, str]], num: int) -> list[dict]:
+def chat_messages(mode: str, dataset_description: str, items: Sequence[dict[str, str]], num: int,
+                  options: str = "lines") -> list[dict]:
     """OpenAI chat messages of one prompt: the system prompt, then one user turn whose parts
     are the items in order (images as ``image_url`` parts holding the path/URI; the LLM stage
-    encodes them) and the generation instruction."""
+    encodes them) and the generation instruction (``options``: see ``OPTIONS_FORMATS``)."""
     parts: list[dict[str, Any]] = []
     for it in items:
         if "image" in it:
             parts.append({"type": "image_url", "image_url": {"url": it["image"]}})
         else:
             parts.append({"type": "text", "text": it["text"]})
-    parts.append({"type": "text", "text": generation_instruction(mode, num)})
-    return [{"role": "system", "content": system_prompt(mode, dataset_description)},
+    parts.append({"type": "text", "text": generation_instruction(mode, num, options)})
+    return [{"role": "system", "content": system_prompt(mode, dataset_description, options)},
             {"role": "user", "content": parts}]
 
 

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any, Sequence
 
-from udfs.mmgen import ANY_TAG, DESCRIPTION_MODES, ITEM_KEYS, LETTERS, REPLY_KEY
+from udfs.mmgen import ANY_TAG, DESCRIPTION_MODES, ITEM_KEYS, LETTERS, OPTIONS_FORMATS, REPLY_KEY
 
 # ----------------------------------------------------------------------------- output schema
+
+#: most options a generated multiple-choice item may list in ``choices`` (A-F)
+MAX_CHOICES = 6
+#: longest string bound xgrammar 0.2.x compiles in a pattern with its cache on (see reply_schema)
+MAX_PATTERN_CHARS = 128
 
 #: printable ASCII without quote, backslash and angle brackets: decodes one token per char at
 #: worst, so a grammar's token budget is bounded (notes/mmgen-vlm.md §3, traps T4/T6)
@@ -21,7 +27,7 @@ ASCII_CHARS = r"A-Za-z0-9 ,.?!'()%:;/+=*&#$@_-"
 
 
 def reply_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any",
-                 max_items: int | None = None) -> dict[str, Any]:
+                 max_items: int | None = None, options: str = "lines") -> dict[str, Any]:
     """JSON schema of a reply: an object ``{"items": [...]}`` (``REPLY_KEY``) whose array holds
     objects with the mode's keys, each a string of 1..``max_chars`` characters.
 
@@ -29,6 +35,9 @@ def reply_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any"
     json_object``) and strict structured outputs only ever return JSON objects; the
     original's bare top-level array (SPEC D6: "regex first [...] JSON array") cannot come back
     from them. ``parse_items`` still reads a bare array.
+
+    ``options="choices"`` (see ``udfs.mmgen.OPTIONS_FORMATS``): items of the question modes
+    also require ``"choices"``, a list of 0..``MAX_CHOICES`` option strings.
 
     ``charset="any"`` (API models): plain ``minLength``/``maxLength`` strings; the schema is
     open like the original's validation, which only required the mode's keys: items may carry
@@ -41,19 +50,37 @@ def reply_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any"
     over ``ASCII_CHARS`` (xgrammar ignores ``maxLength`` next to a ``pattern``; a pattern also
     keeps control bytes, quotes and ``<image>`` out — notes/mmgen-vlm.md §3), so the grammar
     always fits ``max_tokens >= worst_case_tokens(...)``; a constrained decoder produces only
-    what the grammar allows, so nothing the original kept is lost there.
-    Raises ``ValueError`` for an unknown charset.
+    what the grammar allows, so nothing the original kept is lost there. Such a pattern cannot
+    produce a newline, hence ``options="choices"`` is required, and xgrammar 0.2.x (cache on,
+    as ``actors.llm_hf`` uses it) fails to compile repetition bounds above
+    ``MAX_PATTERN_CHARS`` = 128 (measured: 128 compiles, 130 raises "Check failed …
+    per_rule_fsm_hashes").
+    Raises ``ValueError`` for an unknown charset/options, ascii with ``options="lines"`` in a
+    question mode, or ascii with ``max_chars > MAX_PATTERN_CHARS``.
     """
     if charset not in ("ascii", "any"):
         raise ValueError(f"charset must be 'ascii' or 'any', got {charset!r}")
+    if options not in OPTIONS_FORMATS:
+        raise ValueError(f"options must be one of {OPTIONS_FORMATS}, got {options!r}")
     closed = charset == "ascii"
     if closed:
+        if options != "choices" and "Q" in ITEM_KEYS[mode]:
+            raise ValueError("charset 'ascii' needs options 'choices': a pattern-constrained string cannot hold the "
+                             "newlines that options as separate lines need")
+        if max_chars > MAX_PATTERN_CHARS:
+            raise ValueError(f"charset 'ascii' allows max_chars up to {MAX_PATTERN_CHARS} (xgrammar cannot compile "
+                             f"longer pattern bounds), got {max_chars}")
         s = {"type": "string", "pattern": f"^[{ASCII_CHARS}]{{1,{max_chars}}}$"}
         max_items = max_items or 2 * num
     else:
         s = {"type": "string", "minLength": 1, "maxLength": max_chars}
     keys = ITEM_KEYS[mode]
-    item = {"type": "object", "required": list(keys), "properties": {k: dict(s) for k in keys}}
+    props: dict[str, Any] = {}
+    for k in keys:  # choices right after the question (a grammar emits properties in this order)
+        props[k] = dict(s)
+        if k == "Q" and options == "choices":
+            props["choices"] = {"type": "array", "maxItems": MAX_CHOICES, "items": dict(s)}
+    item = {"type": "object", "required": list(props), "properties": props}
     items: dict[str, Any] = {"type": "array", "minItems": 1, "items": item}
     if max_items:
         items["maxItems"] = max_items
@@ -63,11 +90,15 @@ def reply_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any"
     return root
 
 
-def worst_case_tokens(mode: str, max_items: int, max_chars: int) -> int:
+def worst_case_tokens(mode: str, max_items: int, max_chars: int, options: str = "lines") -> int:
     """Upper bound on the tokens of a compact reply to ``reply_schema(..., charset="ascii")``
-    (one token per character at worst): ``13 + N * (2 + sum over keys (8 + L)) + 2 (N - 1)``
-    (13 = the wrapper ``{"items": [`` … ``]}``)."""
+    (one token per character at worst, ``", "``/``": "`` separators):
+    ``13 + N * (2 + sum over keys (8 + L) [+ 15 + C * (L + 4)]) + 2 (N - 1)``, where 13 is the
+    wrapper ``{"items": [`` … ``]}`` and the bracket the ``choices`` list of at most
+    C = ``MAX_CHOICES`` options (question modes with ``options="choices"``)."""
     per_item = 2 + sum(8 + max_chars for _ in ITEM_KEYS[mode])
+    if options == "choices" and "Q" in ITEM_KEYS[mode]:
+        per_item += len(', "choices": []') + MAX_CHOICES * (max_chars + 4)
     return len(f'{{"{REPLY_KEY}": []}}') + max_items * per_item + 2 * (max_items - 1)
 
 
@@ -77,6 +108,9 @@ def clean_generated(text: Any) -> str:
     return ANY_TAG.sub("", str(text)).strip()
 
 
+_LETTERED = re.compile(r"^\s*[A-Z][.)]\s+")  # an option that already starts with its letter
+
+
 def parse_items(mode: str, parsed: Any, num: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
     """Validated reply → clean items and a report.
 
@@ -84,7 +118,7 @@ def parse_items(mode: str, parsed: Any, num: int) -> tuple[list[dict[str, str]],
     form), or a JSON string of either; any other object counts as one item. Every item keeps
     the mode's keys (tags
     stripped); a ``choices`` key, when present, is appended to the question as lettered lines
-    (SPEC D6). Items missing a key or left empty are dropped. Report: ``expected`` (= ``num``),
+    (SPEC D6; a letter the option already has is not doubled). Items missing a key or left empty are dropped. Report: ``expected`` (= ``num``),
     ``returned``, ``kept``, ``count_mismatch`` (kept != expected; recorded, never rejected, as
     in the original which only logged it).
     """
@@ -102,7 +136,8 @@ def parse_items(mode: str, parsed: Any, num: int) -> tuple[list[dict[str, str]],
         clean = {k: clean_generated(it.get(k, "")) for k in keys}
         if "Q" in clean and it.get("choices"):
             ch = it["choices"]
-            extra = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(ch)) if isinstance(ch, list) else str(ch)
+            extra = "\n".join(f"{LETTERS[i]}. {_LETTERED.sub('', str(c))}" for i, c in enumerate(ch)) \
+                if isinstance(ch, list) else str(ch)
             clean["Q"] = f"{clean['Q']}\n{clean_generated(extra)}"
         if all(clean[k] for k in keys):
             items.append(clean)

@@ -151,6 +151,109 @@ def test_plan_prompts_shares_same_subgroup_and_seed():
     assert len(skipped) == 1 and "'pie' has 2 references but no candidate" in skipped[0]["reason"]
 
 
+# ============================================================================ ingest (CLIP partition faked)
+
+def _refs_file(tmp_path, n, subgroups=None, bad=()):
+    """An MM-GEN data file of ``n`` samples (``bad``: indices written without conversations)."""
+    samples = [{"id": f"s{k}", "image_1": f"refs/{k}.png", "conversations": [] if k in bad else [
+        {"from": "human", "value": f"<image>\nQ{k}?"}, {"from": "gpt", "value": f"A{k}"}]} for k in range(n)]
+    doc = {"image_folder": "", "dataset_description": "Chart QA.", "samples": samples}
+    if subgroups is not None:
+        doc["subgroups"] = subgroups
+    path = tmp_path / "task_in.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+@pytest.fixture
+def fake_partition(monkeypatch):
+    """Replaces the CLIP partition (a Ray job) by a rule: the keyword is the one whose first word
+    the file name starts with. Records which images it was asked to classify."""
+    from jobs import mmgen as J
+
+    calls = []
+
+    def partition(recipe, images):
+        calls.append(list(images))
+        kw = {}
+        for u in images:
+            name = os.path.basename(u)
+            kw[u] = next((k for k in recipe.keywords if name.startswith(k.split()[0])), recipe.keywords[0])
+        return kw, {u: json.dumps({kw[u]: 1.0}) for u in images}, {}
+    monkeypatch.setattr(J, "_partition", partition)
+    return calls
+
+
+def _mmgen_recipe(tmp_path, refs, **fields):
+    from jobs import mmgen as J
+    from jobs.core.recipe import load_recipe
+
+    return load_recipe(J.RECIPE, "mmgen", "offline", input=refs, output=str(tmp_path / "out"), **fields)
+
+
+def test_ingest_builds_the_reference_set_once(tmp_path, fake_partition, monkeypatch):
+    """ChartQA-sized ingest: one reference set, not one per candidate (28,299 x 1,920 insertions)."""
+    import builtins
+
+    from jobs import mmgen as J
+
+    refs = _refs_file(tmp_path, 40)
+    cands = tmp_path / "candidates.txt"
+    cands.write_text("\n".join(f"/pool/{'bar' if k % 3 else 'pie'}{k}.png" for k in range(600)))
+    built = []
+
+    def counting_set(iterable=()):
+        out = builtins.set(iterable)
+        built.append(len(out))
+        return out
+    monkeypatch.setattr(J, "set", counting_set, raising=False)  # module globals shadow builtins
+    recipe = _mmgen_recipe(tmp_path, refs, keywords=["bar chart", "pie chart"], candidates=[str(cands)], total_gen=6)
+    table, rejects, _ = J.ingest(recipe)
+    assert table.num_rows == 6 and not rejects
+    assert len(fake_partition[0]) == 640  # references and candidates, each once
+    assert len(built) <= 4, f"{len(built)} sets built during ingest"
+
+
+def test_ingest_replays_a_task_file(tmp_path, fake_partition):
+    """A released task file's subgroups and candidate_image_paths are used as given (no CLIP)."""
+    from jobs import mmgen as J
+
+    groups = [{"keyword": "bar chart", "reference_sample_idx": [0, 1, 3, 4, 5, 6],
+               "candidate_image_paths": ["cands/b0.png", "cands/b1.png", "/abs/b2.png"]},
+              {"keyword": "pie chart", "reference_sample_idx": [7], "candidate_image_paths": ["cands/p0.png"]}]
+    refs = _refs_file(tmp_path, 8, groups, bad=(4,))  # sample 4 is malformed: its index leaves the subgroup
+    recipe = _mmgen_recipe(tmp_path, refs, total_gen=12, num_icl_samples=1)
+    table, rejects, _ = J.ingest(recipe)
+    assert fake_partition == []  # nothing re-partitioned
+    assert [r["id"] for r in rejects] == ["s4"]
+    task = json.load(open(tmp_path / "out" / "task.json"))
+    by = {g["keyword"]: g for g in task["subgroups"]}
+    assert [task["samples"][k]["id"] for k in by["bar chart"]["reference_sample_idx"]] == ["s0", "s1", "s3", "s5", "s6"]
+    assert [task["samples"][k]["id"] for k in by["pie chart"]["reference_sample_idx"]] == ["s7"]
+    assert by["bar chart"]["candidate_image_paths"] == [f"{tmp_path}/cands/b0.png", f"{tmp_path}/cands/b1.png",
+                                                        "/abs/b2.png"]
+    rows_ = table.to_pylist()
+    assert Counter(r["keyword"] for r in rows_) == {"bar chart": 10, "pie chart": 2}  # the file's 5:1 shares
+    for r in rows_:
+        assert r["candidate"] in by[r["keyword"]]["candidate_image_paths"]
+        assert set(r["icl_indices"]) <= set(by[r["keyword"]]["reference_sample_idx"])
+    # subgroups without candidate paths: references keep the file's groups, only candidates are classified
+    for g in groups:
+        del g["candidate_image_paths"]
+    refs = _refs_file(tmp_path, 8, groups)
+    cands = tmp_path / "c.txt"
+    cands.write_text("/pool/pie1.png\n/pool/bar2.png\n")
+    table, _, _ = J.ingest(_mmgen_recipe(tmp_path, refs, total_gen=7, candidates=[str(cands)]))
+    assert fake_partition == [["/pool/bar2.png", "/pool/pie1.png"]]
+    assert {r["keyword"]: r["candidate"] for r in table.to_pylist()} == {"bar chart": "/pool/bar2.png",
+                                                                        "pie chart": "/pool/pie1.png"}
+    with pytest.raises(ValueError, match="keywords"):
+        J.ingest(_mmgen_recipe(tmp_path, refs, total_gen=7, candidates=[str(cands)], keywords=["map"]))
+    bad = _refs_file(tmp_path, 3, [{"keyword": "bar chart", "reference_sample_idx": [0, 9]}])
+    with pytest.raises(ValueError, match=r"subgroups\[0\]\.reference_sample_idx"):
+        J.ingest(_mmgen_recipe(tmp_path, bad, candidates=[str(cands)]))
+
+
 # ============================================================================ prompts per mode
 
 def test_prompt_items_and_messages_per_mode():

@@ -54,7 +54,10 @@ class References:
 
     ``image_folder``: folder (path or URI) that each sample's ``image_1`` is relative to;
     ``samples``: ``{"id", "image_1", "conversations"}`` dicts (conversations alternate
-    ``human``/``gpt``); ``rejects``: ``{"id", "stage", "reason"}`` for malformed records.
+    ``human``/``gpt``); ``rejects``: ``{"id", "stage", "reason"}`` for malformed records;
+    ``subgroups``: a task file's partition (SPEC D2/D3) when the input is one, else ``None``:
+    ``{"keyword", "reference_sample_idx"}`` (indices into ``samples``) plus
+    ``candidate_image_paths`` (resolved paths/URIs) when the file has them.
     """
 
     image_folder: str
@@ -62,6 +65,7 @@ class References:
     samples: list[dict[str, Any]]
     rejects: list[dict[str, Any]] = field(default_factory=list)
     source_format: str = "mmgen"
+    subgroups: list[dict[str, Any]] | None = None
 
 
 def parent_uri(uri: str) -> str:
@@ -118,7 +122,9 @@ def parse_references(uri: str, data: bytes, dataset_description: str | None = No
     """Read a reference file in one of three formats.
 
     1. MM-GEN data file (JSON object): ``image_folder`` (relative to the file's folder),
-       ``dataset_description``, ``samples`` with ``image_1`` and ``conversations`` (SPEC D1).
+       ``dataset_description``, ``samples`` with ``image_1`` and ``conversations`` (SPEC D1);
+       a task file's ``subgroups`` (SPEC D2, with D3's ``candidate_image_paths``) are read
+       too (``task_subgroups``).
     2. LLaVA JSON list: ``[{"id", "image", "conversations"}]``; images relative to the file's
        folder (or ``image_folder``).
     3. JSONL of ``{"image", "question", "choices", "answer"}`` (e.g. ScienceQA): the question
@@ -127,12 +133,14 @@ def parse_references(uri: str, data: bytes, dataset_description: str | None = No
 
     ``dataset_description`` / ``image_folder`` override the file's. Malformed records go to
     ``References.rejects`` with the record number and field. Raises ``ValueError`` when the
-    file is not valid JSON/JSONL, has no description at all, or holds no valid sample.
+    file is not valid JSON/JSONL, has no description at all, holds no valid sample, or has
+    invalid ``subgroups``.
     """
     base = parent_uri(uri)
     low = uri.lower()
     rejects: list[dict] = []
     samples: list[dict] = []
+    groups: list[dict] | None = None
     if low.endswith(".jsonl"):
         fmt, desc, folder = "jsonl", None, base
         for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
@@ -184,6 +192,7 @@ def parse_references(uri: str, data: bytes, dataset_description: str | None = No
             fmt, desc, folder, raw, image_key = "llava", None, base, obj, "image"
         else:
             raise ValueError(f"{uri}: expected an MM-GEN data file (object) or a LLaVA list")
+        kept: dict[int, int] = {}  # position in the file's samples -> index in ``samples``
         for n, rec in enumerate(raw, 1):
             rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") is not None else f"ref-{n}"
             if not isinstance(rec, dict):
@@ -197,7 +206,10 @@ def parse_references(uri: str, data: bytes, dataset_description: str | None = No
             if problem:
                 rejects.append({"id": rid, "stage": "ingest", "reason": f"{uri} sample {n}: {problem}"})
                 continue
+            kept[n - 1] = len(samples)
             samples.append({"id": rid, "image_1": rec[image_key], "conversations": rec["conversations"]})
+        if fmt == "mmgen" and obj.get("subgroups") is not None:
+            groups = task_subgroups(uri, obj["subgroups"], kept, len(raw), base)
     if image_folder:
         folder = image_folder
     desc = dataset_description or desc
@@ -209,7 +221,48 @@ def parse_references(uri: str, data: bytes, dataset_description: str | None = No
     if len(set(ids)) != len(ids):  # ids must be unique: fall back to positions
         for k, s in enumerate(samples):
             s["id"] = f"ref-{k}"
-    return References(folder, str(desc).strip(), samples, rejects, fmt)
+    return References(folder, str(desc).strip(), samples, rejects, fmt, groups)
+
+
+def task_subgroups(uri: str, raw: Any, kept: dict[int, int], n_samples: int, base: str) -> list[dict[str, Any]]:
+    """Validate a task file's ``subgroups`` (SPEC D2 output, D3's ``candidate_image_paths``).
+
+    ``raw``: the file's list of ``{"keyword", "reference_sample_idx", ["candidate_image_paths"]}``;
+    ``kept``: file position → index among the valid samples (indices of malformed samples,
+    already rejected, are left out); ``n_samples``: number of samples in the file; ``base``:
+    folder that relative candidate paths are resolved against (the file's folder, as
+    ``image_folder`` is). Returns the subgroups with remapped indices and resolved paths.
+    Raises ``ValueError`` naming ``subgroups[k].<field>`` for a non-list, an empty or duplicate
+    keyword, an index that is not an int in ``[0, n_samples)``, or candidate paths that are not
+    non-empty strings; also when only some subgroups carry ``candidate_image_paths``.
+    """
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{uri}: 'subgroups' must be a non-empty list")
+    out, seen = [], set()
+    for k, g in enumerate(raw):
+        where = f"{uri}: subgroups[{k}]"
+        if not isinstance(g, dict):
+            raise ValueError(f"{where}: not an object")
+        kw = g.get("keyword")
+        if not isinstance(kw, str) or not kw.strip() or kw.strip() in seen:
+            raise ValueError(f"{where}.keyword: missing, empty or repeated ({kw!r})")
+        seen.add(kw.strip())
+        idx = g.get("reference_sample_idx")
+        if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+            raise ValueError(f"{where}.reference_sample_idx: must be a list of ints")
+        outside = [i for i in idx if not 0 <= i < n_samples]
+        if outside:
+            raise ValueError(f"{where}.reference_sample_idx: {outside} outside the {n_samples} samples")
+        group: dict[str, Any] = {"keyword": kw.strip(), "reference_sample_idx": [kept[i] for i in idx if i in kept]}
+        if "candidate_image_paths" in g:
+            paths = g["candidate_image_paths"]
+            if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+                raise ValueError(f"{where}.candidate_image_paths: must be a list of non-empty strings")
+            group["candidate_image_paths"] = [join_uri(base, p) for p in paths]
+        out.append(group)
+    if len({"candidate_image_paths" in g for g in out}) > 1:
+        raise ValueError(f"{uri}: only some subgroups have 'candidate_image_paths'; give them for all or none")
+    return out
 
 
 def question_answer(sample: dict[str, Any]) -> tuple[str, str]:
@@ -242,11 +295,19 @@ def assign_keywords(similarities: np.ndarray) -> np.ndarray:
     return np.argmax(s, axis=1).astype(np.int64)
 
 
-def task_file(refs: References, keywords: Sequence[str], assigned: Sequence[str]) -> dict[str, Any]:
+def task_file(refs: References, keywords: Sequence[str], assigned: Sequence[str] | None) -> dict[str, Any]:
     """MM-GEN's task file (SPEC D2 output schema): ``image_folder``, ``dataset_description``,
     ``subgroups`` (one per keyword, in keyword order, with ``reference_sample_idx`` — indices
     into ``samples``; empty subgroups kept) and the ``samples``. ``assigned[i]`` is the keyword
-    of sample ``i``. Raises ``ValueError`` on a length mismatch or an unknown keyword."""
+    of sample ``i``; ``assigned=None`` takes the subgroups read from an input task file
+    (``refs.subgroups``, candidate paths left out). Raises ``ValueError`` on a length mismatch
+    or an unknown keyword."""
+    if assigned is None:
+        if refs.subgroups is None:
+            raise ValueError("no assignment given and the references have no subgroups")
+        return {"image_folder": refs.image_folder, "dataset_description": refs.dataset_description,
+                "subgroups": [{"keyword": g["keyword"], "reference_sample_idx": list(g["reference_sample_idx"])}
+                              for g in refs.subgroups], "samples": refs.samples}
     if len(assigned) != len(refs.samples):
         raise ValueError(f"{len(assigned)} assignments for {len(refs.samples)} samples")
     groups: dict[str, list[int]] = {k: [] for k in keywords}

@@ -5,7 +5,11 @@ One dataset from the caption pool to the query files (SPEC part C; Wu et al., CV
 2-1 image generation (negative prompt = no-exist objects + quality negatives) → 2-2 Grounding
 DINO on present and no-exist phrases → 2-3 factual filter → 3-3 description queries →
 3-1 caption embedding, memory-bank lookup, CPQ/TPQ generation, pre-check and LLM judge →
-3-2 POPE question with the LLM grammar fix. Every row keeps its id; images are
+3-2 POPE question with the LLM grammar fix. Two filters the original did not have are
+separate stages, each with its own funnel row, switched off in the paper profile
+(``enabled: false``): ``cpq_object_words`` (a question must contain its object word; before
+the memory bank) and ``cpq_modal_questions`` (no CPQ starting with can/could/will/would/
+should/has/have/had). Every row keeps its id; images are
 ``OUT/images/<id>.png``.
 
 Outputs: ``OUT/queries/{cpq,tpq,pope,desc}_list.jsonl`` (original fields ``image``, ``text``,
@@ -118,9 +122,16 @@ def stages(recipe: AntidoteRecipe) -> list[Stage]:
               ("caption_rewritten", "present_final", "no_exist_final", "avoid_questions"), ("messages",)),
         llm_stage("cpq_generate", "udfs.antidote:QuestionPair"),
         Stage("cpq_fields", A.question_fields, ("cpq_generate_parsed",),
-              ("hall_question", "hall_object", "truth_question", "truth_object"), filter=True),
+              ("hall_question", "hall_object", "truth_question", "truth_object")),
+        # extra rule, not in the original (recipe: enabled false in the paper profile)
+        Stage("cpq_object_words", A.cpq_object_words,
+              ("hall_question", "hall_object", "truth_question", "truth_object"), ("object_words_missing",),
+              filter=True),
         Stage("memory_add", _memory_add(name), ("caption_embedding", "hall_question"), ("bank_size",)),
         Stage("cpq_precheck", A.cpq_precheck, ("hall_question", "hall_object"), ("cpq_precheck",),
+              filter=True),
+        # extra rule, not in the original (recipe: enabled false in the paper profile)
+        Stage("cpq_modal_questions", A.cpq_modal_questions, ("hall_question",), ("cpq_modal_start",),
               filter=True),
         Stage("cpq_judge_prompts", A.cpq_judge_prompts,
               ("hall_question", "hall_object", "truth_question", "truth_object"), ("messages",)),

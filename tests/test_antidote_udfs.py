@@ -63,27 +63,54 @@ def test_factual_filter_keeps_detected_present_and_undetected_absent():
 
 
 def test_cpq_precheck_and_verdicts():
-    b = _batch(id=["a", "b", "c", "d"],
+    b = _batch(id=["a", "b", "c", "d", "e"],
                hall_question=["What color is the dog?", "How many dogs are there?", "Is the dog brown?",
-                              "What genre is the music?"],
-               hall_object=["dog", "dog", "dog", "music"])
+                              "What genre is the music?", "Can you see the dog's collar?"],
+               hall_object=["dog", "dog", "dog", "music", "collar"])
     out = A.cpq_precheck(b, None)
     assert out[R.ROW_REJECT][0] is None
     assert "How many" in out[R.ROW_REJECT][1] and "yes/no" in out[R.ROW_REJECT][2]
     assert "sound/season" in out[R.ROW_REJECT][3]
+    assert out[R.ROW_REJECT][4] is None  # modal starts are not the original's rule 4 (Is/Does/Are/Do...)
     fn = A.verdicts("j", "cpq_rules")
     v = fn(_batch(id=["a", "b"], j=['{"verdict": "pass"}', '{"verdict": "reject", "violated_rule": 2}']), None)
     assert v["cpq_rules_verdict"] == ["pass", "reject:2"] and "rule 2" in v[R.ROW_REJECT][1]
 
 
-def test_question_fields_requires_object_word():
-    good = json.dumps({"hall_question": "What breed is the dog?", "hall_object": "dog",
-                       "truth_question": "What is the man holding?", "truth_object": "man"})
+def test_question_fields_copies_without_judging():
     bad = json.dumps({"hall_question": "What breed is it?", "hall_object": "dog",
                       "truth_question": "Who are the men here?", "truth_object": "man"})
-    out = A.question_fields(_batch(id=["a", "b"], cpq_generate_parsed=[good, bad]), None)
-    assert out[R.ROW_REJECT][0] is None
-    assert "hall_question" in out[R.ROW_REJECT][1] and "truth_question" not in out[R.ROW_REJECT][1]
+    out = A.question_fields(_batch(id=["b"], cpq_generate_parsed=[bad]), None)
+    assert out["hall_question"] == ["What breed is it?"] and out["truth_object"] == ["man"]
+    assert out.get(R.ROW_REJECT, [None]) == [None]  # the object-word rule is its own stage (cpq_object_words)
+
+
+def test_extra_rules_are_separate_filters():
+    """The two rules the original did not have: each its own filter stage (own funnel row)."""
+    qs = ["Can you see the dog's collar?", "Would the cat like milk?", "Had the man eaten?", "What breed is the dog?",
+          "Is the dog brown?"]
+    out = A.cpq_modal_questions(_batch(id=list("abcde"), hall_question=qs), None)
+    assert out["cpq_modal_start"] == ["can", "would", "had", "", ""]
+    assert [r is not None for r in out[R.ROW_REJECT]] == [True, True, True, False, False]
+    assert "cpq_modal_questions" in out[R.ROW_REJECT][0]
+    b = _batch(id=["a", "b"], hall_question=["What breed is the dog?", "What breed is it?"], hall_object=["dog", "dog"],
+               truth_question=["What is the man holding?", "Who are the men here?"], truth_object=["man", "man"])
+    words = A.cpq_object_words(b, None)
+    assert words["object_words_missing"] == ["", "hall_question"]
+    assert words[R.ROW_REJECT][0] is None and "hall_question" in words[R.ROW_REJECT][1]
+
+
+@pytest.mark.parametrize("profile", ["offline", "local", "paper"])
+def test_extra_rules_are_recipe_switches_off_in_the_paper_profile(profile):
+    from jobs.core.driver import plan
+
+    r = load_recipe(J.RECIPE, "antidote", profile, input="x.jsonl", output="o")
+    names = [sp.stage.name for sp in plan(J, r).row_stages()]
+    extra = {"cpq_object_words", "cpq_modal_questions"}
+    assert extra.isdisjoint(names) if profile == "paper" else extra <= set(names)
+    if profile != "paper":  # before the memory bank / right after the original's pre-check
+        assert names.index("cpq_fields") < names.index("cpq_object_words") < names.index("memory_add")
+        assert names.index("cpq_precheck") < names.index("cpq_modal_questions") < names.index("cpq_judge_prompts")
 
 
 def test_pope_fields_accepts_only_grammar_fixes():

@@ -223,3 +223,75 @@ def test_image_paths_match_the_generator_file_names():
 
     assert A.image_rel_path("coco-1") == "images/coco-1.png"
     assert A.image_rel_path("img 1") == "images/" + image_file_name("img 1") != "images/img 1.png"
+
+
+def _export_rows():
+    """Committed rows as the driver hands them to export: one that finished, and rows stopped
+    at the parse, the judge, the factual filter and the CPQ judge."""
+    import pyarrow as pa
+
+    def row(rid, status="ok", stage="", parsed=True, detected=True, final=True, pair=True, pope=True):
+        r = {"id": rid, "caption": f"pool caption {rid}", R.STATUS: status, R.STAGE: stage, R.REASON: "",
+             R.PLACEHOLDER: "", R.AUDIT: "", "caption_rewritten": None, "present": None, "no_exist": None,
+             "prompt_weighted": None, "prompt_neg": None, "present_detected": None, "no_exist_detected": None,
+             "present_scores": None, "no_exist_scores": None, "present_final": None, "no_exist_final": None,
+             "present_verified": None, "no_exist_verified": None, "hall_question": None, "hall_object": None,
+             "truth_question": None, "truth_object": None, "pope_question": None, "desc_text": None,
+             "desc_hint": None, "image": None}
+        if parsed:
+            r.update(caption_rewritten=f"a cat and a sofa {rid}", present=["cat", "sofa"], no_exist=["dog", "lamp"],
+                     prompt_weighted="a (cat:1.2) and a (sofa:1.1)", prompt_neg="(dog:1.2), (lamp:1.1)")
+        if detected:
+            r.update(image=f"/out/images/{rid}.png", present_detected=["cat", "cat"], no_exist_detected=["lamp"], present_scores=[0.9, 0.8],
+                     no_exist_scores=[0.5])
+        if final:
+            r.update(present_final=["cat"], no_exist_final=["dog"], present_verified=["cat"], no_exist_verified=["dog"],
+                     desc_text="Describe this image in detail.", desc_hint="Hint: ...")
+        if pair:
+            r.update(hall_question="What color is the dog?", hall_object="dog", truth_question="What is the cat doing?",
+                     truth_object="cat")
+        if pope:
+            r.update(pope_question="Is there a cat in the image?")
+        return r
+    rows_ = [row("r1"),
+             row("r2", "rejected", "caption_parse", parsed=False, detected=False, final=False, pair=False, pope=False),
+             row("r3", "rejected", "caption_verdict", detected=False, final=False, pair=False, pope=False),
+             row("r4", "rejected", "factual_filter", final=False, pair=False, pope=False),
+             row("r5", "rejected", "cpq_verdict", pope=False)]
+    return pa.Table.from_pylist(rows_)
+
+
+def test_export_writes_the_original_schema_and_step_files(tmp_path):
+    import pyarrow.parquet as pq
+
+    r = load_recipe(J.RECIPE, "antidote", "local", input="x.jsonl", output=str(tmp_path))
+    counts = J.export(_export_rows(), r, str(tmp_path))
+    final = pq.read_table(tmp_path / "captions_final.parquet").to_pylist()
+    assert [f["id"] for f in final] == ["r1", "r5"] and counts["captions_final"] == 2
+    f = final[0]  # the original's final names with the original's meanings (SPEC C5)
+    assert f["caption"] == "a cat and a sofa r1" and f["pool_caption"] == "pool caption r1"
+    assert f["present"] == ["cat"] and f["no-exist"] == ["dog"]  # filtered lists
+    assert f["present_parsed"] == ["cat", "sofa"] and f["no_exist_parsed"] == ["dog", "lamp"]
+    assert f["prompt"] == "a (cat:1.2) and a (sofa:1.1)" and f["image"] == "images/r1.png"
+
+    def read(name):
+        return [json.loads(line) for line in (tmp_path / "steps" / name).read_text().splitlines()]
+    caps = read("generated_captions.jsonl")  # C1: every parsed item, the LLM's lists
+    assert [c["id"] for c in caps] == ["r1", "r3", "r4", "r5"]
+    assert caps[0] == {"caption": "a cat and a sofa r1", "present": ["cat", "sofa"], "no-exist": ["dog", "lamp"],
+                       "prompt": "a (cat:1.2) and a (sofa:1.1)", "prompt_neg": "(dog:1.2), (lamp:1.1)", "id": "r1"}
+    assert [c["id"] for c in read("generated_captions_filtered.jsonl")] == ["r1", "r4", "r5"]  # C2
+    grounding = read("infer_grounding_res.jsonl")  # C4: unique detected phrases
+    assert grounding[0] == {"idx": "r1", "present": ["cat"], "no-exist": ["lamp"]} and len(grounding) == 3
+    fin = read("generated_captions_final.jsonl")  # C5
+    assert fin[0] == {"caption": "a cat and a sofa r1", "present": ["cat"], "no-exist": ["dog"],
+                      "prompt": "a (cat:1.2) and a (sofa:1.1)", "prompt_neg": "(dog:1.2), (lamp:1.1)", "idx": "r1"}
+    assert [x["idx"] for x in fin] == ["r1", "r5"]
+    pairs = read("query_cpq_tpq_list.jsonl")  # C6 3-1-1
+    assert [x["idx"] for x in pairs] == ["r1", "r5"] and set(pairs[0]) == {
+        "hall_question", "hall_object", "truth_question", "truth_object", "idx"}
+    assert [x["idx"] for x in read("query_tpq_cpq_list_filtered.jsonl")] == ["r1"]  # 3-1-2
+    assert read("query_pope_list.jsonl") == [{"truth_question": "Is there a cat in the image?", "truth_object": "cat",
+                                              "idx": "r1"}]  # 3-2-1 template
+    assert read("query_pope_list_filtered.jsonl")[0]["truth_question"] == "Is there a cat in the image?"  # 3-2-2
+    assert [json.loads(x)["id"] for x in (tmp_path / "queries" / "cpq_list.jsonl").read_text().splitlines()] == ["r1"]

@@ -464,3 +464,56 @@ def pope_hint(obj: str, question: str) -> str:
 def query_record(row_id: str, text: str, hint: str) -> dict:
     """One query line (original fields ``image``, ``text``, ``text_hint`` plus ``id``)."""
     return {"id": row_id, "image": image_rel_path(row_id), "text": text, "text_hint": hint}
+
+
+# ----------------------------------------------------------------------------- the original's step files
+
+def _unique(items: Any) -> list:
+    return list(dict.fromkeys(items or []))
+
+
+def caption_item(row: dict, final: bool = False) -> dict | None:
+    """A caption item in the original's schema (SPEC C1/C2; C5 with ``final``): ``caption``
+    (the rewritten caption), ``present``, ``no-exist``, ``prompt`` (weighted), ``prompt_neg``.
+    Without ``final``: step 1-1's lists and ``id`` (the row id) appended; with ``final``: the
+    lists after the factual filter (``present_final``/``no_exist_final``) and ``idx`` = the row
+    id (the original's ``idx`` named the image ``{idx}.jpg``; ours is ``images/<id>.png``).
+    ``None`` when the row has no parsed item."""
+    if row.get("caption_rewritten") is None:
+        return None
+    present, no_exist = (row.get("present_final"), row.get("no_exist_final")) if final else \
+        (row.get("present"), row.get("no_exist"))
+    if present is None or no_exist is None:
+        return None
+    item = {"caption": row["caption_rewritten"], "present": list(present), "no-exist": list(no_exist),
+            "prompt": row["prompt_weighted"], "prompt_neg": row["prompt_neg"]}
+    item["idx" if final else "id"] = row["id"]
+    return item
+
+
+def grounding_item(row: dict) -> dict | None:
+    """Step 2-2's line (SPEC C4): ``idx`` (row id) and the unique detected ``present`` /
+    ``no-exist`` names (ours: the requested names the detector matched); ``None`` when the row
+    has no detection."""
+    if row.get("present_detected") is None and row.get("no_exist_detected") is None:
+        return None
+    return {"idx": row["id"], "present": _unique(row.get("present_detected")),
+            "no-exist": _unique(row.get("no_exist_detected"))}
+
+
+def question_pair_item(row: dict) -> dict | None:
+    """Step 3-1-1/3-1-2's item (SPEC C6): ``hall_question``, ``hall_object``, ``truth_question``,
+    ``truth_object``, ``idx`` (row id); ``None`` when the row has no question pair."""
+    if row.get("hall_question") is None:
+        return None
+    return {**{k: row[k] for k in ("hall_question", "hall_object", "truth_question", "truth_object")},
+            "idx": row["id"]}
+
+
+def pope_item(row: dict, fixed: bool = False) -> dict | None:
+    """Step 3-2-1's item (SPEC C7: the template question) or, with ``fixed``, 3-2-2's (the
+    grammar-fixed question): ``truth_question``, ``truth_object``, ``idx`` (row id)."""
+    if row.get("truth_object") is None or (fixed and not row.get("pope_question")):
+        return None
+    q = row["pope_question"] if fixed else pope_template(row["truth_object"])
+    return {"truth_question": q, "truth_object": row["truth_object"], "idx": row["id"]}

@@ -295,3 +295,18 @@ def test_export_writes_the_original_schema_and_step_files(tmp_path):
                                               "idx": "r1"}]  # 3-2-1 template
     assert read("query_pope_list_filtered.jsonl")[0]["truth_question"] == "Is there a cat in the image?"  # 3-2-2
     assert [json.loads(x)["id"] for x in (tmp_path / "queries" / "cpq_list.jsonl").read_text().splitlines()] == ["r1"]
+
+
+def test_antidote_image_stage_keeps_its_negative_prompt():
+    """Antidote's no-exist objects are the negative prompt (SPEC C3): every profile must run the
+    image stage with guidance > 1, and a recipe that would silently drop them is refused."""
+    from jobs.core.driver import PlanError, plan
+
+    for profile in ("offline", "local", "paper"):
+        r = load_recipe(J.RECIPE, "antidote", profile, input="x.jsonl", output="o")
+        assert r.stages["generate_images"].params["guidance_scale"] > 1
+        plan(J, r)
+    turbo = load_recipe(J.RECIPE, "antidote", "local", input="x.jsonl", output="o",
+                        overrides=["generate_images.params.guidance_scale=0.0"])
+    with pytest.raises(PlanError, match="generate_images.*guidance_scale 0.0"):
+        plan(J, turbo)

@@ -53,7 +53,9 @@ class AntidoteRecipe(Recipe):
     total_num: int | None = Field(12000, ge=1, description="Captions to process (original default 12,000); "
                                   "--limit takes precedence")
     bank_threshold: float = Field(0.8, description="Memory bank: caption cosine above which a stored CPQ is "
-                                  "shown as an example to avoid (3_1_1)")
+                                  "shown as an example to avoid (3_1_1: 0.8 for bge-m3). The value belongs to the "
+                                  "embedder: for all-MiniLM-L6-v2 0.8 is near-paraphrase (12 % of same-image COCO "
+                                  "caption pairs); 0.7 is the measured equivalent (udfs/memory_bank.py)")
     bank_min_entries: int = Field(500, ge=0, description="Memory bank activates at this size (3_1_1)")
     bank_top_k: int = Field(3, ge=0, description="At most this many avoid-examples (3_1_1)")
 

@@ -310,3 +310,27 @@ def test_antidote_image_stage_keeps_its_negative_prompt():
                         overrides=["generate_images.params.guidance_scale=0.0"])
     with pytest.raises(PlanError, match="generate_images.*guidance_scale 0.0"):
         plan(J, turbo)
+
+
+def test_memory_bank_threshold_for_minilm_measured_on_real_captions():
+    """The 0.8 of 3-1-1 was set for bge-m3. Measured with all-MiniLM-L6-v2 on the 795 real COCO
+    captions (159 images x 5): the numbers udfs/memory_bank.py and the recipes state."""
+    from actors.embedding import TextEmbedder
+    from actors.models import resolve
+
+    caps = [json.loads(line) for line in open(f"{SHARED}/data/captions/coco2017_mini.jsonl")]
+    r = load_recipe(J.RECIPE, "antidote", "offline", input="x", output="o")
+    model = resolve(r.stages["caption_embed"].model).model_dump()
+    emb = np.stack(TextEmbedder(model, {"text_column": "caption", "output_column": "e"})(
+        {"caption": [c["caption"] for c in caps]})["e"])
+    image = np.array([c["image_id"] for c in caps])
+    iu = np.triu_indices(len(caps), 1)
+    sims = (emb @ emb.T)[iu]
+    same = image[iu[0]] == image[iu[1]]
+    assert same.sum() == 1590 and (~same).sum() == 314025
+    above = {t: (float(np.mean(sims[same] > t)), int(np.sum(sims[~same] > t))) for t in (0.7, 0.8)}
+    assert 0.11 <= above[0.8][0] <= 0.13 and 30 <= above[0.8][1] <= 50  # 0.8: 12.1 % same-image, 41 others
+    assert 0.34 <= above[0.7][0] <= 0.37 and 240 <= above[0.7][1] <= 300  # 0.7: 35.4 % same-image, 267 others
+    assert abs(float(np.median(sims[same])) - 0.642) < 0.01 and abs(float(np.percentile(sims[~same], 99.9)) - 0.691) < 0.01
+    for profile, t in (("offline", MB.MINILM_THRESHOLD), ("local", MB.MINILM_THRESHOLD), ("paper", MB.THRESHOLD)):
+        assert load_recipe(J.RECIPE, "antidote", profile, input="x", output="o").bank_threshold == t

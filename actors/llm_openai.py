@@ -167,9 +167,10 @@ class OpenAIEngine:
     ``spec.model`` is the API model name (Azure: the deployment name). ``options``:
     ``api_type`` (``openai``, default, or ``azure``: ``AzureOpenAI`` with the options of
     ``azure_client``), ``base_url`` (default: the client's, i.e. OpenAI), ``api_key_env``
-    (default ``OPENAI_API_KEY``; ``null`` for servers without auth), ``qps`` (float), ``max_retries`` (default 3), ``timeout_s`` (default 60),
-    ``backoff_s`` (default 1.0), ``max_backoff_s`` (default 30), ``max_concurrency``
-    (threads per actor, default 8), ``json_schema_mode`` (default False),
+    (default ``OPENAI_API_KEY``; ``null`` for servers without auth), ``qps`` (float),
+    ``max_retries`` (default 3), ``timeout_s`` (default 60), ``backoff_s`` (default 1.0),
+    ``max_backoff_s`` (default 30), ``max_concurrency`` (threads per actor, default 8),
+    ``json_schema_mode`` (default False),
     ``json_object_mode`` (default True), ``strict_schema``, ``extra_body``; for vision
     models ``image_max_side`` / ``image_format`` / ``jpeg_quality`` (``ImageInliner``): image
     parts given as paths or ``s3://`` URIs are sent as bounded base64 data URLs, each image

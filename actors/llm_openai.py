@@ -1,4 +1,4 @@
-"""OpenAI-compatible backend of the LLM stage (OpenAI, DeepSeek, Azure-style URLs, vLLM servers).
+"""OpenAI-compatible backend of the LLM stage (OpenAI, DeepSeek, Azure OpenAI, vLLM servers).
 
 The official ``openai`` client runs inside the actor; the client's own retries are off and
 this module retries itself, so the policy is explicit and bounded:
@@ -12,6 +12,12 @@ this module retries itself, so the policy is explicit and bounded:
 
 The API key is read from the environment variable named by ``options.api_key_env`` and is
 never logged, returned or put in an error message (messages are scrubbed).
+
+Azure OpenAI (``options.api_type: azure``; MM-GEN's original ran GPT-4o on Azure, SPEC D6/D9.1)
+goes through the client's own ``AzureOpenAI``: requests go to
+``{endpoint}/openai/deployments/{deployment}/chat/completions?api-version={version}`` with an
+``api-key`` header, or ``Authorization: Bearer`` for an Azure AD (Entra ID) token; see
+``azure_client``.
 """
 from __future__ import annotations
 
@@ -103,20 +109,75 @@ class RateLimiter:
             time.sleep(slot - now)
 
 
+#: environment variables the Azure client reads by default (the openai package's own names)
+AZURE_ENV = {"endpoint": "AZURE_OPENAI_ENDPOINT", "api_version": "OPENAI_API_VERSION",
+             "api_key": "AZURE_OPENAI_API_KEY", "ad_token": "AZURE_OPENAI_AD_TOKEN"}
+
+
+def _setting(opts: dict[str, Any], name: str, env_default: str) -> str | None:
+    """``opts[name]`` if given, else the environment variable ``opts[name + "_env"]``
+    (default ``env_default``)."""
+    if opts.get(name):
+        return str(opts[name])
+    return os.environ.get(opts.get(f"{name}_env", env_default)) or None
+
+
+def azure_client(opts: dict[str, Any], timeout_s: float):
+    """``(openai.AzureOpenAI client, secret)`` from a model spec's ``options``.
+
+    ``azure_endpoint`` (``https://<resource>.openai.azure.com``) and ``api_version`` (e.g.
+    ``2024-10-21``; the original used ``2023-06-01-preview``) come from the options or from
+    the variables named by ``azure_endpoint_env`` / ``api_version_env`` (default
+    ``AZURE_OPENAI_ENDPOINT`` / ``OPENAI_API_VERSION``). ``azure_deployment`` (optional)
+    fixes the deployment; otherwise the spec's model name is the deployment, as in the
+    original (deployment names such as ``gpt-4o``). Credentials from the environment: the
+    key in ``api_key_env`` (default ``AZURE_OPENAI_API_KEY``; sent as ``api-key``), else an
+    Azure AD token in ``azure_ad_token_env`` (default ``AZURE_OPENAI_AD_TOKEN``; sent as
+    ``Authorization: Bearer``, e.g. ``az account get-access-token --resource
+    https://cognitiveservices.azure.com``; a token expires, about an hour). The secret is
+    returned for scrubbing error messages. Raises ``ValueError`` naming the missing setting
+    or variables.
+    """
+    import openai
+
+    endpoint = _setting(opts, "azure_endpoint", AZURE_ENV["endpoint"])
+    version = _setting(opts, "api_version", AZURE_ENV["api_version"])
+    if not endpoint:
+        raise ValueError(f"Azure OpenAI needs options.azure_endpoint or the variable "
+                         f"{opts.get('azure_endpoint_env', AZURE_ENV['endpoint'])!r}")
+    if not version:
+        raise ValueError(f"Azure OpenAI needs options.api_version or the variable "
+                         f"{opts.get('api_version_env', AZURE_ENV['api_version'])!r}")
+    key_env = opts.get("api_key_env", AZURE_ENV["api_key"])
+    token_env = opts.get("azure_ad_token_env", AZURE_ENV["ad_token"])
+    key = os.environ.get(key_env) if key_env else None
+    token = None if key else (os.environ.get(token_env) if token_env else None)
+    if not key and not token:
+        raise ValueError(f"Azure OpenAI needs an API key in {key_env!r} or an Azure AD token in {token_env!r}")
+    client = openai.AzureOpenAI(azure_endpoint=endpoint, api_version=version,
+                                azure_deployment=opts.get("azure_deployment") or None,
+                                api_key=key or None, azure_ad_token=token or None,
+                                timeout=timeout_s, max_retries=0)
+    return client, key or token
+
+
 class OpenAIEngine:
     """Chat completions over an OpenAI-compatible HTTP API.
 
-    ``spec.model`` is the API model name. ``options``: ``base_url`` (default: the client's,
-    i.e. OpenAI), ``api_key_env`` (default ``OPENAI_API_KEY``; ``null`` for servers without
-    auth), ``qps`` (float), ``max_retries`` (default 3), ``timeout_s`` (default 60),
-    ``backoff_s`` (default 1.0), ``max_backoff_s`` (default 30), ``max_concurrency``
-    (threads per actor, default 8), ``json_schema_mode`` (default False),
+    ``spec.model`` is the API model name (Azure: the deployment name). ``options``:
+    ``api_type`` (``openai``, default, or ``azure``: ``AzureOpenAI`` with the options of
+    ``azure_client``), ``base_url`` (default: the client's, i.e. OpenAI), ``api_key_env``
+    (default ``OPENAI_API_KEY``; ``null`` for servers without auth), ``qps`` (float),
+    ``max_retries`` (default 3), ``timeout_s`` (default 60), ``backoff_s`` (default 1.0),
+    ``max_backoff_s`` (default 30), ``max_concurrency`` (threads per actor, default 8),
+    ``json_schema_mode`` (default False),
     ``json_object_mode`` (default True), ``strict_schema``, ``extra_body``; for vision
     models ``image_max_side`` / ``image_format`` / ``jpeg_quality`` (``ImageInliner``): image
     parts given as paths or ``s3://`` URIs are sent as bounded base64 data URLs, each image
     encoded once per actor.
 
-    Raises ``ValueError`` when the API key variable is not set.
+    Raises ``ValueError`` when the API key variable is not set (Azure: see ``azure_client``)
+    or ``api_type`` is unknown.
     """
 
     can_repair = True
@@ -126,21 +187,27 @@ class OpenAIEngine:
 
         opts = dict(resolved.spec.options)
         self.options = opts
-        env = opts.get("api_key_env", "OPENAI_API_KEY")
-        if env is None:
-            key = "EMPTY"
-        else:
-            key = os.environ.get(env)
-            if not key:
-                raise ValueError(f"API key environment variable {env!r} is not set")
-        self._secret = key if env is not None else None
         self.model_name = resolved.spec.model
         self.timeout_s = float(opts.get("timeout_s", 60.0))
         self.max_retries = int(opts.get("max_retries", 3))
         self.backoff_s = float(opts.get("backoff_s", 1.0))
         self.max_backoff_s = float(opts.get("max_backoff_s", 30.0))
-        self.client = openai.OpenAI(api_key=key, base_url=opts.get("base_url"), timeout=self.timeout_s,
-                                    max_retries=0)
+        api_type = opts.get("api_type", "openai")
+        if api_type == "azure":
+            self.client, self._secret = azure_client(opts, self.timeout_s)
+        elif api_type == "openai":
+            env = opts.get("api_key_env", "OPENAI_API_KEY")
+            if env is None:
+                key = "EMPTY"
+            else:
+                key = os.environ.get(env)
+                if not key:
+                    raise ValueError(f"API key environment variable {env!r} is not set")
+            self._secret = key if env is not None else None
+            self.client = openai.OpenAI(api_key=key, base_url=opts.get("base_url"), timeout=self.timeout_s,
+                                        max_retries=0)
+        else:
+            raise ValueError(f"options.api_type must be 'openai' or 'azure', got {api_type!r}")
         self.limiter = RateLimiter(opts.get("qps"))
         self.inline_images = ImageInliner.from_options(opts)
         self.pool = ThreadPoolExecutor(max_workers=int(opts.get("max_concurrency", 8)),

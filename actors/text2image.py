@@ -25,10 +25,11 @@ C11.10: it prompts with the plain ``caption``).
 from __future__ import annotations
 
 import inspect
-from typing import Any
+import warnings
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.batching import (batch_len, error_text, is_missing, object_column, row_ids, run_halving_on_oom,
                              set_threads)
@@ -50,7 +51,18 @@ QUALITY_NEGATIVES = ("low quality, worst quality, blurry, overly smooth, oversat
 
 class T2IParams(BaseModel):
     """Parameters every text-to-image stage shares (``Text2Image``, ``actors.identity_t2i.
-    IdentityText2Image``); each stage's ``Params`` adds its own and sets its pipeline's defaults."""
+    IdentityText2Image``); each stage's ``Params`` adds its own and sets its pipeline's defaults.
+
+    Negative prompts need classifier-free guidance: diffusers' SD 1.x/2.x, SDXL and SD3
+    pipelines (and our PhotoMaker pipeline) use the negative prompt only when
+    ``guidance_scale > 1`` (their ``do_classifier_free_guidance``); at or below 1 it is
+    silently ignored (e.g. SD-Turbo's recommended ``guidance_scale 0.0``). Validation therefore
+    raises ``ValueError`` — at planning, since the plan validates every stage's params — when
+    ``guidance_scale <= 1`` and a negative prompt is configured (a ``negative_column`` set in
+    the params, or a non-empty ``negative_suffix``), unless ``ignored_negative="warn"``, which
+    emits a ``UserWarning`` instead, wherever the params are validated: at planning (driver)
+    and when each actor starts (its log).
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -70,6 +82,35 @@ class T2IParams(BaseModel):
                                               "the pipeline call (e.g. {'clip_skip': 1}).")
     num_threads: int | None = Field(None, ge=1, description="torch.set_num_threads for this actor (None: "
                                     "leave Ray's per-actor setting; tiny models on small CPUs: 1).")
+    ignored_negative: Literal["refuse", "warn"] = Field("refuse", description="A negative prompt (negative_column "
+                                                        "set, or a negative_suffix) with guidance_scale <= 1, where "
+                                                        "diffusers ignores it: 'refuse' = invalid params (the run "
+                                                        "stops at planning); 'warn' = run anyway, warning loudly.")
+
+    def ignored_negatives(self) -> list[str]:
+        """The configured negative-prompt sources that ``guidance_scale <= 1`` makes diffusers
+        ignore (empty when guidance is on or no negative prompt is configured)."""
+        if self.guidance_scale > 1.0:
+            return []
+        found = []
+        if "negative_column" in self.model_fields_set and self.negative_column:
+            found.append(f"negative_column {self.negative_column!r}")
+        if self.negative_suffix.strip():
+            found.append("negative_suffix")
+        return found
+
+    @model_validator(mode="after")
+    def _negative_needs_guidance(self):
+        ignored = self.ignored_negatives()
+        if ignored:
+            msg = (f"guidance_scale {self.guidance_scale} <= 1 but a negative prompt is configured "
+                   f"({', '.join(ignored)}): diffusers uses negative prompts only with classifier-free guidance "
+                   f"(guidance_scale > 1), so it would be ignored. Raise guidance_scale, remove the negative "
+                   f"prompt (negative_column: '', negative_suffix: ''), or set ignored_negative: warn")
+            if self.ignored_negative == "refuse":
+                raise ValueError(msg)
+            warnings.warn(msg, UserWarning, stacklevel=2)
+        return self
 
 
 def _escape_compel(text: str) -> str:

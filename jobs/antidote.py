@@ -5,12 +5,23 @@ One dataset from the caption pool to the query files (SPEC part C; Wu et al., CV
 2-1 image generation (negative prompt = no-exist objects + quality negatives) → 2-2 Grounding
 DINO on present and no-exist phrases → 2-3 factual filter → 3-3 description queries →
 3-1 caption embedding, memory-bank lookup, CPQ/TPQ generation, pre-check and LLM judge →
-3-2 POPE question with the LLM grammar fix. Every row keeps its id; images are
+3-2 POPE question with the LLM grammar fix. Two filters the original did not have are
+separate stages, each with its own funnel row, switched off in the paper profile
+(``enabled: false``): ``cpq_object_words`` (a question must contain its object word; before
+the memory bank) and ``cpq_modal_questions`` (no CPQ starting with can/could/will/would/
+should/has/have/had). Every row keeps its id; images are
 ``OUT/images/<id>.png``.
 
 Outputs: ``OUT/queries/{cpq,tpq,pope,desc}_list.jsonl`` (original fields ``image``, ``text``,
 ``text_hint`` plus ``id``), ``OUT/captions_final.parquet`` (every caption that passed the
-factual filter, with its detection evidence), ``rejects/``, ``errors/``, ``manifest.json``.
+factual filter: the original final schema — ``caption`` the rewritten caption, ``present`` /
+``no-exist`` the filtered lists, ``prompt``, ``prompt_neg`` — plus the pool caption, the
+unfiltered lists and the detection evidence), ``OUT/steps/`` (the original's intermediate
+files under its names: ``generated_captions.jsonl``, ``generated_captions_filtered.jsonl``,
+``infer_grounding_res.jsonl``, ``generated_captions_final.jsonl``, ``query_cpq_tpq_list.jsonl``,
+``query_tpq_cpq_list_filtered.jsonl``, ``query_pope_list.jsonl``,
+``query_pope_list_filtered.jsonl``; ``idx`` = the row id), ``rejects/``, ``errors/``,
+``manifest.json``.
 """
 from __future__ import annotations
 
@@ -42,7 +53,9 @@ class AntidoteRecipe(Recipe):
     total_num: int | None = Field(12000, ge=1, description="Captions to process (original default 12,000); "
                                   "--limit takes precedence")
     bank_threshold: float = Field(0.8, description="Memory bank: caption cosine above which a stored CPQ is "
-                                  "shown as an example to avoid (3_1_1)")
+                                  "shown as an example to avoid (3_1_1: 0.8 for bge-m3). The value belongs to the "
+                                  "embedder: for all-MiniLM-L6-v2 0.8 is near-paraphrase (12 % of same-image COCO "
+                                  "caption pairs); 0.7 is the measured equivalent (udfs/memory_bank.py)")
     bank_min_entries: int = Field(500, ge=0, description="Memory bank activates at this size (3_1_1)")
     bank_top_k: int = Field(3, ge=0, description="At most this many avoid-examples (3_1_1)")
 
@@ -118,9 +131,16 @@ def stages(recipe: AntidoteRecipe) -> list[Stage]:
               ("caption_rewritten", "present_final", "no_exist_final", "avoid_questions"), ("messages",)),
         llm_stage("cpq_generate", "udfs.antidote:QuestionPair"),
         Stage("cpq_fields", A.question_fields, ("cpq_generate_parsed",),
-              ("hall_question", "hall_object", "truth_question", "truth_object"), filter=True),
+              ("hall_question", "hall_object", "truth_question", "truth_object")),
+        # extra rule, not in the original (recipe: enabled false in the paper profile)
+        Stage("cpq_object_words", A.cpq_object_words,
+              ("hall_question", "hall_object", "truth_question", "truth_object"), ("object_words_missing",),
+              filter=True),
         Stage("memory_add", _memory_add(name), ("caption_embedding", "hall_question"), ("bank_size",)),
         Stage("cpq_precheck", A.cpq_precheck, ("hall_question", "hall_object"), ("cpq_precheck",),
+              filter=True),
+        # extra rule, not in the original (recipe: enabled false in the paper profile)
+        Stage("cpq_modal_questions", A.cpq_modal_questions, ("hall_question",), ("cpq_modal_start",),
               filter=True),
         Stage("cpq_judge_prompts", A.cpq_judge_prompts,
               ("hall_question", "hall_object", "truth_question", "truth_object"), ("messages",)),
@@ -208,31 +228,69 @@ _BANK = None
 
 # ----------------------------------------------------------------------------- export
 
-FINAL_COLUMNS = ("id", "caption", "caption_rewritten", "present", "no_exist", "present_final",
-                 "no_exist_final", "prompt_weighted", "prompt_neg", "image", "present_detected",
-                 "present_scores", "present_boxes", "no_exist_detected", "no_exist_scores",
-                 "no_exist_boxes", R.PLACEHOLDER, R.AUDIT)
+#: ``captions_final.parquet``: output column -> row column. The original's names carry the
+#: original's meanings (SPEC C5: the rewritten caption and the lists after the factual filter);
+#: our extra evidence has names of its own.
+FINAL_COLUMNS = {"id": "id", "caption": "caption_rewritten", "present": "present_final",
+                 "no-exist": "no_exist_final", "prompt": "prompt_weighted", "prompt_neg": "prompt_neg",
+                 "image": "image", "pool_caption": "caption", "present_parsed": "present",
+                 "no_exist_parsed": "no_exist", "present_verified": "present_verified",
+                 "no_exist_verified": "no_exist_verified", "present_detected": "present_detected",
+                 "present_scores": "present_scores", "present_boxes": "present_boxes",
+                 "no_exist_detected": "no_exist_detected", "no_exist_scores": "no_exist_scores",
+                 "no_exist_boxes": "no_exist_boxes", R.PLACEHOLDER: R.PLACEHOLDER, R.AUDIT: R.AUDIT}
+
+#: The original's intermediate files (SPEC C1-C7, names from its README), written to
+#: ``OUT/steps/`` from the committed rows: (file, stages in pipeline order — a row is in the
+#: file when it got through the last enabled one —, record builder returning None to skip).
+STEP_FILES = (
+    ("generated_captions.jsonl", ("caption_parse",), A.caption_item),
+    ("generated_captions_filtered.jsonl", ("caption_parse", "caption_fields", "caption_judge", "caption_verdict"),
+     A.caption_item),
+    ("infer_grounding_res.jsonl", ("detect_objects",), A.grounding_item),
+    ("generated_captions_final.jsonl", ("factual_filter",), lambda r: A.caption_item(r, final=True)),
+    ("query_cpq_tpq_list.jsonl", ("cpq_generate", "cpq_fields"), A.question_pair_item),
+    ("query_tpq_cpq_list_filtered.jsonl", ("cpq_fields", "cpq_object_words", "cpq_precheck", "cpq_modal_questions",
+                                           "cpq_judge", "cpq_verdict"), A.question_pair_item),
+    ("query_pope_list.jsonl", ("cpq_fields", "cpq_object_words", "cpq_precheck", "cpq_modal_questions",
+                               "cpq_judge", "cpq_verdict"), A.pope_item),
+    ("query_pope_list_filtered.jsonl", ("pope_fix", "pope_fields"), lambda r: A.pope_item(r, fixed=True)),
+)
+
+
+def _through(rows: pa.Table, order: list[str], stages_: tuple[str, ...]) -> pa.Table | None:
+    """Rows that got through the last enabled stage of ``stages_`` (None if none is enabled)."""
+    last = [s for s in stages_ if s in order]
+    return rows.filter(pa.array(reached(rows, order, last[-1], through=True))) if last else None
 
 
 def export(rows: pa.Table, recipe: AntidoteRecipe, out: str) -> dict:
-    """Write the query files and ``captions_final.parquet``; returns counts per file."""
+    """Write the query files, ``captions_final.parquet`` (``FINAL_COLUMNS``) and the original's
+    step files (``STEP_FILES``, in ``OUT/steps/``); returns counts per file."""
     order = [s.name for s in stages(recipe) if recipe.stages.get(s.name) is None or recipe.stages[s.name].enabled]
     counts = {}
+    for name, through, build in STEP_FILES:
+        sel = _through(rows, order, through)
+        if sel is not None:
+            recs = sorted((x for x in map(build, sel.to_pylist()) if x is not None),
+                          key=lambda x: x.get("idx", x.get("id")))
+            io.write_text(io.join(out, "steps", name), "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in recs))
+            counts[f"steps/{name}"] = len(recs)
     if "factual_filter" in order:
-        mask = pa.array(reached(rows, order, "factual_filter", through=True))
-        final = rows.filter(mask)
-        cols = [c for c in FINAL_COLUMNS if c in final.column_names]
-        table = final.select(cols)
-        if "image" in table.column_names:  # portable: relative to OUT
-            table = table.set_column(table.column_names.index("image"), "image",
-                                     pa.array([A.image_rel_path(i) for i in table.column("id").to_pylist()]))
+        final = _through(rows, order, ("factual_filter",))
+        table = pa.table({k: final.column(c) for k, c in FINAL_COLUMNS.items()
+                          if c in final.column_names and k != "image"})
+        if "image" in final.column_names:  # portable: relative to OUT
+            table = table.add_column(table.column_names.index("prompt_neg") + 1, "image",
+                                     pa.array([A.image_rel_path(i) for i in final.column("id").to_pylist()],
+                                              pa.string()))
         write_table(table, io.join(out, "captions_final.parquet"))
         counts["captions_final"] = table.num_rows
         recs = final.select(["id", "desc_text", "desc_hint"]).to_pylist() if "desc_text" in final.column_names else []
         counts["desc_list"] = _write_queries(out, "desc_list", [A.query_record(r["id"], r["desc_text"], r["desc_hint"])
                                                                for r in recs if r["desc_text"]])
     if "cpq_verdict" in order:
-        sel = rows.filter(pa.array(reached(rows, order, "cpq_verdict", through=True))).to_pylist()
+        sel = _through(rows, order, ("cpq_verdict",)).to_pylist()
         counts["cpq_list"] = _write_queries(out, "cpq_list", [
             A.query_record(r["id"], r["hall_question"], A.cpq_hint(r["hall_object"], r["hall_question"])) for r in sel])
         counts["tpq_list"] = _write_queries(out, "tpq_list", [

@@ -14,7 +14,7 @@ fan-out (SPEC part D; Joshi et al. 2025):
   prompt (``id`` = ``p<subgroup>-<index>``).
 - ``build_messages`` → ``generate`` (the shared LLM stage with a vision model: transformers
   VLM, any OpenAI-compatible endpoint with bounded base64 images, or vLLM through
-  ``ray.data.llm``; JSON array validated per mode, format-fixing re-ask, then rejects/) →
+  ``ray.data.llm``; reply ``{"items": [...]}`` validated per mode, format-fixing re-ask, then rejects/) →
   ``make_records`` (per-mode record rules, count mismatches recorded) → ``loss_score``
   (per-sample answer loss under the target VLM, ``actors.vlm.AnswerLoss``).
 - export: the loss filter keeps the ``keep_fraction`` highest-loss samples (stage 4; audit
@@ -30,7 +30,7 @@ import os
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from jobs.core import stats
 from jobs.core.recipe import Recipe
@@ -38,6 +38,7 @@ from jobs.core.report import Gallery
 from jobs.core.runtime import Stage, llm_stage
 from udfs import io
 from udfs import mmgen as M
+from udfs import mmgen_output as MO
 from udfs import rows as R
 
 INPUT_COLUMNS = ("keyword", "subgroup", "mode", "candidate", "image_1", "icl_indices", "prompt", "num_gen",
@@ -60,10 +61,23 @@ class MMGenRecipe(Recipe):
                                          "dataset_description (needed for LLaVA lists and JSONL)")
     image_folder: str | None = Field(None, description="Folder the references' image paths are relative to "
                                      "(default: the file's image_folder, else the file's folder)")
-    exclude_references: bool = Field(True, description="Drop candidates that are reference images")
+    exclude_references: bool = Field(True, description="Drop candidates that are reference images (not applied "
+                                     "to an input task file's candidate_image_paths, which are used as given)")
+    use_task_subgroups: bool = Field(True, description="When --input is a task file (SPEC D2) with 'subgroups', "
+                                     "use its keyword groups of the references and, when present, its "
+                                     "'candidate_image_paths' (SPEC D3; relative paths are relative to the file's "
+                                     "folder) instead of re-partitioning with CLIP, so released task files and the "
+                                     "imbalanced-reference ablation replay exactly. False: re-partition with "
+                                     "--keywords as for any reference file")
     max_chars: int = Field(400, ge=8, description="Longest generated string (characters) in the reply schema")
     charset: str = Field("any", pattern="^(ascii|any)$", description="'ascii': bounded ASCII pattern (constrained "
-                         "decoding of small/random models); 'any': plain bounded strings (API models)")
+                         "decoding of small/random models; max_chars <= 128, options_format choices); 'any': plain "
+                         "bounded strings in an open schema (API models: extra keys and items kept, as the original)")
+    options_format: str = Field("lines", pattern="^(lines|choices)$", description="Where generated multiple-choice "
+                                "options go: 'lines' = inside the question as lettered lines (the original's "
+                                "instruction); 'choices' = a separate 'choices' list, lettered into lines when the "
+                                "reply is parsed (needed by charset ascii: a pattern-constrained string cannot hold "
+                                "a newline)")
     keep_fraction: float = Field(0.5, gt=0, le=1, description="Loss filter: keep this fraction of the samples "
                                  "with the highest target-model loss (SPEC D7: 50 %)")
 
@@ -77,6 +91,12 @@ class MMGenRecipe(Recipe):
         if v not in M.MODES:
             raise ValueError(f"unknown mode {v!r} (choose from {', '.join(M.MODES)})")
         return v
+
+    @model_validator(mode="after")
+    def _reply_format(self):
+        MO.reply_schema(self.mode, self.min_gen_per_candidate, self.max_chars, self.charset,
+                        options=self.options_format)  # raises ValueError for combinations that cannot work
+        return self
 
     @field_validator("keywords")
     @classmethod
@@ -104,10 +124,12 @@ def ingest_stages(recipe: MMGenRecipe) -> list[Stage]:
 
 def build_messages(batch: dict, params) -> dict:
     """Stage: each prompt's items → OpenAI chat messages (JSON string): the mode's system prompt,
-    then the items (images as path/URI ``image_url`` parts) and the generation instruction."""
+    then the items (images as path/URI ``image_url`` parts) and the generation instruction;
+    ``params["options_format"]`` (the recipe's) says where multiple-choice options go."""
+    options = params.get("options_format", "lines")
     out = []
     for mode, prompt, num, desc in zip(batch["mode"], batch["prompt"], batch["num_gen"], batch["dataset_description"]):
-        out.append(json.dumps(M.chat_messages(mode, desc, json.loads(prompt), int(num)), ensure_ascii=False))
+        out.append(json.dumps(M.chat_messages(mode, desc, json.loads(prompt), int(num), options), ensure_ascii=False))
     return {"messages": out}
 
 
@@ -119,10 +141,10 @@ def make_records(batch: dict, params, audit: bool = False) -> dict:
     res = {k: [] for k in ("items", "records", "n_items", "n_records", "count_mismatch", R.ROW_REJECT)}
     for i in range(len(batch["id"])):
         mode, num = batch["mode"][i], int(batch["num_gen"][i])
-        items, report = M.parse_items(mode, batch["generate_parsed"][i], num)
+        items, report = MO.parse_items(mode, batch["generate_parsed"][i], num)
         prompt = {"id": batch["id"][i], "keyword": batch["keyword"][i], "image_1": batch["image_1"][i],
                   "icl_indices": [int(x) for x in batch["icl_indices"][i]]}
-        recs = M.records_for(mode, items, prompt, batch["dataset_description"][i])
+        recs = MO.records_for(mode, items, prompt, batch["dataset_description"][i])
         res["items"].append(json.dumps(items, ensure_ascii=False))
         res["records"].append(json.dumps(recs, ensure_ascii=False))
         res["n_items"].append(len(items))
@@ -137,13 +159,17 @@ def make_records(batch: dict, params, audit: bool = False) -> dict:
 def stages(recipe: MMGenRecipe) -> list[Stage]:
     """The row stages, in order. Stage names are the keys of the recipe's ``stages``."""
     num = _num(recipe)
-    max_items = 2 * num
-    schema = M.item_schema(recipe.mode, num, recipe.max_chars, recipe.charset, max_items)
+    # open schema for API models (extra keys and items kept, as the original did); closed and
+    # bounded for constrained decoding (charset ascii), see udfs.mmgen_output.reply_schema
+    schema = MO.reply_schema(recipe.mode, num, recipe.max_chars, recipe.charset, options=recipe.options_format)
     gen_defaults = {"response_schema": schema}
     if recipe.charset == "ascii":  # a budget the grammar's worst case always fits (notes/mmgen-vlm.md §3)
-        gen_defaults["max_tokens"] = M.worst_case_tokens(recipe.mode, max_items, recipe.max_chars) + 8
+        max_items = schema["properties"][M.REPLY_KEY]["maxItems"]
+        gen_defaults["max_tokens"] = MO.worst_case_tokens(recipe.mode, max_items, recipe.max_chars,
+                                                          recipe.options_format) + 8
     return [
-        Stage("build_messages", build_messages, ("mode", "prompt", "num_gen", "dataset_description"), ("messages",)),
+        Stage("build_messages", build_messages, ("mode", "prompt", "num_gen", "dataset_description"), ("messages",),
+              defaults={"options_format": recipe.options_format}),
         llm_stage("generate", None, True, **gen_defaults),
         Stage("make_records", make_records,
               ("id", "mode", "keyword", "image_1", "icl_indices", "num_gen", "dataset_description", "generate_parsed"),
@@ -227,53 +253,92 @@ def _interleaved(prompts: list[dict]) -> list[dict]:
     return sorted(prompts, key=lambda p: ((int(p["id"].split("-")[1]) + 0.5) / sizes[p["subgroup"]], p["subgroup"]))
 
 
+def _task_source(recipe: MMGenRecipe, refs: M.References) -> tuple[list[str], bool, bool]:
+    """(keywords, references grouped by the input task file, candidates given by it). Raises
+    ``ValueError`` when keywords or candidates are missing or contradict the task file."""
+    groups = refs.subgroups if recipe.use_task_subgroups else None
+    if groups is None:
+        if not recipe.keywords:
+            raise ValueError("--keywords is required (comma-separated, e.g. 'map,diagram,photo')")
+        if not recipe.candidates:
+            raise ValueError("--candidates is required (folders or file lists of candidate images)")
+        return list(recipe.keywords), False, False
+    keywords = [g["keyword"] for g in groups]
+    if recipe.keywords and list(recipe.keywords) != keywords:
+        raise ValueError(f"--keywords {list(recipe.keywords)} differ from the task file's subgroups {keywords}; "
+                         "drop --keywords or set use_task_subgroups=false to re-partition")
+    given = "candidate_image_paths" in groups[0]
+    if given and recipe.candidates:
+        raise ValueError("the task file lists candidate_image_paths; drop --candidates (or set "
+                         "use_task_subgroups=false to re-partition)")
+    if not given and not recipe.candidates:
+        raise ValueError("--candidates is required (the task file has no candidate_image_paths)")
+    return keywords, True, given
+
+
 def ingest(recipe: MMGenRecipe) -> tuple[pa.Table, list[dict], int]:
     """Stages 1, 1b and 2: references, candidates, CLIP partition, task file, prompts.
 
-    Writes ``OUT/task.json``, ``OUT/partition.jsonl`` (keyword and cosines per image) and
-    ``OUT/prompts.json`` (the original's generated-prompts schema, each prompt with its id).
-    Returns the prompt rows, the rejects (malformed references, unreadable images, subgroups
-    without candidates) and the number of prompts ``--limit`` left out. Raises ``ValueError``
-    for missing keywords/candidates or an unusable reference file.
+    An input task file's ``subgroups`` (SPEC D2) and ``candidate_image_paths`` (D3) are used
+    as given when present (``use_task_subgroups``; e.g. the original's imbalanced-reference
+    ablation files): only what the file does not fix is partitioned with CLIP.
+    Writes ``OUT/task.json``, ``OUT/partition.jsonl`` (keyword, cosines and ``source`` —
+    ``clip`` or ``task_file`` — per image) and ``OUT/prompts.json`` (the original's
+    generated-prompts schema, each prompt with its id). Returns the prompt rows, the rejects
+    (malformed references, unreadable images, subgroups without candidates) and the number
+    of prompts ``--limit`` left out. Raises ``ValueError`` for missing keywords/candidates,
+    keywords or candidates that contradict the task file, or an unusable reference file.
     """
-    if not recipe.keywords:
-        raise ValueError("--keywords is required (comma-separated, e.g. 'map,diagram,photo')")
-    if not recipe.candidates:
-        raise ValueError("--candidates is required (folders or file lists of candidate images)")
     src = _abs(recipe.input)
     refs = M.parse_references(src, io.read_bytes(src), recipe.task_description,
                               _abs(recipe.image_folder) if recipe.image_folder else None)
+    keywords, refs_given, cands_given = _task_source(recipe, refs)
+    recipe = recipe.model_copy(update={"keywords": keywords})
     refs.image_folder = _abs(refs.image_folder)
     rejects = list(refs.rejects)
     ref_uris = [M.join_uri(refs.image_folder, s["image_1"]) for s in refs.samples]
-    candidates = list_candidates(recipe.candidates)
-    if recipe.exclude_references:
-        candidates = [c for c in candidates if c not in set(ref_uris)]
-    kw, scores, errors = _partition(recipe, sorted(set(ref_uris) | set(candidates)))
-    keep = [k for k, u in enumerate(ref_uris) if u in kw]
-    for k, u in enumerate(ref_uris):
-        if u not in kw:
-            rejects.append({"id": refs.samples[k]["id"], "stage": "partition",
-                            "reason": f"reference image_1 {u}: {errors.get(u, 'not classified')}"})
-    refs.samples = [refs.samples[k] for k in keep]
-    ref_uris = [ref_uris[k] for k in keep]
-    if not refs.samples:
-        raise ValueError("no reference image could be read")
+    ref_set = set(ref_uris)  # built once: a per-candidate rebuild is |refs| x |candidates| insertions
+    by_kw: dict[str, list[str]] = {k: [] for k in keywords}
+    if cands_given:
+        for g in refs.subgroups:
+            by_kw[g["keyword"]] = [_abs(c) if not io.is_remote(c) else c for c in g["candidate_image_paths"]]
+        candidates = []
+    else:
+        candidates = list_candidates(recipe.candidates)
+        if recipe.exclude_references:
+            candidates = [c for c in candidates if c not in ref_set]
+    to_classify = set(candidates) if refs_given else ref_set | set(candidates)
+    kw, scores, errors = _partition(recipe, sorted(to_classify)) if to_classify else ({}, {}, {})
+    if not refs_given:
+        keep = [k for k, u in enumerate(ref_uris) if u in kw]
+        for k, u in enumerate(ref_uris):
+            if u not in kw:
+                rejects.append({"id": refs.samples[k]["id"], "stage": "partition",
+                                "reason": f"reference image_1 {u}: {errors.get(u, 'not classified')}"})
+        refs.samples = [refs.samples[k] for k in keep]
+        ref_uris = [ref_uris[k] for k in keep]
+        if not refs.samples:
+            raise ValueError("no reference image could be read")
     for c in candidates:
         if c not in kw:
             rejects.append({"id": R.content_id(c), "stage": "partition", "reason": f"candidate {c}: {errors[c]}"})
-    candidates = [c for c in candidates if c in kw]
-    by_kw: dict[str, list[str]] = {k: [] for k in recipe.keywords}
-    for c in candidates:
-        by_kw[kw[c]].append(c)
-    task = M.task_file(refs, recipe.keywords, [kw[u] for u in ref_uris])
+        else:
+            by_kw[kw[c]].append(c)
+    task = M.task_file(refs, keywords, None if refs_given else [kw[u] for u in ref_uris])
     for g in task["subgroups"]:  # stage 1b, restored: written into the task file (SPEC D3)
-        g["candidate_image_paths"] = sorted(by_kw[g["keyword"]])
+        g["candidate_image_paths"] = by_kw[g["keyword"]] if cands_given else sorted(by_kw[g["keyword"]])
     out = recipe.output or "."
     io.write_text(io.join(out, "task.json"), json.dumps(task, indent=1, ensure_ascii=False))
+    assigned = {u: (kw[u], json.loads(scores[u]), "clip") for u in kw}
+    if refs_given:
+        for g in task["subgroups"]:
+            assigned.update({ref_uris[i]: (g["keyword"], None, "task_file") for i in g["reference_sample_idx"]})
+    if cands_given:
+        assigned.update({c: (k, None, "task_file") for k, cs in by_kw.items() for c in cs})
     io.write_text(io.join(out, "partition.jsonl"), "".join(
-        json.dumps({"image": u, "role": "reference" if u in set(ref_uris) else "candidate", "keyword": kw[u],
-                    "scores": json.loads(scores[u])}, ensure_ascii=False) + "\n" for u in sorted(kw)))
+        json.dumps({"image": u, "role": "reference" if u in ref_set else "candidate", "keyword": a[0],
+                    "scores": a[1], "source": a[2]}, ensure_ascii=False) + "\n" for u, a in sorted(assigned.items())))
+    candidates = sorted({c for cs in by_kw.values() for c in cs})
 
     planned, skipped = M.plan_prompts(task, by_kw, recipe.total_gen, recipe.min_gen_per_candidate,
                                       recipe.num_icl_samples, recipe.seed)
@@ -298,7 +363,7 @@ def ingest(recipe: MMGenRecipe) -> tuple[pa.Table, list[dict], int]:
                      "icl_indices": p["icl_indices"]} for p in planned]}, indent=1, ensure_ascii=False))
     from actors.models import resolve
 
-    placeholder = "partition" if resolve(recipe.stages["partition"].model).placeholder else ""
+    placeholder = "partition" if to_classify and resolve(recipe.stages["partition"].model).placeholder else ""
     table = pa.table({
         "id": pa.array([p["id"] for p in planned], pa.string()),
         "keyword": pa.array([p["keyword"] for p in planned], pa.string()),
@@ -350,7 +415,7 @@ def export(rows: pa.Table, recipe: MMGenRecipe, out: str) -> dict:
     funnel = []
     kept, dropped = samples, []
     if has_loss and samples:
-        mask = M.select_highest([s["loss"] for s in samples], recipe.keep_fraction, [s["id"] for s in samples])
+        mask = MO.select_highest([s["loss"] for s in samples], recipe.keep_fraction, [s["id"] for s in samples])
         kept_losses = [s["loss"] for s, m in zip(samples, mask) if m]
         threshold = min(kept_losses) if kept_losses else None
         would = [s for s, m in zip(samples, mask) if not m]
@@ -372,7 +437,7 @@ def export(rows: pa.Table, recipe: MMGenRecipe, out: str) -> dict:
                  "len_samples": len(kept), "samples": kept}
     io.write_text(io.join(out, "generated.json"), json.dumps(generated, indent=1, ensure_ascii=False))
     io.write_text(io.join(out, "llava_train.json"),
-                  json.dumps([M.llava_record(s) for s in kept], indent=1, ensure_ascii=False))
+                  json.dumps([MO.llava_record(s) for s in kept], indent=1, ensure_ascii=False))
     mismatch = sum(1 for v in ok.column("count_mismatch").to_pylist() if v) if "count_mismatch" in ok.column_names \
         else 0
     return {"prompts_ok": ok.num_rows, "samples_generated": len(samples), "samples_kept": len(kept),
@@ -383,8 +448,10 @@ def export(rows: pa.Table, recipe: MMGenRecipe, out: str) -> dict:
 
 def add_arguments(ap) -> None:
     """MM-GEN's own options (``python -m jobs mmgen --help``)."""
-    ap.add_argument("--candidates", help="candidate images: comma-separated folders / file lists (local or s3://)")
-    ap.add_argument("--keywords", help="comma-separated partition keywords, e.g. 'map,diagram,photo'")
+    ap.add_argument("--candidates", help="candidate images: comma-separated folders / file lists (local or s3://); "
+                    "not needed when --input is a task file with candidate_image_paths")
+    ap.add_argument("--keywords", help="comma-separated partition keywords, e.g. 'map,diagram,photo' (default: the "
+                    "subgroups of an input task file)")
     ap.add_argument("--mode", choices=M.MODES, help="generation mode (default vqa_nr)")
     ap.add_argument("--total-gen", type=int, help="samples to generate in total")
     ap.add_argument("--num-icl-samples", type=int, help="in-context examples per prompt (default 1)")

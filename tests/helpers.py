@@ -1,9 +1,14 @@
 """Helpers shared by the model-stage tests: batches in Ray Data's numpy form, the shared COCO
-photos, a private placeholder cache, and one run of an actor class as a Ray Data actor pool."""
+photos, a private placeholder cache, one run of an actor class as a Ray Data actor pool, and a
+loopback HTTP server with an OpenAI chat-completion body for client tests."""
 from __future__ import annotations
 
+import json
 import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pytest
@@ -149,3 +154,67 @@ def tiny_lora_checkpoint(folder: str) -> str:
     tmp = VL._save(VL.apply_lora(model, cfg), processor, cfg, resolved, {"global_step": 0}, [], {})
     shutil.move(tmp, folder)
     return folder
+
+
+class LoopbackServer:
+    """A real HTTP server on 127.0.0.1 (random port) for tests of HTTP clients.
+
+    Every POST is recorded in ``requests`` as ``{"path", "query" (dict of lists), "headers"
+    (lower-cased names), "body" (parsed JSON)}`` and answered by ``respond(request) ->
+    (status, payload dict, extra headers dict)``. ``url`` is ``http://127.0.0.1:<port>``.
+    Use as a context manager or call ``close()``.
+    """
+
+    def __init__(self, respond):
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        srv = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                try:
+                    raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                    parts = urlsplit(self.path)
+                    req = {"path": parts.path, "query": parse_qs(parts.query),
+                           "headers": {k.lower(): v for k, v in self.headers.items()},
+                           "body": json.loads(raw) if raw else None}
+                    with srv.lock:
+                        srv.requests.append(req)
+                    status, payload, headers = respond(req)
+                    data = json.dumps(payload).encode()
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up
+                    pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self) -> None:
+        """Stop serving and free the port."""
+        self.server.shutdown()
+        self.server.server_close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def chat_completion(model: str, content: str, prompt_tokens: int = 10, completion_tokens: int = 5) -> dict:
+    """An OpenAI chat-completions response body with one assistant message ``content``."""
+    return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}

@@ -81,8 +81,15 @@ def test_antidote_offline_end_to_end(tmp_path, s3):
     assert m["outputs"]["desc_list"] >= 1  # SmolLM2 output survives to the query files
     final = pq.read_table(pa.BufferReader(io.read_bytes(io.join(out, "captions_final.parquet"))))
     assert final.num_rows == m["outputs"]["captions_final"]
+    assert final.column_names[:7] == ["id", "caption", "present", "no-exist", "prompt", "prompt_neg", "image"]
     if final.num_rows:
         assert all("generate_images" in p for p in final.column("_placeholder").to_pylist())
+    # the original's step files, from the committed rows
+    steps = {k[len("steps/"):]: v for k, v in m["outputs"].items() if k.startswith("steps/")}
+    assert len(steps) == 8 and steps["generated_captions_final.jsonl"] == final.num_rows
+    lines = io.read_text(io.join(out, "steps", "generated_captions_final.jsonl")).splitlines()
+    assert [json.loads(x)["idx"] for x in lines] == sorted(final.column("id").to_pylist())
+    assert steps["generated_captions.jsonl"] >= steps["generated_captions_filtered.jsonl"] >= final.num_rows
     # the run report, read back from S3 and opened in Chromium: images, charts, funnel numbers
     seen = check_report_in_chromium(io.read_text(io.join(out, "report.html")), m, "report-antidote-s3")
     assert seen["images"] >= 1 + min(final.num_rows, 1) and seen["charts"] == 2  # funnel, throughput

@@ -1,6 +1,7 @@
-"""MM-GEN: partition, allocation, samplers, prompts, parsers and record rules (pure logic);
-the vision LLM stage against a loopback OpenAI-compatible server and on the tiny LLaVA; the
-per-sample answer loss; and the whole job end to end on real ScienceQA references."""
+"""MM-GEN: references, partition, allocation, samplers, ingest, prompts, parsers and record rules
+(pure logic); the vision LLM stage on the tiny LLaVA; the per-sample answer loss; and the whole
+job end to end on real ScienceQA references. The wire side (OpenAI-compatible servers, JSON
+mode, the constrained grammar) is in test_mmgen_reply.py."""
 from __future__ import annotations
 
 import base64
@@ -10,15 +11,14 @@ import os
 import random
 import subprocess
 import sys
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from udfs import mmgen as M
+from udfs import mmgen_output as MO
 from udfs import rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,6 +150,109 @@ def test_plan_prompts_shares_same_subgroup_and_seed():
     assert len(skipped) == 1 and "'pie' has 2 references but no candidate" in skipped[0]["reason"]
 
 
+# ============================================================================ ingest (CLIP partition faked)
+
+def _refs_file(tmp_path, n, subgroups=None, bad=()):
+    """An MM-GEN data file of ``n`` samples (``bad``: indices written without conversations)."""
+    samples = [{"id": f"s{k}", "image_1": f"refs/{k}.png", "conversations": [] if k in bad else [
+        {"from": "human", "value": f"<image>\nQ{k}?"}, {"from": "gpt", "value": f"A{k}"}]} for k in range(n)]
+    doc = {"image_folder": "", "dataset_description": "Chart QA.", "samples": samples}
+    if subgroups is not None:
+        doc["subgroups"] = subgroups
+    path = tmp_path / "task_in.json"
+    path.write_text(json.dumps(doc))
+    return str(path)
+
+
+@pytest.fixture
+def fake_partition(monkeypatch):
+    """Replaces the CLIP partition (a Ray job) by a rule: the keyword is the one whose first word
+    the file name starts with. Records which images it was asked to classify."""
+    from jobs import mmgen as J
+
+    calls = []
+
+    def partition(recipe, images):
+        calls.append(list(images))
+        kw = {}
+        for u in images:
+            name = os.path.basename(u)
+            kw[u] = next((k for k in recipe.keywords if name.startswith(k.split()[0])), recipe.keywords[0])
+        return kw, {u: json.dumps({kw[u]: 1.0}) for u in images}, {}
+    monkeypatch.setattr(J, "_partition", partition)
+    return calls
+
+
+def _mmgen_recipe(tmp_path, refs, **fields):
+    from jobs import mmgen as J
+    from jobs.core.recipe import load_recipe
+
+    return load_recipe(J.RECIPE, "mmgen", "offline", input=refs, output=str(tmp_path / "out"), **fields)
+
+
+def test_ingest_builds_the_reference_set_once(tmp_path, fake_partition, monkeypatch):
+    """ChartQA-sized ingest: one reference set, not one per candidate (28,299 x 1,920 insertions)."""
+    import builtins
+
+    from jobs import mmgen as J
+
+    refs = _refs_file(tmp_path, 40)
+    cands = tmp_path / "candidates.txt"
+    cands.write_text("\n".join(f"/pool/{'bar' if k % 3 else 'pie'}{k}.png" for k in range(600)))
+    built = []
+
+    def counting_set(iterable=()):
+        out = builtins.set(iterable)
+        built.append(len(out))
+        return out
+    monkeypatch.setattr(J, "set", counting_set, raising=False)  # module globals shadow builtins
+    recipe = _mmgen_recipe(tmp_path, refs, keywords=["bar chart", "pie chart"], candidates=[str(cands)], total_gen=6)
+    table, rejects, _ = J.ingest(recipe)
+    assert table.num_rows == 6 and not rejects
+    assert len(fake_partition[0]) == 640  # references and candidates, each once
+    assert len(built) <= 4, f"{len(built)} sets built during ingest"
+
+
+def test_ingest_replays_a_task_file(tmp_path, fake_partition):
+    """A released task file's subgroups and candidate_image_paths are used as given (no CLIP)."""
+    from jobs import mmgen as J
+
+    groups = [{"keyword": "bar chart", "reference_sample_idx": [0, 1, 3, 4, 5, 6],
+               "candidate_image_paths": ["cands/b0.png", "cands/b1.png", "/abs/b2.png"]},
+              {"keyword": "pie chart", "reference_sample_idx": [7], "candidate_image_paths": ["cands/p0.png"]}]
+    refs = _refs_file(tmp_path, 8, groups, bad=(4,))  # sample 4 is malformed: its index leaves the subgroup
+    recipe = _mmgen_recipe(tmp_path, refs, total_gen=12, num_icl_samples=1)
+    table, rejects, _ = J.ingest(recipe)
+    assert fake_partition == []  # nothing re-partitioned
+    assert [r["id"] for r in rejects] == ["s4"]
+    task = json.load(open(tmp_path / "out" / "task.json"))
+    by = {g["keyword"]: g for g in task["subgroups"]}
+    assert [task["samples"][k]["id"] for k in by["bar chart"]["reference_sample_idx"]] == ["s0", "s1", "s3", "s5", "s6"]
+    assert [task["samples"][k]["id"] for k in by["pie chart"]["reference_sample_idx"]] == ["s7"]
+    assert by["bar chart"]["candidate_image_paths"] == [f"{tmp_path}/cands/b0.png", f"{tmp_path}/cands/b1.png",
+                                                        "/abs/b2.png"]
+    rows_ = table.to_pylist()
+    assert Counter(r["keyword"] for r in rows_) == {"bar chart": 10, "pie chart": 2}  # the file's 5:1 shares
+    for r in rows_:
+        assert r["candidate"] in by[r["keyword"]]["candidate_image_paths"]
+        assert set(r["icl_indices"]) <= set(by[r["keyword"]]["reference_sample_idx"])
+    # subgroups without candidate paths: references keep the file's groups, only candidates are classified
+    for g in groups:
+        del g["candidate_image_paths"]
+    refs = _refs_file(tmp_path, 8, groups)
+    cands = tmp_path / "c.txt"
+    cands.write_text("/pool/pie1.png\n/pool/bar2.png\n")
+    table, _, _ = J.ingest(_mmgen_recipe(tmp_path, refs, total_gen=7, candidates=[str(cands)]))
+    assert fake_partition == [["/pool/bar2.png", "/pool/pie1.png"]]
+    assert {r["keyword"]: r["candidate"] for r in table.to_pylist()} == {"bar chart": "/pool/bar2.png",
+                                                                        "pie chart": "/pool/pie1.png"}
+    with pytest.raises(ValueError, match="keywords"):
+        J.ingest(_mmgen_recipe(tmp_path, refs, total_gen=7, candidates=[str(cands)], keywords=["map"]))
+    bad = _refs_file(tmp_path, 3, [{"keyword": "bar chart", "reference_sample_idx": [0, 9]}])
+    with pytest.raises(ValueError, match=r"subgroups\[0\]\.reference_sample_idx"):
+        J.ingest(_mmgen_recipe(tmp_path, bad, candidates=[str(cands)]))
+
+
 # ============================================================================ prompts per mode
 
 def test_prompt_items_and_messages_per_mode():
@@ -181,61 +284,77 @@ PROMPT = {"id": "p00-000001", "keyword": "bar", "icl_indices": [3], "image_1": "
 
 
 def test_parse_items_cleans_and_counts():
-    items, rep = M.parse_items("vqa_nr", json.dumps([{"Q": "What <image> is max?", "A": "7", "choices": ["6", "7"]},
+    items, rep = MO.parse_items("vqa_nr", json.dumps([{"Q": "What <image> is max?", "A": "7", "choices": ["6", "7"]},
                                                      {"Q": "<b></b>", "A": "x"}]), 3)
     assert items == [{"Q": "What  is max?\nA. 6\nB. 7", "A": "7"}]
     assert rep == {"expected": 3, "returned": 2, "kept": 1, "count_mismatch": True}
-    _, rep = M.parse_items("descript", [{"A": "a"}, {"A": "b"}], 2)
+    _, rep = MO.parse_items("descript", [{"A": "a"}, {"A": "b"}], 2)
     assert rep["count_mismatch"] is False
 
 
 def test_record_rules_per_mode():
-    vqa = M.records_for("vqa", [{"Q": "Q1", "R": "because", "A": "B"}], PROMPT, "Chart QA.")
+    vqa = MO.records_for("vqa", [{"Q": "Q1", "R": "because", "A": "B"}], PROMPT, "Chart QA.")
     assert [r["id"] for r in vqa] == ["p00-000001-0-0", "p00-000001-0-1"]
-    assert vqa[0]["conversations"][0]["value"] == f"<image>\nQ1\n{M.REASONING_REQUEST}"
+    assert vqa[0]["conversations"][0]["value"] == f"<image>\nQ1\n{MO.REASONING_REQUEST}"
     assert vqa[0]["conversations"][1]["value"] == "because\nB" and vqa[1]["conversations"][1]["value"] == "B"
     assert all(r["image_1"] == "c/x.png" and r["keyword"] == "bar" and r["icl_indices"] == [3]
                and r["mode"] == "vqa" and r["prompt_id"] == "p00-000001" for r in vqa)
-    nr = M.records_for("vqa_nr", [{"Q": "Q1", "A": "B"}, {"Q": "Q2", "A": "C"}], PROMPT, "Chart QA.")
+    nr = MO.records_for("vqa_nr", [{"Q": "Q1", "A": "B"}, {"Q": "Q2", "A": "C"}], PROMPT, "Chart QA.")
     assert len(nr) == 2 and nr[1]["conversations"] == [{"from": "human", "value": "<image>\nQ2"},
                                                       {"from": "gpt", "value": "C"}]
-    tqa = M.records_for("tqa", [{"I": "A bar chart of rain.", "Q": "Q1", "R": "r", "A": "A"}], PROMPT, "Chart QA.")
-    assert "image_1" not in tqa[0] and "<image>" not in tqa[0]["conversations"][0]["value"]
-    assert tqa[0]["conversations"][0]["value"].startswith("A bar chart of rain.\nQ1") and tqa[1]["image_1"] == "c/x.png"
-    d = M.records_for("descript", [{"A": "desc"}], PROMPT, "Chart QA.")
+    tqa = MO.records_for("tqa", [{"I": "A bar chart of rain.", "Q": "Q1", "R": "r", "A": "A"}], PROMPT, "Chart QA.")
+    # both tqa records are text-only: the prompt showed no candidate image (SPEC D5), so none is attached
+    for r in tqa:
+        assert "image_1" not in r and "<image>" not in r["conversations"][0]["value"]
+        assert r["conversations"][0]["value"].startswith("A bar chart of rain.\nQ1")
+    assert tqa[1]["conversations"] == [{"from": "human", "value": f"A bar chart of rain.\nQ1\n{MO.CONCISE_REQUEST}"},
+                                       {"from": "gpt", "value": "A"}]
+    d = MO.records_for("descript", [{"A": "desc"}], PROMPT, "Chart QA.")
     assert d[0]["conversations"][0]["value"] == "<image>\nDescribe the image as an expert in Chart QA."
-    assert M.records_for("descript_task_desc", [{"A": "d"}], PROMPT, "Maps")[0]["conversations"][0]["value"] \
+    assert MO.records_for("descript_task_desc", [{"A": "d"}], PROMPT, "Maps")[0]["conversations"][0]["value"] \
         == "<image>\nDescribe the image as an expert in Maps."
-    assert M.records_for("generic", [{"A": "d"}], PROMPT, "Maps")[0]["conversations"][0]["value"] \
+    assert MO.records_for("generic", [{"A": "d"}], PROMPT, "Maps")[0]["conversations"][0]["value"] \
         == "<image>\nDescribe the image."
-    assert M.llava_record(tqa[0]) == {"id": tqa[0]["id"], "conversations": tqa[0]["conversations"]}
-    assert M.llava_record(d[0])["image"] == "c/x.png"
+    assert MO.llava_record(tqa[0]) == {"id": tqa[0]["id"], "conversations": tqa[0]["conversations"]}
+    assert MO.llava_record(d[0])["image"] == "c/x.png"
 
 
-def test_item_schema_bounds_and_validation():
+def test_reply_schema_bounds_and_validation():
     import jsonschema
 
-    s = M.item_schema("vqa", 2, max_chars=10, charset="ascii")
-    jsonschema.validate([{"Q": "Which bar?", "R": "tallest", "A": "B"}], s)
-    for bad in ([], [{"Q": "x" * 11, "R": "r", "A": "a"}], [{"Q": "q", "A": "a"}], [{"Q": "<image>", "R": "r", "A": "a"}],
-                [{"Q": "q", "R": "r", "A": "a"}] * 5):
+    s = MO.reply_schema("vqa", 2, max_chars=10, charset="ascii", options="choices")
+    jsonschema.validate({"items": [{"Q": "Which bar?", "choices": [], "R": "tallest", "A": "B"}]}, s)
+    for bad in ([], [{"Q": "x" * 11, "choices": [], "R": "r", "A": "a"}], [{"Q": "q", "choices": [], "A": "a"}],
+                [{"Q": "<image>", "choices": [], "R": "r", "A": "a"}], [{"Q": "q", "choices": [], "R": "r", "A": "a"}] * 5,
+                [{"Q": "q", "choices": ["x"] * 7, "R": "r", "A": "a"}], [{"Q": "q", "R": "r", "A": "a"}]):
         with pytest.raises(jsonschema.ValidationError):
-            jsonschema.validate(bad, s)
-    assert M.worst_case_tokens("vqa_nr", 2, 24) == 136
-    assert M.item_schema("generic", 1)["items"]["required"] == ["A"]
+            jsonschema.validate({"items": bad}, s)
+    with pytest.raises(jsonschema.ValidationError):  # the original's bare array: not an object
+        jsonschema.validate([{"Q": "Which bar?", "choices": [], "R": "tallest", "A": "B"}], s)
+    assert MO.worst_case_tokens("vqa_nr", 2, 24) == 136 + 11  # + the {"items": ...} wrapper
+    reply = json.dumps({"items": [{"Q": "x" * 24, "A": "y" * 24}] * 2})
+    assert len(reply) == MO.worst_case_tokens("vqa_nr", 2, 24)  # the longest reply, in the compact layout
+    longest = json.dumps({"items": [{"Q": "x" * 24, "choices": ["o" * 24] * MO.MAX_CHOICES, "A": "y" * 24}] * 2})
+    assert len(longest) <= MO.worst_case_tokens("vqa_nr", 2, 24, "choices")
+    for bad_combo in ({"options": "lines"}, {"options": "choices", "max_chars": 129}):
+        with pytest.raises(ValueError):
+            MO.reply_schema("vqa_nr", 1, charset="ascii", **{"max_chars": 24, **bad_combo})
+    assert "choices" not in MO.reply_schema("generic", 1, 24, "ascii", options="lines")["properties"]["items"]["items"]
+    assert MO.reply_schema("generic", 1)["properties"]["items"]["items"]["required"] == ["A"]
+    assert MO.parse_items("generic", [{"A": "a"}], 1)[0] == MO.parse_items("generic", {"items": [{"A": "a"}]}, 1)[0]
 
 
 def test_select_highest_exact_fraction_and_ties():
     losses = [0.5, 2.0, 1.0, 2.0, None, 0.1, 3.0]
-    keep = M.select_highest(losses, 0.5, [f"s{i}" for i in range(7)])
+    keep = MO.select_highest(losses, 0.5, [f"s{i}" for i in range(7)])
     assert sum(keep) == 3 and [i for i, k in enumerate(keep) if k] == [1, 3, 6]
-    keep = M.select_highest([1.0] * 5, 0.4, ["e", "d", "c", "b", "a"])
+    keep = MO.select_highest([1.0] * 5, 0.4, ["e", "d", "c", "b", "a"])
     assert [i for i, k in enumerate(keep) if k] == [3, 4]  # ties broken by id
     rng = np.random.default_rng(0)
     for n in (1, 2, 7, 100):
-        assert sum(M.select_highest(list(rng.random(n)), 0.5)) == -(-n // 2)
+        assert sum(MO.select_highest(list(rng.random(n)), 0.5)) == -(-n // 2)
     with pytest.raises(ValueError):
-        M.select_highest([1.0], 0)
+        MO.select_highest([1.0], 0)
 
 
 # ============================================================================ image inlining
@@ -260,108 +379,6 @@ def test_image_data_url_is_bounded_and_cached(tmp_path):
     assert inl.encoded == 1  # the shared image was encoded once
 
 
-# ============================================================================ OpenAI-compatible vision path
-
-class FakeVisionAPI:
-    """Loopback chat-completions server: records bodies, decodes image parts, scripted replies."""
-
-    def __init__(self):
-        self.bodies, self.hits, self.lock = [], Counter(), threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, payload = fake.respond(body)
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if status == 429:
-                    self.send_header("Retry-After", "0")
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def respond(self, body):
-        from udfs.llm_output import REPAIR_MARKER
-
-        with self.lock:
-            self.bodies.append(body)
-            user = body["messages"][1]["content"]
-            key = user[0]["text"] if isinstance(user, list) else user
-            self.hits[key] += 1
-            n = self.hits[key]
-        if n == 1 and "429" in key:
-            return 429, {"error": {"message": "slow down"}}
-        repair = any(isinstance(m["content"], str) and m["content"].startswith(REPAIR_MARKER) for m in body["messages"])
-        text = json.dumps([{"Q": "Which state is highlighted?\nA. Ohio\nB. Iowa", "A": "B"}])
-        if "malformed" in key and not repair:
-            text = 'Here you go: [{"Q": "Which state?", "A": B}]'
-        return 200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                     "choices": [{"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": text}}],
-                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def vision_api():
-    srv = FakeVisionAPI()
-    yield srv
-    srv.close()
-
-
-def test_openai_vision_payload_429_and_fixer(vision_api, tmp_path):
-    from actors.llm import LLMStage
-    from actors.models import resolve
-
-    icl = tmp_path / "icl.png"
-    Image.new("RGB", (640, 480), (200, 30, 30)).save(icl)
-    cand = tmp_path / "cand.jpg"
-    Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 500, 3), dtype=np.uint8)).save(cand)
-    task = {"image_folder": str(tmp_path), "dataset_description": "Maps.",
-            "samples": [{"id": "r0", "image_1": "icl.png", "conversations": [
-                {"from": "human", "value": "<image>\nWhich state?"}, {"from": "gpt", "value": "A. Ohio"}]}],
-            "subgroups": [{"keyword": "map", "reference_sample_idx": [0]}]}
-    rows_msgs, ids = [], ["ok", "429", "malformed"]
-    for rid in ids:
-        items = M.prompt_items("vqa_nr", task, [0], str(cand))
-        msgs = M.chat_messages("vqa_nr", "Maps.", items, 1)
-        msgs[1]["content"].insert(0, {"type": "text", "text": f"[{rid}]"})
-        rows_msgs.append(json.dumps(msgs))
-    model = resolve({"backend": "openai", "model": "gpt-4o", "options": {
-        "base_url": vision_api.base_url, "api_key_env": None, "backoff_s": 0.01, "image_max_side": 128}}).model_dump()
-    stage = LLMStage(model, {"response_schema": M.item_schema("vqa_nr", 1), "max_repairs": 2})
-    out = stage({"id": np.array(ids, dtype=object), "messages": np.array(rows_msgs, dtype=object)})
-    assert list(out[rows.ROW_ERROR]) == [None] * 3 and list(out[rows.ROW_REJECT]) == [None] * 3
-    assert [json.loads(p)[0]["A"] for p in out["parsed"]] == ["B"] * 3
-    assert list(out["llm_attempts"]) == [1, 1, 2] and list(out["llm_repaired"]) == [False, False, True]
-    assert vision_api.hits["[429]"] == 2  # retried after the 429
-    for body in vision_api.bodies:
-        assert "null" not in json.dumps(body)  # no Arrow-style null keys reach the server
-        parts = body["messages"][1]["content"] if body["messages"][0]["role"] == "system" else None
-        if parts is None:  # the JSON instruction was merged into the system message
-            parts = body["messages"][1]["content"]
-        imgs = [p["image_url"]["url"] for p in parts if p["type"] == "image_url"]
-        assert len(imgs) == 2
-        for u in imgs:
-            assert u.startswith(("data:image/png;base64,", "data:image/jpeg;base64,"))
-            decoded = Image.open(_io.BytesIO(base64.b64decode(u.split(",", 1)[1])))
-            assert max(decoded.size) == 128
-    assert stage.engine.inline_images.encoded == 2  # 2 distinct images in 8 requests: each encoded once
-
-
 # ============================================================================ transformers VLM: generation and loss
 
 @pytest.fixture(scope="module")
@@ -381,9 +398,10 @@ def test_tiny_llava_generation_with_images_is_constrained(tiny_llava, tmp_path):
     from actors.llm import LLMStage
 
     a, b = _img(tmp_path, "a.png", (255, 0, 0)), _img(tmp_path, "b.png", (0, 0, 255))
-    schema = M.item_schema("vqa_nr", 1, max_chars=12, charset="ascii")
+    schema = MO.reply_schema("vqa_nr", 1, max_chars=12, charset="ascii", options="choices")
     stage = LLMStage(tiny_llava, {"temperature": 1.0, "seed": 0, "response_schema": schema,
-                                  "max_tokens": M.worst_case_tokens("vqa_nr", 2, 12) + 4, "max_repairs": 0})
+                                  "max_tokens": MO.worst_case_tokens("vqa_nr", 2, 12, "choices") + 4,
+                                  "max_repairs": 0})
     task = {"image_folder": str(tmp_path), "samples": [{"id": "r", "image_1": "a.png", "conversations": [
         {"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}]}
     msgs = [json.dumps(M.chat_messages("vqa_nr", "d", M.prompt_items("vqa_nr", task, [0], c), 1))
@@ -391,8 +409,8 @@ def test_tiny_llava_generation_with_images_is_constrained(tiny_llava, tmp_path):
     out = stage({"id": np.array(["x", "y", "z"], dtype=object), "messages": np.array(msgs, dtype=object)})
     assert out["__row_error__"][2].startswith("InputError: row 'z' field 'messages'")
     for k in (0, 1):
-        items = json.loads(out["parsed"][k])
-        assert 1 <= len(items) <= 2 and all(set(i) == {"Q", "A"} for i in items)
+        items = json.loads(out["parsed"][k])["items"]
+        assert 1 <= len(items) <= 2 and all(set(i) == {"Q", "choices", "A"} for i in items)
     assert out["llm_backend"][0] == "transformers"
 
 
@@ -416,7 +434,7 @@ def test_answer_loss_batched_equals_one_by_one(tiny_llava, tmp_path):
     for i in range(5):
         items = [{"Q": f"Which bar is tallest number {i}?" + " really" * i, "R": "the blue one" * (1 + i % 2),
                   "A": ["A", "B. blue", "C", "D. no", "E"][i]}]
-        recs.append(json.dumps(M.records_for("vqa", items, {**PROMPT, "id": f"p{i}"}, "Chart QA.")))
+        recs.append(json.dumps(MO.records_for("vqa", items, {**PROMPT, "id": f"p{i}"}, "Chart QA.")))
     batch = {"id": np.array([f"p{i}" for i in range(5)], dtype=object), "records": np.array(recs, dtype=object),
              "candidate": np.array(imgs, dtype=object)}
     together = AnswerLoss(tiny_llava, {"max_batch_size": 10})(batch)
@@ -426,13 +444,16 @@ def test_answer_loss_batched_equals_one_by_one(tiny_llava, tmp_path):
     assert a.shape == (5, 2) and np.all(a > 0) and np.abs(a - b).max() < 1e-4
     assert [t for row in together["answer_tokens"] for t in row] == [t for row in alone["answer_tokens"] for t in row]
     assert len({round(x, 5) for x in a.ravel()}) > 5  # real per-sample values, not a batch mean
-    # text-only records (tqa's first) are scored without an image; a missing image is a row error
-    tqa = json.dumps(M.records_for("tqa", [{"I": "A chart.", "Q": "Q?", "R": "r", "A": "A"}], PROMPT, "d"))
-    out = AnswerLoss(tiny_llava, {})({"id": np.array(["t", "u"], dtype=object),
-                                      "records": np.array([tqa, tqa], dtype=object),
-                                      "candidate": np.array([imgs[0], str(tmp_path / "nope.png")], dtype=object)})
+    # text-only records (all of tqa's) are scored without reading an image; a missing image is a row error
+    tqa = json.dumps(MO.records_for("tqa", [{"I": "A chart.", "Q": "Q?", "R": "r", "A": "A"}], PROMPT, "d"))
+    nr = json.dumps(MO.records_for("vqa_nr", [{"Q": "Q?", "A": "A"}], PROMPT, "d"))
+    gone = str(tmp_path / "nope.png")
+    out = AnswerLoss(tiny_llava, {})({"id": np.array(["t", "u", "v"], dtype=object),
+                                      "records": np.array([tqa, tqa, nr], dtype=object),
+                                      "candidate": np.array([imgs[0], gone, gone], dtype=object)})
     assert len(out["answer_loss"][0]) == 2 and out["__row_error__"][0] is None
-    assert out["__row_error__"][1].startswith("InputError: row 'u' field 'candidate'")
+    assert out["answer_loss"][1] == out["answer_loss"][0] and out["__row_error__"][1] is None
+    assert out["__row_error__"][2].startswith("InputError: row 'v' field 'candidate'")
 
 
 # ============================================================================ end to end

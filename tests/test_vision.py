@@ -156,6 +156,23 @@ def test_text2image_columns():
     assert (defaults.num_inference_steps, defaults.guidance_scale) == (28, 7.5)
 
 
+def test_negative_prompt_without_guidance_is_refused_at_planning():
+    """diffusers applies a negative prompt only with classifier-free guidance (scale > 1)."""
+    from actors.identity_t2i import IdentityText2Image
+    from actors.text2image import Text2Image
+
+    with pytest.raises(ValueError, match="guidance_scale 0.0.*negative"):
+        Text2Image.Params(guidance_scale=0.0, negative_column="prompt_neg", negative_suffix="")
+    with pytest.raises(ValueError, match="negative_suffix"):
+        Text2Image.Params(guidance_scale=1.0)  # the default quality negatives would be ignored too
+    with pytest.raises(ValueError, match="guidance_scale 1.0"):
+        IdentityText2Image.Params(guidance_scale=1.0, negative_column="neg", negative_suffix="")
+    assert Text2Image.Params(guidance_scale=0.0, negative_suffix="").guidance_scale == 0.0  # nothing to ignore
+    assert Text2Image.Params(guidance_scale=1.5, negative_column="prompt_neg").guidance_scale == 1.5
+    with pytest.warns(UserWarning, match="negative"):
+        Text2Image.Params(guidance_scale=0.0, negative_column="prompt_neg", ignored_negative="warn")
+
+
 def test_text2image_ray_pipeline_matches_direct_calls(ray_local, cache, t2i, tmp_path):
     from actors.text2image import Text2Image
 

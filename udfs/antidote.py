@@ -323,32 +323,46 @@ def question_prompts(batch: dict, params: Any) -> dict:
     return {"messages": msgs}
 
 
-def question_fields(batch: dict, params: Any, audit: bool = False) -> dict:
-    """Copy the validated 3-1-1 JSON into columns; reject pairs whose object word is missing
-    from its question (an explicit instruction of 3-1-1)."""
+def question_fields(batch: dict, params: Any) -> dict:
+    """Copy the validated 3-1-1 JSON into the columns ``hall_question``, ``hall_object``,
+    ``truth_question``, ``truth_object`` (rejects nothing: the original kept every parsed pair)."""
     n = len(batch["id"])
     cols = {k: [None] * n for k in ("hall_question", "hall_object", "truth_question", "truth_object")}
-    reject: list[str | None] = [None] * n
     for i, raw in enumerate(batch["cpq_generate_parsed"]):
         q = QuestionPair.model_validate_json(raw)
         for k in cols:
             cols[k][i] = getattr(q, k)
-        miss = [k for k, o in (("hall_question", q.hall_object), ("truth_question", q.truth_object))
-                if not mentions(getattr(q, k), o)]
-        if miss:
-            reject[i] = f"cpq_fields: object word missing from {', '.join(miss)}"
-    return {**cols, R.ROW_REJECT: reject}
+    return cols
 
 
-YES_NO_START = re.compile(r"^\s*(is|are|was|were|does|do|did|can|could|has|have|had|will|would|should)\b", re.I)
+def cpq_object_words(batch: dict, params: Any, audit: bool = False) -> dict:
+    """Extra filter (not in the original): reject a pair whose object word is missing from its
+    question. 3-1-1's prompt asks for the word in the question (SPEC C6), but the original
+    never checked it. Output ``object_words_missing`` ("" or the questions that lack their
+    word, comma-separated); reject reason ``cpq_object_words: object word missing from …``."""
+    missing, reject = [], []
+    for i in range(len(batch["id"])):
+        miss = [k for k, o in (("hall_question", "hall_object"), ("truth_question", "truth_object"))
+                if not mentions(batch[k][i], batch[o][i])]
+        missing.append(", ".join(miss))
+        reject.append(f"cpq_object_words: object word missing from {', '.join(miss)}" if miss else None)
+    return {"object_words_missing": missing, R.ROW_REJECT: reject}
+
+
+#: the original's rule 4 (SPEC C6: "CPQ is a yes/no question (Is/Does/Are/Do…)"): forms of be and do
+YES_NO_START = re.compile(r"^\s*(is|are|was|were|does|do|did)\b", re.I)
+#: questions starting with a modal or a form of have: yes/no questions too, but not named by the
+#: original's rule 4; banned only by the extra ``cpq_modal_questions`` filter
+MODAL_START = re.compile(r"^\s*(can|could|will|would|should|has|have|had)\b", re.I)
 HALL_OBJECT_BANNED = ("music", "sound", "noise", "season", "feeling", "emotion", "reaction",
                       "spring", "summer", "autumn", "fall", "winter")
 
 
 def cpq_precheck(batch: dict, params: Any, audit: bool = False) -> dict:
     """Deterministic 3-1-2 rules (SPEC C6) applied before the judge: the CPQ must not start with
-    "How many", must not be a yes/no question, and its object must not be a sound, season,
-    feeling or reaction. Output ``cpq_precheck`` ("" when fine)."""
+    "How many", must not be a yes/no question starting with a form of be or do (rule 4's
+    Is/Does/Are/Do…), and its object must not be a sound, season, feeling or reaction.
+    Output ``cpq_precheck`` ("" when fine)."""
     out, reject = [], []
     for q, obj in zip(batch["hall_question"], batch["hall_object"]):
         bad = []
@@ -361,6 +375,19 @@ def cpq_precheck(batch: dict, params: Any, audit: bool = False) -> dict:
         out.append("; ".join(bad))
         reject.append(("cpq_precheck: " + "; ".join(bad)) if bad else None)
     return {"cpq_precheck": out, R.ROW_REJECT: reject}
+
+
+def cpq_modal_questions(batch: dict, params: Any, audit: bool = False) -> dict:
+    """Extra filter (not in the original): reject a CPQ that starts with can, could, will, would,
+    should, has, have or had (``MODAL_START``). The original's rule 4 names Is/Does/Are/Do…
+    and leaves the rest to its LLM judge. Output ``cpq_modal_start`` (the lower-cased first
+    word when it matches, else "")."""
+    starts, reject = [], []
+    for q in batch["hall_question"]:
+        m = MODAL_START.match(q)
+        starts.append(m.group(1).lower() if m else "")
+        reject.append(f"cpq_modal_questions: CPQ starts with {m.group(1)!r}" if m else None)
+    return {"cpq_modal_start": starts, R.ROW_REJECT: reject}
 
 
 CPQ_RULES = """\
@@ -437,3 +464,56 @@ def pope_hint(obj: str, question: str) -> str:
 def query_record(row_id: str, text: str, hint: str) -> dict:
     """One query line (original fields ``image``, ``text``, ``text_hint`` plus ``id``)."""
     return {"id": row_id, "image": image_rel_path(row_id), "text": text, "text_hint": hint}
+
+
+# ----------------------------------------------------------------------------- the original's step files
+
+def _unique(items: Any) -> list:
+    return list(dict.fromkeys(items or []))
+
+
+def caption_item(row: dict, final: bool = False) -> dict | None:
+    """A caption item in the original's schema (SPEC C1/C2; C5 with ``final``): ``caption``
+    (the rewritten caption), ``present``, ``no-exist``, ``prompt`` (weighted), ``prompt_neg``.
+    Without ``final``: step 1-1's lists and ``id`` (the row id) appended; with ``final``: the
+    lists after the factual filter (``present_final``/``no_exist_final``) and ``idx`` = the row
+    id (the original's ``idx`` named the image ``{idx}.jpg``; ours is ``images/<id>.png``).
+    ``None`` when the row has no parsed item."""
+    if row.get("caption_rewritten") is None:
+        return None
+    present, no_exist = (row.get("present_final"), row.get("no_exist_final")) if final else \
+        (row.get("present"), row.get("no_exist"))
+    if present is None or no_exist is None:
+        return None
+    item = {"caption": row["caption_rewritten"], "present": list(present), "no-exist": list(no_exist),
+            "prompt": row["prompt_weighted"], "prompt_neg": row["prompt_neg"]}
+    item["idx" if final else "id"] = row["id"]
+    return item
+
+
+def grounding_item(row: dict) -> dict | None:
+    """Step 2-2's line (SPEC C4): ``idx`` (row id) and the unique detected ``present`` /
+    ``no-exist`` names (ours: the requested names the detector matched); ``None`` when the row
+    has no detection."""
+    if row.get("present_detected") is None and row.get("no_exist_detected") is None:
+        return None
+    return {"idx": row["id"], "present": _unique(row.get("present_detected")),
+            "no-exist": _unique(row.get("no_exist_detected"))}
+
+
+def question_pair_item(row: dict) -> dict | None:
+    """Step 3-1-1/3-1-2's item (SPEC C6): ``hall_question``, ``hall_object``, ``truth_question``,
+    ``truth_object``, ``idx`` (row id); ``None`` when the row has no question pair."""
+    if row.get("hall_question") is None:
+        return None
+    return {**{k: row[k] for k in ("hall_question", "hall_object", "truth_question", "truth_object")},
+            "idx": row["id"]}
+
+
+def pope_item(row: dict, fixed: bool = False) -> dict | None:
+    """Step 3-2-1's item (SPEC C7: the template question) or, with ``fixed``, 3-2-2's (the
+    grammar-fixed question): ``truth_question``, ``truth_object``, ``idx`` (row id)."""
+    if row.get("truth_object") is None or (fixed and not row.get("pope_question")):
+        return None
+    q = row["pope_question"] if fixed else pope_template(row["truth_object"])
+    return {"truth_question": q, "truth_object": row["truth_object"], "idx": row["id"]}

@@ -1,4 +1,4 @@
-"""MM-GEN pure logic: reference files, keyword partition, allocation, samplers, prompts, records.
+"""MM-GEN pure logic, input side: reference files, keyword partition, allocation, samplers, prompts.
 
 MM-GEN (Joshi et al., 2025, "MM-GEN: Enhancing Task Performance Through Targeted Multimodal
 Data Curation"; repository ``MM-Gen`` — SPEC part D) turns a few reference samples of a task
@@ -9,12 +9,13 @@ pairs or descriptions in the style of in-context examples from the same subgroup
 and keep the samples a target model finds hardest (stage 4).
 
 Everything here is pure Python (no Ray, no model); ``jobs.mmgen`` wires it into stages.
+This module holds the input side (references, partition, allocation, prompts);
+``udfs.mmgen_output`` the output side (reply schema, parsing, records, loss filter).
 The prompts are written in our own words from SPEC D4/D5's descriptions of the original's.
 """
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -33,12 +34,16 @@ CANDIDATE_MODES = tuple(m for m in MODES if m != "tqa")
 ITEM_KEYS = {"vqa": ("Q", "R", "A"), "vqa_nr": ("Q", "A"), "tqa": ("I", "Q", "R", "A"), "descript": ("A",),
              "generic": ("A",), "vqa_task_desc": ("Q", "A"), "descript_task_desc": ("A",)}
 DESCRIPTION_MODES = ("descript", "generic", "descript_task_desc")
+#: top-level key of a generation reply: ``{"items": [...]}`` (JSON modes return objects only)
+REPLY_KEY = "items"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 _ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
 _IMAGE_TAG = re.compile(r"<image[^<>]*>", re.IGNORECASE)
-_ANY_TAG = re.compile(r"<[^<>]*>")
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+#: any ``<…>`` tag (the original stripped them from example and generated text)
+ANY_TAG = re.compile(r"<[^<>]*>")
+#: option letters of multiple-choice questions
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 # ----------------------------------------------------------------------------- references
@@ -49,7 +54,10 @@ class References:
 
     ``image_folder``: folder (path or URI) that each sample's ``image_1`` is relative to;
     ``samples``: ``{"id", "image_1", "conversations"}`` dicts (conversations alternate
-    ``human``/``gpt``); ``rejects``: ``{"id", "stage", "reason"}`` for malformed records.
+    ``human``/``gpt``); ``rejects``: ``{"id", "stage", "reason"}`` for malformed records;
+    ``subgroups``: a task file's partition (SPEC D2/D3) when the input is one, else ``None``:
+    ``{"keyword", "reference_sample_idx"}`` (indices into ``samples``) plus
+    ``candidate_image_paths`` (resolved paths/URIs) when the file has them.
     """
 
     image_folder: str
@@ -57,6 +65,7 @@ class References:
     samples: list[dict[str, Any]]
     rejects: list[dict[str, Any]] = field(default_factory=list)
     source_format: str = "mmgen"
+    subgroups: list[dict[str, Any]] | None = None
 
 
 def parent_uri(uri: str) -> str:
@@ -83,7 +92,7 @@ def mcq_text(question: str, choices: Sequence[str] | None) -> str:
     ask generated multiple-choice questions to be written."""
     if not choices:
         return question.strip()
-    return question.strip() + "\n" + "\n".join(f"{_LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    return question.strip() + "\n" + "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
 
 
 def mcq_answer(answer: Any, choices: Sequence[str] | None) -> str:
@@ -95,10 +104,10 @@ def mcq_answer(answer: Any, choices: Sequence[str] | None) -> str:
         if isinstance(answer, int):
             if not 0 <= answer < len(choices):
                 raise ValueError(f"answer index {answer} outside {len(choices)} choices")
-            return f"{_LETTERS[answer]}. {choices[answer]}"
+            return f"{LETTERS[answer]}. {choices[answer]}"
         if isinstance(answer, str) and answer in choices:
             k = list(choices).index(answer)
-            return f"{_LETTERS[k]}. {answer}"
+            return f"{LETTERS[k]}. {answer}"
     return str(answer).strip()
 
 
@@ -113,7 +122,9 @@ def parse_references(uri: str, data: bytes, dataset_description: str | None = No
     """Read a reference file in one of three formats.
 
     1. MM-GEN data file (JSON object): ``image_folder`` (relative to the file's folder),
-       ``dataset_description``, ``samples`` with ``image_1`` and ``conversations`` (SPEC D1).
+       ``dataset_description``, ``samples`` with ``image_1`` and ``conversations`` (SPEC D1);
+       a task file's ``subgroups`` (SPEC D2, with D3's ``candidate_image_paths``) are read
+       too (``task_subgroups``).
     2. LLaVA JSON list: ``[{"id", "image", "conversations"}]``; images relative to the file's
        folder (or ``image_folder``).
     3. JSONL of ``{"image", "question", "choices", "answer"}`` (e.g. ScienceQA): the question
@@ -122,12 +133,14 @@ def parse_references(uri: str, data: bytes, dataset_description: str | None = No
 
     ``dataset_description`` / ``image_folder`` override the file's. Malformed records go to
     ``References.rejects`` with the record number and field. Raises ``ValueError`` when the
-    file is not valid JSON/JSONL, has no description at all, or holds no valid sample.
+    file is not valid JSON/JSONL, has no description at all, holds no valid sample, or has
+    invalid ``subgroups``.
     """
     base = parent_uri(uri)
     low = uri.lower()
     rejects: list[dict] = []
     samples: list[dict] = []
+    groups: list[dict] | None = None
     if low.endswith(".jsonl"):
         fmt, desc, folder = "jsonl", None, base
         for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
@@ -179,6 +192,7 @@ def parse_references(uri: str, data: bytes, dataset_description: str | None = No
             fmt, desc, folder, raw, image_key = "llava", None, base, obj, "image"
         else:
             raise ValueError(f"{uri}: expected an MM-GEN data file (object) or a LLaVA list")
+        kept: dict[int, int] = {}  # position in the file's samples -> index in ``samples``
         for n, rec in enumerate(raw, 1):
             rid = str(rec.get("id")) if isinstance(rec, dict) and rec.get("id") is not None else f"ref-{n}"
             if not isinstance(rec, dict):
@@ -192,7 +206,10 @@ def parse_references(uri: str, data: bytes, dataset_description: str | None = No
             if problem:
                 rejects.append({"id": rid, "stage": "ingest", "reason": f"{uri} sample {n}: {problem}"})
                 continue
+            kept[n - 1] = len(samples)
             samples.append({"id": rid, "image_1": rec[image_key], "conversations": rec["conversations"]})
+        if fmt == "mmgen" and obj.get("subgroups") is not None:
+            groups = task_subgroups(uri, obj["subgroups"], kept, len(raw), base)
     if image_folder:
         folder = image_folder
     desc = dataset_description or desc
@@ -204,7 +221,48 @@ def parse_references(uri: str, data: bytes, dataset_description: str | None = No
     if len(set(ids)) != len(ids):  # ids must be unique: fall back to positions
         for k, s in enumerate(samples):
             s["id"] = f"ref-{k}"
-    return References(folder, str(desc).strip(), samples, rejects, fmt)
+    return References(folder, str(desc).strip(), samples, rejects, fmt, groups)
+
+
+def task_subgroups(uri: str, raw: Any, kept: dict[int, int], n_samples: int, base: str) -> list[dict[str, Any]]:
+    """Validate a task file's ``subgroups`` (SPEC D2 output, D3's ``candidate_image_paths``).
+
+    ``raw``: the file's list of ``{"keyword", "reference_sample_idx", ["candidate_image_paths"]}``;
+    ``kept``: file position → index among the valid samples (indices of malformed samples,
+    already rejected, are left out); ``n_samples``: number of samples in the file; ``base``:
+    folder that relative candidate paths are resolved against (the file's folder, as
+    ``image_folder`` is). Returns the subgroups with remapped indices and resolved paths.
+    Raises ``ValueError`` naming ``subgroups[k].<field>`` for a non-list, an empty or duplicate
+    keyword, an index that is not an int in ``[0, n_samples)``, or candidate paths that are not
+    non-empty strings; also when only some subgroups carry ``candidate_image_paths``.
+    """
+    if not isinstance(raw, list) or not raw:
+        raise ValueError(f"{uri}: 'subgroups' must be a non-empty list")
+    out, seen = [], set()
+    for k, g in enumerate(raw):
+        where = f"{uri}: subgroups[{k}]"
+        if not isinstance(g, dict):
+            raise ValueError(f"{where}: not an object")
+        kw = g.get("keyword")
+        if not isinstance(kw, str) or not kw.strip() or kw.strip() in seen:
+            raise ValueError(f"{where}.keyword: missing, empty or repeated ({kw!r})")
+        seen.add(kw.strip())
+        idx = g.get("reference_sample_idx")
+        if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+            raise ValueError(f"{where}.reference_sample_idx: must be a list of ints")
+        outside = [i for i in idx if not 0 <= i < n_samples]
+        if outside:
+            raise ValueError(f"{where}.reference_sample_idx: {outside} outside the {n_samples} samples")
+        group: dict[str, Any] = {"keyword": kw.strip(), "reference_sample_idx": [kept[i] for i in idx if i in kept]}
+        if "candidate_image_paths" in g:
+            paths = g["candidate_image_paths"]
+            if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+                raise ValueError(f"{where}.candidate_image_paths: must be a list of non-empty strings")
+            group["candidate_image_paths"] = [join_uri(base, p) for p in paths]
+        out.append(group)
+    if len({"candidate_image_paths" in g for g in out}) > 1:
+        raise ValueError(f"{uri}: only some subgroups have 'candidate_image_paths'; give them for all or none")
+    return out
 
 
 def question_answer(sample: dict[str, Any]) -> tuple[str, str]:
@@ -237,11 +295,19 @@ def assign_keywords(similarities: np.ndarray) -> np.ndarray:
     return np.argmax(s, axis=1).astype(np.int64)
 
 
-def task_file(refs: References, keywords: Sequence[str], assigned: Sequence[str]) -> dict[str, Any]:
+def task_file(refs: References, keywords: Sequence[str], assigned: Sequence[str] | None) -> dict[str, Any]:
     """MM-GEN's task file (SPEC D2 output schema): ``image_folder``, ``dataset_description``,
     ``subgroups`` (one per keyword, in keyword order, with ``reference_sample_idx`` — indices
     into ``samples``; empty subgroups kept) and the ``samples``. ``assigned[i]`` is the keyword
-    of sample ``i``. Raises ``ValueError`` on a length mismatch or an unknown keyword."""
+    of sample ``i``; ``assigned=None`` takes the subgroups read from an input task file
+    (``refs.subgroups``, candidate paths left out). Raises ``ValueError`` on a length mismatch
+    or an unknown keyword."""
+    if assigned is None:
+        if refs.subgroups is None:
+            raise ValueError("no assignment given and the references have no subgroups")
+        return {"image_folder": refs.image_folder, "dataset_description": refs.dataset_description,
+                "subgroups": [{"keyword": g["keyword"], "reference_sample_idx": list(g["reference_sample_idx"])}
+                              for g in refs.subgroups], "samples": refs.samples}
     if len(assigned) != len(refs.samples):
         raise ValueError(f"{len(assigned)} assignments for {len(refs.samples)} samples")
     groups: dict[str, list[int]] = {k: [] for k in keywords}
@@ -366,7 +432,7 @@ def clean_example_text(text: str, image_position: int) -> str:
     <ordinal> image." (the example's image is the ``image_position``-th image of the prompt)
     and other ``<…>`` tags are removed (SPEC D4)."""
     text = _IMAGE_TAG.sub(f"Refer to the {ordinal(image_position)} image.", text)
-    return _ANY_TAG.sub("", text).strip()
+    return ANY_TAG.sub("", text).strip()
 
 
 def icl_items(task: dict[str, Any], indices: Sequence[int]) -> list[dict[str, str]]:
@@ -425,29 +491,49 @@ SYSTEM_PROMPTS = {
 
 _KEY_NAMES = {"Q": "the question", "R": "the step-by-step reasoning", "A": "the answer", "I": "the image description"}
 
+#: where generated multiple-choice options go: ``lines`` — inside the question, one lettered line
+#: each (the original's instruction, SPEC D5); ``choices`` — in the item's own ``choices`` list,
+#: lettered into lines by ``udfs.mmgen_output.parse_items`` (the original's parser appended such
+#: a key too). Constrained decoding needs ``choices``: xgrammar's string patterns cannot emit a
+#: newline (measured with xgrammar 0.2.x: neither ``\n`` escapes nor raw newlines are accepted).
+OPTIONS_FORMATS = ("lines", "choices")
+_INLINE_OPTIONS = "put its options inside the question."
+_LISTED_OPTIONS = 'list its options in the item\'s "choices".'
 
-def generation_instruction(mode: str, num: int) -> str:
+
+def generation_instruction(mode: str, num: int, options: str = "lines") -> str:
     """The closing user text of a prompt (SPEC D5, our wording): how many items, the JSON keys,
-    options as lettered lines, answers grounded in the image, variety; descriptions for the
-    description modes."""
+    where multiple-choice options go (``options``, one of ``OPTIONS_FORMATS``), answers
+    grounded in the image, variety; descriptions for the description modes. Raises
+    ``ValueError`` for an unknown ``options``."""
+    if options not in OPTIONS_FORMATS:
+        raise ValueError(f"options must be one of {OPTIONS_FORMATS}, got {options!r}")
     keys = ITEM_KEYS[mode]
-    layout = ", ".join(f'"{k}" ({_KEY_NAMES[k]})' for k in keys)
+    names = dict(_KEY_NAMES, choices="the options")
+    if options == "choices" and "Q" in keys:
+        keys = tuple(x for k in keys for x in ((k, "choices") if k == "Q" else (k,)))
+    layout = ", ".join(f'"{k}" ({names[k]})' for k in keys)
     subject = "the last image above" if mode in CANDIDATE_MODES and mode in ICL_MODES else \
         ("the image above" if mode in CANDIDATE_MODES else "your invented image")
     if mode in DESCRIPTION_MODES:
         body = (f"Write exactly {num} different descriptions of {subject}, each several sentences long and "
                 "not repeating the others.")
     else:
-        body = (f"Write exactly {num} new items about {subject}. Vary the kinds of questions. Write the options "
-                "of a multiple-choice question as separate lines starting with A., B., C. and so on. Every answer "
+        where = ("Write the options of a multiple-choice question as separate lines starting with A., B., C. and so "
+                 "on." if options == "lines" else 'Put the options of a multiple-choice question, without letters, '
+                 'in the item\'s list "choices" (an empty list for other questions).')
+        body = (f"Write exactly {num} new items about {subject}. Vary the kinds of questions. {where} Every answer "
                 "must follow from what the image shows.")
-    return (f"{body}\nReply with a JSON array only, one object per item, each with the keys {layout}.")
+    return (f'{body}\nReply with a JSON object only, of the form {{"{REPLY_KEY}": [...]}}, with one object per '
+            f"item in the list, each with the keys {layout}.")
 
 
-def system_prompt(mode: str, dataset_description: str) -> str:
-    """The mode's system prompt with the task description filled in. Raises ``KeyError`` for
-    an unknown mode."""
-    return SYSTEM_PROMPTS[mode].replace("{task}", dataset_description.strip())
+def system_prompt(mode: str, dataset_description: str, options: str = "lines") -> str:
+    """The mode's system prompt with the task description filled in; with ``options="choices"``
+    it asks for options in the item's ``choices`` list instead of inside the question. Raises
+    ``KeyError`` for an unknown mode."""
+    text = SYSTEM_PROMPTS[mode].replace("{task}", dataset_description.strip())
+    return text.replace(_INLINE_OPTIONS, _LISTED_OPTIONS) if options == "choices" else text
 
 
 def prompt_items(mode: str, task: dict[str, Any], icl_indices: Sequence[int], candidate: str) -> list[dict[str, str]]:
@@ -461,179 +547,20 @@ def prompt_items(mode: str, task: dict[str, Any], icl_indices: Sequence[int], ca
     return items
 
 
-def chat_messages(mode: str, dataset_description: str, items: Sequence[dict[str, str]], num: int) -> list[dict]:
+def chat_messages(mode: str, dataset_description: str, items: Sequence[dict[str, str]], num: int,
+                  options: str = "lines") -> list[dict]:
     """OpenAI chat messages of one prompt: the system prompt, then one user turn whose parts
     are the items in order (images as ``image_url`` parts holding the path/URI; the LLM stage
-    encodes them) and the generation instruction."""
+    encodes them) and the generation instruction (``options``: see ``OPTIONS_FORMATS``)."""
     parts: list[dict[str, Any]] = []
     for it in items:
         if "image" in it:
             parts.append({"type": "image_url", "image_url": {"url": it["image"]}})
         else:
             parts.append({"type": "text", "text": it["text"]})
-    parts.append({"type": "text", "text": generation_instruction(mode, num)})
-    return [{"role": "system", "content": system_prompt(mode, dataset_description)},
+    parts.append({"type": "text", "text": generation_instruction(mode, num, options)})
+    return [{"role": "system", "content": system_prompt(mode, dataset_description, options)},
             {"role": "user", "content": parts}]
-
-
-# ----------------------------------------------------------------------------- output schema
-
-#: printable ASCII without quote, backslash and angle brackets: decodes one token per char at
-#: worst, so a grammar's token budget is bounded (notes/mmgen-vlm.md §3, traps T4/T6)
-ASCII_CHARS = r"A-Za-z0-9 ,.?!'()%:;/+=*&#$@_-"
-
-
-def item_schema(mode: str, num: int, max_chars: int = 400, charset: str = "any",
-                max_items: int | None = None) -> dict[str, Any]:
-    """JSON schema of a reply: an array of 1..``max_items`` (default ``2 * num``) objects with
-    exactly the mode's keys, each a string of 1..``max_chars`` characters.
-
-    ``charset="ascii"``: the bound lives inside a ``pattern`` over ``ASCII_CHARS`` (xgrammar
-    ignores ``maxLength`` next to a ``pattern``; a pattern also keeps control bytes, quotes
-    and ``<image>`` out — notes/mmgen-vlm.md §3), so constrained decoding of a random model
-    always fits ``max_tokens >= worst_case_tokens(...)``. ``charset="any"``: plain
-    ``minLength``/``maxLength`` strings (API models; the count is only validated).
-    """
-    if charset not in ("ascii", "any"):
-        raise ValueError(f"charset must be 'ascii' or 'any', got {charset!r}")
-    if charset == "ascii":
-        s = {"type": "string", "pattern": f"^[{ASCII_CHARS}]{{1,{max_chars}}}$"}
-    else:
-        s = {"type": "string", "minLength": 1, "maxLength": max_chars}
-    keys = ITEM_KEYS[mode]
-    return {"type": "array", "minItems": 1, "maxItems": max_items or 2 * num,
-            "items": {"type": "object", "required": list(keys), "additionalProperties": False,
-                      "properties": {k: dict(s) for k in keys}}}
-
-
-def worst_case_tokens(mode: str, max_items: int, max_chars: int) -> int:
-    """Upper bound on the tokens of a compact reply to ``item_schema(..., charset="ascii")``
-    (one token per character at worst): ``2 + N * (2 + sum over keys (8 + L)) + 2 (N - 1)``."""
-    per_item = 2 + sum(8 + max_chars for _ in ITEM_KEYS[mode])
-    return 2 + max_items * per_item + 2 * (max_items - 1)
-
-
-def clean_generated(text: Any) -> str:
-    """Generated text with ``<…>`` tags removed (the original stripped them; a leaked
-    ``<image>`` would add a bogus image placeholder to a LLaVA record) and whitespace trimmed."""
-    return _ANY_TAG.sub("", str(text)).strip()
-
-
-def parse_items(mode: str, parsed: Any, num: int) -> tuple[list[dict[str, str]], dict[str, Any]]:
-    """Validated reply → clean items and a report.
-
-    ``parsed``: the JSON array (or its JSON string). Every item keeps the mode's keys (tags
-    stripped); a ``choices`` key, when present, is appended to the question as lettered lines
-    (SPEC D6). Items missing a key or left empty are dropped. Report: ``expected`` (= ``num``),
-    ``returned``, ``kept``, ``count_mismatch`` (kept != expected; recorded, never rejected, as
-    in the original which only logged it).
-    """
-    if isinstance(parsed, str):
-        parsed = json.loads(parsed)
-    if isinstance(parsed, dict):
-        parsed = [parsed]
-    if not isinstance(parsed, list):
-        raise ValueError(f"expected a JSON array of items, got {type(parsed).__name__}")
-    keys = ITEM_KEYS[mode]
-    items = []
-    for it in parsed:
-        if not isinstance(it, dict):
-            continue
-        clean = {k: clean_generated(it.get(k, "")) for k in keys}
-        if "Q" in clean and it.get("choices"):
-            ch = it["choices"]
-            extra = "\n".join(f"{_LETTERS[i]}. {c}" for i, c in enumerate(ch)) if isinstance(ch, list) else str(ch)
-            clean["Q"] = f"{clean['Q']}\n{clean_generated(extra)}"
-        if all(clean[k] for k in keys):
-            items.append(clean)
-    report = {"expected": num, "returned": len(parsed), "kept": len(items), "count_mismatch": len(items) != num}
-    return items, report
-
-
-# ----------------------------------------------------------------------------- records
-
-REASONING_REQUEST = "Think it through step by step, then give the answer."
-CONCISE_REQUEST = "Answer briefly."
-
-
-def describe_request(mode: str, dataset_description: str) -> str:
-    """Human turn of a description record. ``descript`` modes ask for a description as an
-    expert in the task (the original meant to, but a bug gave every mode the generic request,
-    SPEC D9.8); ``generic`` asks for a plain description."""
-    if mode == "generic":
-        return "Describe the image."
-    return f"Describe the image as an expert in {dataset_description.strip().rstrip('.')}."
-
-
-def records_for(mode: str, items: Sequence[dict[str, str]], prompt: dict[str, Any],
-                dataset_description: str) -> list[dict[str, Any]]:
-    """LLaVA-format records of one prompt's items (SPEC D5 record rules).
-
-    ``prompt``: ``{"id", "keyword", "icl_indices", "image_1"}`` (``image_1`` relative to the
-    export's ``image_folder``). Per item:
-
-    - ``vqa``: two records, ``<image>`` Q + reasoning request → "R\\nA" and Q + concise request → A;
-    - ``vqa_nr`` / ``vqa_task_desc``: one record ``<image>`` Q → A;
-    - ``tqa``: two records; the first is text-only (no ``image_1``): description I, Q and the
-      reasoning request → "R\\nA"; the second pairs Q + concise request with the prompt's
-      candidate image → A (the original's record layout);
-    - description modes: one record, ``describe_request`` → A.
-
-    Record ids: ``<prompt id>-<item>-<record>``; every record carries ``keyword``,
-    ``icl_indices``, ``mode`` and ``prompt_id``.
-    """
-    out = []
-
-    def rec(k: int, r: int, human: str, gpt: str, image: bool = True) -> dict[str, Any]:
-        d: dict[str, Any] = {"id": f"{prompt['id']}-{k}-{r}"}
-        if image:
-            d["image_1"] = prompt["image_1"]
-        d["conversations"] = [{"from": "human", "value": ("<image>\n" if image else "") + human},
-                              {"from": "gpt", "value": gpt}]
-        d.update(keyword=prompt["keyword"], icl_indices=list(prompt["icl_indices"]), mode=mode,
-                 prompt_id=prompt["id"])
-        return d
-
-    for k, it in enumerate(items):
-        if mode == "vqa":
-            out += [rec(k, 0, f"{it['Q']}\n{REASONING_REQUEST}", f"{it['R']}\n{it['A']}"),
-                    rec(k, 1, f"{it['Q']}\n{CONCISE_REQUEST}", it["A"])]
-        elif mode in ("vqa_nr", "vqa_task_desc"):
-            out.append(rec(k, 0, it["Q"], it["A"]))
-        elif mode == "tqa":
-            out += [rec(k, 0, f"{it['I']}\n{it['Q']}\n{REASONING_REQUEST}", f"{it['R']}\n{it['A']}", image=False),
-                    rec(k, 1, f"{it['Q']}\n{CONCISE_REQUEST}", it["A"])]
-        elif mode in DESCRIPTION_MODES:
-            out.append(rec(k, 0, describe_request(mode, dataset_description), it["A"]))
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
-    return out
-
-
-def llava_record(rec: dict[str, Any]) -> dict[str, Any]:
-    """Standard LLaVA training record: ``id``, ``image`` (omitted for text-only records),
-    ``conversations``."""
-    d = {"id": rec["id"]}
-    if rec.get("image_1") is not None:
-        d["image"] = rec["image_1"]
-    d["conversations"] = rec["conversations"]
-    return d
-
-
-# ----------------------------------------------------------------------------- loss filter
-
-def select_highest(losses: Sequence[float], keep_fraction: float, ids: Sequence[str] | None = None) -> list[bool]:
-    """Keep mask of the ``ceil(keep_fraction * n)`` highest-loss samples (MM-GEN stage 4 keeps
-    the top 50 % by the target model's loss, SPEC D7). Exactly that many are kept: ties are
-    broken by ``ids`` (ascending), then by position. ``None`` losses are never kept. Raises
-    ``ValueError`` for ``keep_fraction`` outside (0, 1]."""
-    if not 0 < keep_fraction <= 1:
-        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
-    valid = [i for i, v in enumerate(losses) if v is not None and not math.isnan(v)]
-    k = math.ceil(keep_fraction * len(valid))
-    order = sorted(valid, key=lambda i: (-float(losses[i]), ids[i] if ids is not None else "", i))
-    keep = set(order[:k])
-    return [i in keep for i in range(len(losses))]
 
 
 def common_folder(uris: Iterable[str]) -> str:

@@ -52,7 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from jobs.core.driver import Phase
+from jobs.core.driver import Phase, plan
 from jobs.core.recipe import Recipe
 from jobs.core.report import Gallery
 from jobs.core.runtime import Stage, llm_stage
@@ -454,20 +454,28 @@ def _faces_table(faces: pa.Table) -> pa.Table:
 
 
 def _reason(t: dict) -> str:
-    """A turn's rejection reason, or its error message."""
+    """A turn's rejection reason, or its error as ``Type: message`` (shown only: verdicts are
+    read from ``_status``)."""
     if t[R.STATUS] != R.ERROR:
-        return str(t[R.REASON])
+        return str(t[R.REASON] or "")
     try:
-        return json.loads(t[R.REASON]).get("message", t[R.REASON])
-    except (TypeError, ValueError, AttributeError):
-        return str(t[R.REASON])
+        rec = json.loads(t[R.REASON])
+    except (TypeError, ValueError):
+        return str(t[R.REASON] or "")
+    if not isinstance(rec, dict):
+        return str(rec)
+    message, kind = str(rec.get("message") or "").strip(), str(rec.get("type") or "")
+    if not message:
+        return f"{kind or 'error'} (no message)"
+    return f"{kind}: {message}" if kind and not message.startswith(kind) else message
 
 
 def dialogue_verdicts(dialogues: list[dict], turns: list[dict]) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Split the dialogues that passed phase 3 into kept and dropped: a dialogue is dropped
-    whole when any of its client turns was rejected or failed (SPEC A8); the reason names every
-    failing stage and turn (``udfs.mirror_dialogue.group_dialogue_verdicts``). Returns (kept
-    dialogues, reject records, dialogues dropped per stage)."""
+    whole when any of its client turns was rejected or failed (SPEC A8), decided from the
+    turns' ``_status`` (an error with an empty message drops its dialogue too); the reason
+    names every failing stage and turn (``udfs.mirror_dialogue.group_dialogue_verdicts``).
+    Returns (kept dialogues, reject records, dialogues dropped per stage)."""
     by_dialogue: dict[str, list[dict]] = {}
     for t in turns:
         by_dialogue.setdefault(t["dialogue_id"], []).append(t)
@@ -478,9 +486,11 @@ def dialogue_verdicts(dialogues: list[dict], turns: list[dict]) -> tuple[list[di
             dropped.append({"id": d["id"], "stage": "dialogue", "reason": "no client turn"})
             per_stage["no_client_turn"] = per_stage.get("no_client_turn", 0) + 1
             continue
-        names = list(dict.fromkeys(t[R.STAGE] for t in ts if t[R.STATUS] != R.OK))
-        verdicts = {n: [_reason(t) if t[R.STATUS] != R.OK and t[R.STAGE] == n else None for t in ts] for n in names}
-        g = MD.group_dialogue_verdicts([d["id"]] * len(ts), [t["turn"] for t in ts], verdicts)[d["id"]]
+        stage = [(t[R.STAGE] or "unknown_stage") if t[R.STATUS] != R.OK else None for t in ts]
+        names = list(dict.fromkeys(s for s in stage if s))
+        failed = {n: [s == n for s in stage] for n in names}
+        reasons = {n: [_reason(t) if s == n else None for t, s in zip(ts, stage)] for n in names}
+        g = MD.group_dialogue_verdicts([d["id"]] * len(ts), [t["turn"] for t in ts], failed, reasons)[d["id"]]
         if not g["dropped"]:
             kept.append(d)
             continue
@@ -491,19 +501,46 @@ def dialogue_verdicts(dialogues: list[dict], turns: list[dict]) -> tuple[list[di
     return kept, dropped, per_stage
 
 
-def failures_by_filter(dialogues: pa.Table, turns: pa.Table) -> dict[str, dict[str, int]]:
-    """How many dialogues each dialogue filter failed and how many images each image filter
-    failed (the original's drop_idx types), counted from the filters' failure columns, so
-    verdicts recorded in audit mode are counted too."""
+def _stage_params(recipe: MirrorRecipe, stage: str, model: type[BaseModel]) -> BaseModel:
+    cfg = recipe.stages.get(stage)
+    return model.model_validate(cfg.params if cfg is not None else {})
+
+
+def failures_by_filter(dialogues: pa.Table, turns: pa.Table, recipe: MirrorRecipe) -> dict[str, dict[str, dict]]:
+    """Every dialogue filter (the six of ``udfs.mirror_dialogue.FILTERS`` and ``safety``) and
+    every image filter (``udfs.mirror_images.IMAGE_FILTERS``) with ``{"stage", "count", "ran",
+    "audit"}``: how many dialogues / images it failed (0 included; counted from the filters'
+    structured failure columns, so verdicts recorded in audit mode count too), whether it ran
+    (its stage enabled and the filter switched on in the stage's params) and whether its stage
+    ran in audit mode (verdicts recorded, not applied; ``driver.plan``)."""
+    import sys
+
+    p = plan(sys.modules[__name__], recipe)
+    enabled, audit = {sp.stage.name for sp in p.stages}, set(p.audit_stages())
+
     def count(table: pa.Table, column: str, key) -> dict[str, int]:
         out: dict[str, int] = {}
         if column in table.column_names:
             for cell in table.column(column).to_pylist():
-                for f in json.loads(cell) if cell else []:
-                    out[key(f)] = out.get(key(f), 0) + 1
+                cell = json.loads(cell) if isinstance(cell, str) and cell else cell or []
+                for name in dict.fromkeys(key(f) for f in cell):
+                    out[name] = out.get(name, 0) + 1
         return out
-    return {"dialogues": count(dialogues, "dialogue_filter_failures", lambda f: f["filter"]),
-            "images": count(turns, "image_failures", lambda f: f.split(":", 1)[0].split(" ", 1)[0])}
+
+    def entry(stage: str, n: int, on: bool) -> dict:
+        return {"stage": stage, "count": n, "ran": bool(on and stage in enabled), "audit": stage in audit}
+
+    dparams = _stage_params(recipe, "dialogue_filters", MD.DialogueFilterParams)
+    dcounts = count(dialogues, "dialogue_filter_failures", lambda f: f["filter"])
+    out = {name: entry("dialogue_filters", dcounts.get(name, 0), name in dparams.filters) for name in MD.FILTERS}
+    flagged = dialogues.column("safety_flagged").to_pylist() if "safety_flagged" in dialogues.column_names else []
+    out["safety"] = entry("safety_check", sum(1 for f in flagged if f), "dialogue_safety" in enabled)
+    iparams = _stage_params(recipe, "image_check", MI.ImageFilterParams)
+    icounts = count(turns, "image_failures", lambda f: f["filter"] if isinstance(f, dict) else "unstructured")
+    on = MI.enabled_image_filters(iparams)
+    images = {name: entry("image_check", icounts.pop(name, 0), name in on) for name in MI.IMAGE_FILTERS}
+    images.update({name: entry("image_check", n, True) for name, n in icounts.items()})  # old runs' rows
+    return {"dialogues": out, "images": images}
 
 
 def _model_name(recipe: MirrorRecipe, stage: str) -> str | None:
@@ -544,7 +581,7 @@ def export(by_phase: dict[str, pa.Table], recipe: MirrorRecipe, out: str) -> dic
                 io.join(out, "expressions.parquet"))
     funnel = [{"stage": "dialogue_complete", "unit": "dialogues", "in": len(dialogues), "out": len(kept),
                "rejected": len(dropped), "errored": 0, "dropped_by_stage": per_stage,
-               "failures_by_filter": failures_by_filter(by_phase["dialogues"], tt)}]
+               "failures_by_filter": failures_by_filter(by_phase["dialogues"], tt, recipe)}]
     return {"faces": faces.num_rows, "dialogues_kept": len(kept), "dialogues_dropped": len(dropped),
             "client_turns": len(turns), "funnel": funnel}
 

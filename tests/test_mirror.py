@@ -74,6 +74,10 @@ def test_image_verdicts_name_every_failing_filter():
     batch = {k: [v] for k, v in _image_row(clip_scores=[0.1]).items()}
     out = MI.image_filters(batch, p)
     assert out[R.ROW_REJECT] == ["clip: image-text cosine 0.100 < 0.2"] and out["clip_score"] == [0.1]
+    # the failure column names each filter, so counts never parse the messages
+    assert json.loads(out["image_failures"][0]) == [{"filter": "clip", "detail": "clip: image-text cosine 0.100 < 0.2"}]
+    checks, _ = MI.image_checks(_image_row(gender="Man", age=60.0), p)
+    assert [f for f, _ in checks] == ["gender", "age"] and checks[0][1].startswith("gender changed")
 
 
 def test_dialogue_dropped_whole_when_a_turn_fails():
@@ -85,14 +89,51 @@ def test_dialogue_dropped_whole_when_a_turn_fails():
              {"id": "d2-3", "dialogue_id": "d2", "turn": 3, R.STATUS: R.ERROR, R.STAGE: "client_image",
               R.REASON: json.dumps({"message": "InputError: row 'd2-3' field 'source_image': missing"})},
              {"id": "d2-5", "dialogue_id": "d2", "turn": 5, R.STATUS: R.OK, R.STAGE: "", R.REASON: ""}]
+    # an error whose exception had no message (KeyError(), a bare assert) and a reject whose
+    # reason is empty: the turn's status, not its text, drops the dialogue (issue 18 item 1)
+    turns += [{"id": "d4-1", "dialogue_id": "d4", "turn": 1, R.STATUS: R.ERROR, R.STAGE: "face_check",
+               R.REASON: R.error_record("face_check", KeyError())},
+              {"id": "d4-3", "dialogue_id": "d4", "turn": 3, R.STATUS: R.OK, R.STAGE: "", R.REASON: ""},
+              {"id": "d5-1", "dialogue_id": "d5", "turn": 1, R.STATUS: R.REJECTED, R.STAGE: "image_check",
+               R.REASON: ""}]
+    dialogues += [{"id": "d4"}, {"id": "d5"}]
     kept, dropped, per_stage = J.dialogue_verdicts(dialogues, turns)
     assert [d["id"] for d in kept] == ["d1"]
-    assert [d["id"] for d in dropped] == ["d2", "d3"]
+    assert [d["id"] for d in dropped] == ["d2", "d3", "d4", "d5"]
     reason = dropped[0]["reason"]
     assert "image_check (turn 1: clip: image-text cosine 0.100 < 0.2)" in reason
     assert "client_image (turn 3: InputError: row 'd2-3' field 'source_image': missing)" in reason
     assert dropped[1]["reason"] == "no client turn"
-    assert per_stage == {"image_check": 1, "client_image": 1, "no_client_turn": 1}
+    assert dropped[2]["reason"] == "client turns failed: face_check (turn 1: KeyError (no message))"
+    assert dropped[3]["reason"] == "client turns failed: image_check (turn 1: no reason recorded)"
+    assert per_stage == {"image_check": 2, "client_image": 1, "no_client_turn": 1, "face_check": 1}
+
+
+def test_failures_by_filter_lists_every_filter_with_zero_counts_and_audit_mode():
+    """Issue 18 item 13: a filter that ran and failed nothing reads 0, one that did not run says
+    so, and the audit flag comes from the plan (offline: safety and image filters audit)."""
+    import pyarrow as pa
+
+    dialogues = pa.table({"id": ["d1", "d2", "d3"],
+                          "dialogue_filter_failures": [json.dumps([{"filter": "word_repetition"}]), "[]", None],
+                          "safety_flagged": [[], [3], None]})
+    turns = pa.table({"id": ["t1", "t2"], "image_failures": [
+        json.dumps([{"filter": "face", "detail": "face: no face found"},
+                    {"filter": "clip", "detail": "clip: image-text cosine 0.100 < 0.2"}]),
+        json.dumps([{"filter": "clip", "detail": "clip: image-text cosine 0.050 < 0.2"}])]})
+    got = J.failures_by_filter(dialogues, turns, _recipe())
+    assert list(got["dialogues"]) == [*J.MD.FILTERS, "safety"] and list(got["images"]) == list(MI.IMAGE_FILTERS)
+    assert got["dialogues"]["word_repetition"] == {"stage": "dialogue_filters", "count": 1, "ran": True, "audit": False}
+    assert got["dialogues"]["turn_count"] == {"stage": "dialogue_filters", "count": 0, "ran": True, "audit": False}
+    assert got["dialogues"]["safety"] == {"stage": "safety_check", "count": 1, "ran": True, "audit": True}
+    assert {k: v["count"] for k, v in got["images"].items()} == {"face": 1, "gender": 0, "age": 0, "identity": 0,
+                                                                "clip": 2, "nsfw": 0}
+    assert all(v["ran"] and v["audit"] for v in got["images"].values())
+    off = J.failures_by_filter(dialogues, turns, _recipe(overrides=[
+        "dialogue_filters.params.filters=[turn_count]", "image_check.params.check_nsfw=false",
+        "image_check.params.preservation.max_age_gap=null"]))
+    assert [k for k, v in off["dialogues"].items() if not v["ran"]] == [f for f in J.MD.FILTERS if f != "turn_count"]
+    assert not off["images"]["nsfw"]["ran"] and not off["images"]["age"]["ran"] and off["images"]["gender"]["ran"]
 
 
 def test_turn_rows_carry_history_and_source_face():

@@ -527,15 +527,21 @@ def test_dialogue_filter_params_validate():
 def test_group_drop_logic():
     ids = ["a", "a", "a", "b", "b", "c"]
     turns = [1, 3, 5, 1, 3, 1]
-    verdicts = {"clip": [None, "similarity 0.12 < 0.2", "similarity 0.05 < 0.2", None, None, None],
-                "nsfw": [None, None, "nsfw 0.9 >= normal 0.1", None, "", float("nan")]}
-    grouped = D.group_dialogue_verdicts(ids, turns, verdicts)
+    failed = {"clip": [False, True, True, False, False, False],
+              "nsfw": [False, False, True, False, True, False]}
+    reasons = {"clip": [None, "similarity 0.12 < 0.2", "similarity 0.05 < 0.2", None, None, None],
+               "nsfw": [None, None, "nsfw 0.9 >= normal 0.1", None, "", None]}
+    grouped = D.group_dialogue_verdicts(ids, turns, failed, reasons)
     assert list(grouped) == ["a", "b", "c"]
     assert grouped["a"]["dropped"] and grouped["a"]["failures"] == {"clip": [3, 5], "nsfw": [5]}
     assert grouped["a"]["reason"] == "clip (turns 3, 5: similarity 0.12 < 0.2); nsfw (turn 5: nsfw 0.9 >= normal 0.1)"
-    assert grouped["b"] == {"dropped": False, "failures": {}, "reason": None} and not grouped["c"]["dropped"]
+    # a failed row with an empty reason still drops its dialogue (issue 18 item 1)
+    assert grouped["b"] == {"dropped": True, "failures": {"nsfw": [3]}, "reason": "nsfw (turn 3: no reason recorded)"}
+    assert grouped["c"] == {"dropped": False, "failures": {}, "reason": None}
     with pytest.raises(ValueError, match="same length"):
-        D.group_dialogue_verdicts(ids, turns[:-1], verdicts)
+        D.group_dialogue_verdicts(ids, turns[:-1], failed)
+    with pytest.raises(TypeError, match="not its reason text"):  # a reason where a status belongs
+        D.group_dialogue_verdicts(ids, turns, reasons)
 
 
 def test_dialogue_filters_through_runtime_apply_stage():

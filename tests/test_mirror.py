@@ -136,6 +136,26 @@ def test_failures_by_filter_lists_every_filter_with_zero_counts_and_audit_mode()
     assert not off["images"]["nsfw"]["ran"] and not off["images"]["age"]["ran"] and off["images"]["gender"]["ran"]
 
 
+def test_report_lists_every_filter_with_its_mode(tmp_path):
+    import re
+
+    from jobs.core import report
+
+    filters = {"dialogues": {"turn_count": {"stage": "dialogue_filters", "count": 0, "ran": True, "audit": False}},
+               "images": {"nsfw": {"stage": "image_check", "count": 0, "ran": False, "audit": True},
+                          "clip": {"stage": "image_check", "count": 2, "ran": True, "audit": True}}}
+    manifest = {"pipeline": "mirror", "recipe": {"profile": "offline"}, "funnel": [
+        {"stage": "dialogue_complete", "unit": "dialogues", "in": 1, "out": 1, "rejected": 0, "errored": 0,
+         "failures_by_filter": filters}]}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    page = report.build(str(tmp_path))
+    rows = dict(re.findall(r'<tr data-filter="([^"]+)">(.*?)</tr>', page, flags=re.S))
+    assert list(rows) == ["dialogues:turn_count", "images:nsfw", "images:clip"]
+    assert '<td data-key="count">0</td>' in rows["images:nsfw"] and ">no<" in rows["images:nsfw"]
+    assert "audit (recorded, not applied)" in rows["images:clip"] and '<td data-key="count">2</td>' in rows["images:clip"]
+    assert "applied" in rows["dialogues:turn_count"] and "audit" not in rows["dialogues:turn_count"]
+
+
 def test_turn_rows_carry_history_and_source_face():
     import pyarrow as pa
 
@@ -180,12 +200,14 @@ def test_mirror_offline_end_to_end(tmp_path):
     assert {f["dominant_gender"] for f in faces if f["identity"] == "eileen_collins"} == {"Woman"}
     turns = pq.read_table(os.path.join(out, "expressions.parquet")).to_pylist()
     assert turns and fun["turns:ingest"]["out"] == len(turns)
-    expected: dict[str, int] = {}
+    expected = {f: 0 for f in MI.IMAGE_FILTERS}
     for t in turns:
-        for f in json.loads(t["image_failures"] or "[]"):
-            key = f.split(":", 1)[0].split(" ", 1)[0]
-            expected[key] = expected.get(key, 0) + 1
-    assert counts["images"] == expected and set(counts) == {"dialogues", "images"}
+        for f in {x["filter"] for x in json.loads(t["image_failures"] or "[]")}:
+            expected[f] += 1
+    assert {k: v["count"] for k, v in counts["images"].items()} == expected and set(counts) == {"dialogues", "images"}
+    assert all(v["audit"] and v["ran"] for v in counts["images"].values())  # placeholder evidence: audit mode
+    assert list(counts["dialogues"]) == [*J.MD.FILTERS, "safety"] and counts["dialogues"]["safety"]["audit"]
+    assert not any(v["audit"] for k, v in counts["dialogues"].items() if k != "safety")
     for t in turns:  # every client turn holds an image or a reason
         assert (t["_status"] == "ok" and os.path.exists(t["image"])) or t["_reason"], t
         if t["image"]:

@@ -55,6 +55,28 @@ def test_image_prompt_and_clip_text():
     assert MI.ExpressionReply.model_validate_json(msgs[2]["content"]).aligned
 
 
+def test_expression_reply_accepts_normal_replies_and_validates_the_rest():
+    """Issue 18 item 3: digits, ';:!?()/', non-ASCII text and replies over 120 characters are
+    normal; what matters is two non-empty one-line descriptions of bounded length."""
+    normal = {"aligned": "tight smile; eyes down (avoiding contact), 2 deep frown lines!",
+              "contrasting": "Sourire détendu, yeux grands ouverts: l'air soulagé?"}
+    r = MI.ExpressionReply.model_validate(normal)
+    assert (r.aligned, r.contrasting) == (normal["aligned"], normal["contrasting"])
+    long = "jaw clenched, lips pressed into a thin line, brows drawn together and low, eyes narrowed " \
+           "and fixed on the floor, shoulders raised and tense as if bracing for criticism"
+    assert len(long) > 120 and MI.ExpressionReply(aligned=long, contrasting="open, easy smile").aligned == long
+    spaced = MI.ExpressionReply.model_validate_json('{"aligned": "  worried\\n frown ", "contrasting": "calm\\tface"}')
+    assert (spaced.aligned, spaced.contrasting) == ("worried frown", "calm face")  # one line each
+    for bad in ("", "   ", "...", "12 / 34", "frown\x01", "x" * (MI.MAX_EXPRESSION_CHARS + 1)):
+        with pytest.raises(ValueError):
+            MI.ExpressionReply(aligned=bad, contrasting="calm face")
+    with pytest.raises(ValueError):
+        MI.ExpressionReply(aligned="frown")  # both descriptions are required
+    import xgrammar as xgr  # the schema still compiles for constrained decoding
+
+    assert "root" in str(xgr.Grammar.from_json_schema(json.dumps(MI.ExpressionReply.model_json_schema())))
+
+
 def _image_row(**over):
     row = {"id": "t1", "face_count": 1, "gender": "Woman", "age": 40.0, "identity_embedding": [1.0, 0.0],
            "face_backend": "dlib", "source_gender": "Woman", "source_age": 38.0,

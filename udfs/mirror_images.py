@@ -23,14 +23,15 @@ Prompts are our own wording of SPEC A4/A6's descriptions. Rules and thresholds:
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from udfs import faces as F
 from udfs import rows as R
 
-__all__ = ["ExpressionReply", "expression_messages", "image_prompt", "IMAGE_NEGATIVES", "REALISM_TAGS",
+__all__ = ["ExpressionReply", "MAX_EXPRESSION_CHARS", "expression_messages", "image_prompt", "IMAGE_NEGATIVES", "REALISM_TAGS",
            "clip_text", "ImageFilterParams", "IMAGE_FILTERS", "enabled_image_filters", "image_checks",
            "image_verdicts", "image_filters"]
 
@@ -58,17 +59,42 @@ _EXAMPLE_REPLY = ('{"aligned": "unsure look with raised eyebrows and lips presse
                   '"contrasting": "bright open smile with relaxed eyes"}')
 
 
+#: Longest expression description, characters (the prompt asks for under 20 words; about 50
+#: words fit). Bounds the reply for constrained decoding and the image prompt.
+MAX_EXPRESSION_CHARS = 300
+
+
+def _one_line_description(value: str) -> str:
+    """Whitespace runs (newlines included) collapsed to one space; raises ``ValueError`` for a
+    description without a letter (any script) or with other control characters."""
+    text = " ".join(str(value).split())
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise ValueError("contains control characters")
+    if not any(c.isalpha() for c in text):
+        raise ValueError("must describe an expression in words (no letter found)")
+    return text
+
+
 class ExpressionReply(BaseModel):
-    """Schema of the expression-description reply (SPEC A4's two labelled lines, as JSON)."""
+    """Schema of the expression-description reply (SPEC A4's two labelled lines, as JSON).
+
+    The schema constrains only what matters: two non-empty descriptions of at most
+    ``MAX_EXPRESSION_CHARS`` characters each (no character pattern: digits, punctuation and
+    non-ASCII text are normal in a description; issue 18 item 3). The validator then
+    collapses whitespace to one line and rejects text without a letter or with control
+    characters (constrained decoders let raw control bytes into strings: notes §4)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # bounded at 120 characters: xgrammar 0.2.8 fails to compile bounded repeats above 128
-    # (measured) and ignores maxLength beside a pattern
-    aligned: str = Field(min_length=3, max_length=120, pattern=r"^[A-Za-z ,.'-]{3,120}$",
+    aligned: str = Field(min_length=1, max_length=MAX_EXPRESSION_CHARS,
                          description="Facial expression matching the client's line.")
-    contrasting: str = Field(min_length=3, max_length=120, pattern=r"^[A-Za-z ,.'-]{3,120}$",
+    contrasting: str = Field(min_length=1, max_length=MAX_EXPRESSION_CHARS,
                              description="Facial expression that does not match it.")
+
+    @field_validator("aligned", "contrasting")
+    @classmethod
+    def _clean(cls, v: str) -> str:
+        return _one_line_description(v)
 
 
 def _line(turn: dict[str, Any]) -> str:

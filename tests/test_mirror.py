@@ -41,6 +41,25 @@ def test_recipe_rejects_unknown_traits():
         load_recipe(J.RECIPE, "mirror", "offline", overrides=["traits=[stubborn]"])
 
 
+@pytest.mark.parametrize("profile,ignores_direction", [("offline", True), ("local", True), ("paper", False)])
+def test_response_failure_switch_reaches_the_stage(profile, ignores_direction):
+    """Issue 18 item 4: under the line grammar every therapist line carries a [direction], so
+    the original's match (direction included) can never fire; the constrained profiles strip the
+    direction, the paper profile keeps the original's behaviour."""
+    r = load_recipe(J.RECIPE, "mirror", profile)
+    stage = next(s for s in J.dialogue_stages(r) if s.name == "dialogue_filters")
+    params = stage.validated_params(r.stages["dialogue_filters"].params)
+    assert params.failure_ignore_stage_direction is ignores_direction
+    lines = ["Therapist: [warm] How was your week?", "Client: [shrugs] Busy, as usual.",
+             "Therapist: [nods] I don't know", "Client: [sighs] Right."]
+    out = J.MD.dialogue_filters({"dialogue": ["\n".join(lines * 2)], "proc_dialogue": [[]]},
+                                params.model_copy(update={"filters": ["response_failure"]}))
+    assert (out[R.ROW_REJECT][0] is not None) is ignores_direction
+    if ignores_direction:
+        assert out[R.ROW_REJECT][0] == "dialogue filters failed: response_failure (lines 2, 6; empty or " \
+                                       "non-answer therapist line)"
+
+
 # -- image prompts and verdicts ----------------------------------------------------------
 
 def test_image_prompt_and_clip_text():

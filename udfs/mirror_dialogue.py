@@ -114,7 +114,11 @@ class DialogueFilterParams(BaseModel):
                                  "that full-matches this, case-insensitive, is a response failure "
                                  "(MIRROR notebook).")
     failure_ignore_stage_direction: bool = Field(False, description="Strip a leading [direction] "
-                                                 "before matching (ours; MIRROR matched the text with it).")
+                                                 "before matching (ours). False is MIRROR's rule: the text "
+                                                 "after ':' is matched with its direction, so only a line "
+                                                 "without direction and words fails; under a line grammar "
+                                                 "that always writes a direction it can never fire, so the "
+                                                 "offline and local recipes set true.")
     max_pos_run: int = Field(3, ge=1, description="Longest allowed run of equal PTB tags (MIRROR: "
                              "more than 3 drops).")
     pos_include_stage_direction: bool = Field(True, description="Tag the stage direction too (MIRROR did).")

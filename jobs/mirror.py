@@ -112,6 +112,25 @@ class MirrorRecipe(Recipe):
             raise ValueError("faces: a face pool is required (--faces FOLDER_OR_CSV)")
         return self
 
+    @model_validator(mode="after")
+    def _one_face_model(self):
+        """The pool's identity embeddings (``face_pool``) and the generated images'
+        (``face_check``) are compared by cosine: they must come from one face model (backend
+        and model), or every turn fails on embedding length (dlib 128-d, VGG-Face 4096-d) or
+        compares vectors of different spaces. Checked when the recipe is loaded, so a run or
+        ``--dry-run`` refuses before anything starts."""
+        specs = {}
+        for name in ("face_pool", "face_check"):
+            cfg = self.stages.get(name)
+            if cfg is not None and cfg.enabled and cfg.model is not None:
+                specs[name] = (cfg.model.backend, cfg.model.model)
+        if len(specs) == 2 and specs["face_pool"] != specs["face_check"]:
+            shown = {k: f"{b}:{m}" for k, (b, m) in specs.items()}
+            raise ValueError(f"face_pool uses {shown['face_pool']} but face_check uses {shown['face_check']}: "
+                             "both must name the same face backend and model (their identity embeddings are "
+                             "compared)")
+        return self
+
     @field_validator("traits")
     @classmethod
     def _known_traits(cls, v: list[str]) -> list[str]:

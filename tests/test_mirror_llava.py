@@ -241,6 +241,25 @@ def test_profiles_and_schedule():
     assert not rx.match("model.language_model.layers.0.self_attn.k_proj")
 
 
+def test_paper_training_asks_for_gpus():
+    """Issue 18 item 9: the paper profile trains on GPUs unless told otherwise; the others keep
+    CPU workers (the offline placeholder and a CPU box)."""
+    from jobs.mirror_llava.train import parser, scaling
+
+    def resources(*argv):
+        sc = scaling(parser().parse_args(["--data", "d.json", "--output", "o", *argv]))
+        return sc.use_gpu, sc.num_workers, sc.resources_per_worker
+
+    assert resources("--profile", "paper") == (True, 1, {"CPU": 1.0, "GPU": 1.0})
+    assert resources("--profile", "paper", "--workers", "4") == (True, 4, {"CPU": 1.0, "GPU": 1.0})
+    assert resources("--profile", "offline") == (False, 1, {"CPU": 1.0})
+    assert resources("--profile", "local") == (False, 1, {"CPU": 1.0})
+    assert resources("--profile", "paper", "--gpus-per-worker", "0") == (False, 1, {"CPU": 1.0})  # explicit CPU
+    assert resources("--gpus-per-worker", "0.5", "--cpus-per-worker", "2") == (True, 1, {"CPU": 2.0, "GPU": 0.5})
+    with pytest.raises(ValueError, match="--workers"):
+        resources("--workers", "0")
+
+
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
     """The placeholder tiny LLaVA built once into a private MMSYNTH_CACHE."""

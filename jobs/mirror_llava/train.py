@@ -28,7 +28,7 @@ the part ZeRO-3 saves is small: the frozen base in bf16 is about 14 GB for LLaVA
 for 7B, 0.50 B for 13B, plus the 21 M-parameter projector; fp32 weights, gradients and two
 Adam moments, 16 bytes each) about 5.4 GB (8.4 GB). Per worker that is about 20 GB (35 GB)
 before activations; activations at MIRROR's 32 records x 2048 tokens with gradient
-checkpointing add an estimated 30-45 GB (checkpointed layer inputs about 17 GB for 7B, logits
+checkpointing add an estimated 35-50 GB (checkpointed layer inputs about 17 GB for 7B, logits
 and their gradient in fp32 the rest). These are estimates from the shapes, not measurements
 (no GPU here): they put the 7B run on one 80 GB GPU per worker, and not on 40/48 GB cards at
 32 per device; there, lower ``--batch-size`` (the global batch is batch x workers). Sharding

@@ -75,6 +75,53 @@ def test_client_line_counselor_reply_and_planning_parsing():
     assert ML.session_history_lines(hist) == ["Therapist: Hi"]
 
 
+class _FakeServe:
+    """The Serve app's handle API with canned replies; records the counselor's requests."""
+
+    def __init__(self):
+        import base64
+        import io
+
+        from PIL import Image
+        from types import SimpleNamespace as NS
+
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (90, 60, 40)).save(buf, format="PNG")
+        png = base64.b64encode(buf.getvalue()).decode()
+        self.counselor_requests = []
+        self.client = lambda req: NS(reply="Client: [frowns] I am not sure.", prompt_tokens=3, completion_tokens=4)
+        self.describe = lambda req: NS(prompt="portrait", negative_prompt="", aligned="frown", contrasting="smile",
+                                       prompt_tokens=2, completion_tokens=2)
+        self.generate = lambda req: NS(image_png_b64=png, placeholder=True, seed=req["seed"])
+        self.verify = lambda req: {"passed": True, "accepted": True, "checks": {}}
+
+        def counselor(req):
+            self.counselor_requests.append(req)
+            return NS(reply="Therapist: What makes you unsure?", prompt_tokens=5, completion_tokens=5)
+
+        self.counselor = counselor
+
+
+@pytest.mark.parametrize("temperature", [None, 0.0])
+def test_counselor_sampling_is_the_recipes_unless_the_flag_is_given(tmp_path, temperature):
+    """Issue 18 item 10: without --temperature the counselor samples as the Serve recipe says
+    (0.7 / 0.9, SPEC B6.5: the original sampled); the flag, when given, is sent."""
+    from jobs.mirror_llava.infer import parser, run_session
+
+    assert parser().parse_args(["--input", "x.csv", "--cot", "base", "--output", "o"]).temperature is None
+    client = {"idx": "7", "personal_info": "Ann, 30", "personality": "doubtful", "distorted_thought": "I fail.",
+              "reason_for_seeking_counseling": "stress", "img_path": f"{FACES}/obama.jpg", "source_stem": "obama",
+              "dominant_gender": "Man"}
+    api = _FakeServe()
+    cfg = {"cot": "base", "max_turns": 2, "context": 16, "temperature": temperature, "max_attempts": 1,
+           "output": str(tmp_path), "counselor_max_tokens": None}
+    rec = run_session(client, api, cfg)
+    assert [h["role"] for h in rec["history"]] == ["Client", "Counselor", "Client", "Counselor"]
+    samplings = [r["sampling"] for r in api.counselor_requests]
+    assert len(samplings) == 2
+    assert samplings == ([{}] * 2 if temperature is None else [{"temperature": 0.0}] * 2)
+
+
 def test_read_clients_resolves_img_path_and_names_bad_rows(tmp_path):
     from jobs.mirror_llava.infer import ClientsError, read_clients
 

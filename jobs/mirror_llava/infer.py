@@ -3,7 +3,7 @@
 ::
 
     python -m jobs mirror-llava-infer --input TEST_CLIENTS --model CKPT --cot base|planning|ec_planning \\
-        --output OUT [--limit N] [--max-turns 20] [--profile offline|paper] [--temperature 0]
+        --output OUT [--limit N] [--max-turns 20] [--profile offline|paper] [--temperature T]
 
 What the original did (SPEC B3/B4, ``llava/chat/therapy.py``, ``client.py``, ``image_gen.py``,
 ``vlm.py``) and what is kept or fixed here:
@@ -25,8 +25,10 @@ What the original did (SPEC B3/B4, ``llava/chat/therapy.py``, ``client.py``, ``i
   session (cached); ``ec_planning`` asks every turn for the client's emotional state from the
   image, then plans again, then answers. Prompts are the training prompts
   (``udfs.mirror_llava.response_prompt``, ``emotion_prompt``) so inference matches training.
-- ``--temperature`` (default 0, as the original's scripts asked) is sent with every counselor
-  request; the original never forwarded it (B6.5).
+- The counselor samples as the Serve recipe says (``counselor.params``: temperature 0.7, top_p
+  0.9, what the original effectively ran: its scripts passed ``--temperature 0`` but
+  ``respond()`` never forwarded it, B6.5). ``--temperature`` overrides the temperature of
+  every counselor request when given (0: greedy, what the scripts asked for).
 - The counselor model is ``--model``: a ``mirror-llava-train`` output folder or one of its
   checkpoint folders (loaded as base + merged LoRA by ``actors.llm_hf``), a hub id / folder of a plain VLM (the LLaVA
   baseline) or ``placeholder:tiny-llava``; everything else comes from the Serve recipe
@@ -168,8 +170,8 @@ def read_clients(uri: str, faces: str | None = None, limit: int | None = None) -
 
 class SessionConfig(dict):
     """Session settings (a plain dict so Ray ships it as is): ``cot``, ``max_turns``,
-    ``context``, ``temperature``, ``max_attempts``, ``output`` (OUT), ``counselor_max_tokens``
-    (None: the recipe's)."""
+    ``context``, ``temperature`` (None: the recipe's counselor sampling), ``max_attempts``,
+    ``output`` (OUT), ``counselor_max_tokens`` (None: the recipe's)."""
 
 
 def _usage(total: dict[str, Any], resp: Any, role: str) -> None:
@@ -233,7 +235,9 @@ def run_session(client: dict[str, Any], api: Any, cfg: dict[str, Any]) -> dict[s
     history: list[dict[str, Any]] = []
     total = {"prompt_tokens": 0, "completion_tokens": 0}
     planning: dict[str, str] | None = None
-    counselor_sampling = {"temperature": float(cfg["temperature"])}
+    counselor_sampling = {}  # the Serve recipe's sampling, unless --temperature was given
+    if cfg.get("temperature") is not None:
+        counselor_sampling["temperature"] = float(cfg["temperature"])
     if cfg.get("counselor_max_tokens"):
         counselor_sampling["max_tokens"] = int(cfg["counselor_max_tokens"])
     exchanges, end_reason = 0, "max_turns"
@@ -470,7 +474,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-turns", type=int, default=20, help="client turns per session (20)")
     ap.add_argument("--context", type=int, default=ML.CONTEXT_MESSAGES, help="messages of context (16)")
     ap.add_argument("--max-attempts", type=int, default=ML.MAX_IMAGE_ATTEMPTS, help="image attempts per turn (10)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="counselor temperature (0, as the scripts)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="counselor temperature; default: the Serve recipe's sampling (0.7, top_p 0.9: what the "
+                    "original effectively ran, SPEC B6.5); 0 = greedy, what its scripts asked for")
     ap.add_argument("--counselor-max-tokens", type=int, help="counselor max new tokens (default: the recipe's)")
     ap.add_argument("--faces", help="folder relative img_path values are resolved against")
     ap.add_argument("--concurrency", type=int, default=2, help="sessions in flight (Ray Data actors)")
@@ -490,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1")
             return 2
-    if args.context < 0 or not (0 <= args.temperature <= 2):
+    if args.context < 0 or not (args.temperature is None or 0 <= args.temperature <= 2):
         print("error: --context must be >= 0 and --temperature in 0..2")
         return 2
     if not args.model and not args.app:
@@ -532,8 +538,14 @@ def main(argv: list[str] | None = None) -> int:
             serve.delete(app_name)
     wall = time.time() - t1
     walls = [w for w in counts.pop("session_wall_s") if w is not None]
+    sampling = {k: v for k, v in recipe.stages["counselor"].params.items() if k in ("temperature", "top_p")} \
+        if not args.app else {}
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
     manifest = {"command": "mirror-llava-infer", "argv": argv if argv is not None else [], "input": args.input,
                 "model": model or counselor.get("model"), "cot": args.cot, "settings": cfg,
+                # what the counselor sampled with (the recipe's unless --temperature; --app: the running app's)
+                "counselor_sampling": sampling or "the running app's recipe",
                 "profile": None if args.app else recipe.profile,
                 "serve": {"app_name": app_name, "started_here": app is not None, "ready_s": round(ready_s, 1),
                           "counselor": counselor},

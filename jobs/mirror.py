@@ -39,12 +39,14 @@ Outputs: ``OUT/faces.parquet`` (proc_celeba columns), ``OUT/mirror_data.csv`` an
 (the original mirror_data columns + ``identity``, ``img_path``, ``age``, ``dominant_gender``),
 ``OUT/expressions.parquet`` (per client turn: descriptions, prompts, seed, image path, every
 filter score), ``OUT/images/``, ``rejects/`` (per phase, plus ``dialogues.jsonl``),
-``errors/``, ``manifest.json`` (funnel per phase and the dialogue-level drop counts per filter).
+``errors/``, ``manifest.json`` (funnel per phase; the dialogue-level drops per stage and every
+dialogue and image filter with its count, whether it ran and whether in audit mode).
 """
 from __future__ import annotations
 
 import io as _io
 import json
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -559,8 +561,6 @@ def failures_by_filter(dialogues: pa.Table, turns: pa.Table, recipe: MirrorRecip
     structured failure columns, so verdicts recorded in audit mode count too), whether it ran
     (its stage enabled and the filter switched on in the stage's params) and whether its stage
     ran in audit mode (verdicts recorded, not applied; ``driver.plan``)."""
-    import sys
-
     p = plan(sys.modules[__name__], recipe)
     enabled, audit = {sp.stage.name for sp in p.stages}, set(p.audit_stages())
 

@@ -84,8 +84,8 @@ from jobs.core.report import Gallery
 from udfs import io
 from udfs import mirror_llava as ML
 
-__all__ = ["ClientsError", "read_face_pool", "assign_faces", "read_clients", "SessionConfig", "SessionError", "run_session", "SessionWorker",
-           "load_finished", "infer", "counselor_model", "parser", "main"]
+__all__ = ["ClientsError", "read_face_pool", "assign_faces", "read_clients", "SessionConfig", "SessionError",
+           "run_session", "SessionWorker", "load_finished", "infer", "counselor_model", "parser", "main"]
 
 SESSIONS_FILE = "sessions.jsonl"
 ERRORS_FILE = "errors/sessions.jsonl"

@@ -327,7 +327,8 @@ def test_collator_supervises_eos_with_a_llava15_template(tiny_llava, tmp_path):
     proc.chat_template = LLAVA15_TEMPLATE
     tok = proc.tokenizer
     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]},
-                                     {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}], tokenize=False)
+                                     {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}],
+                                    tokenize=False)
     assert text == "USER: hi ASSISTANT: ok " and tok.eos_token not in text
     batch = Collator(proc, 2048)(records[:2])
     for i, rec in enumerate(records[:2]):

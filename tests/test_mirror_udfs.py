@@ -107,7 +107,8 @@ def test_full_cactus_row_needs_no_completion():
     assert intake.parse_patterns("a, b") == ["a", "b"] and intake.parse_patterns(float("nan")) == []
     # Cactus' own technique column is read (issue 18 item 2); ground_truth_cbt is the eval file's
     assert rec["cbt_techniques"] == []
-    named = intake.client_record({**row, "cbt_technique": "Reality Testing", "ground_truth_cbt": ["Decatastrophizing"]}, 7)
+    named = intake.client_record({**row, "cbt_technique": "Reality Testing",
+                                  "ground_truth_cbt": ["Decatastrophizing"]}, 7)
     assert named["cbt_techniques"] == ["Reality Testing"] and named["derived_fields"] == []
     assert intake.client_record({**row, "cbt_technique": "['Pie Chart Technique']"}, 7)["cbt_techniques"] == \
         ["Pie Chart Technique"]

@@ -31,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from udfs import faces as F
 from udfs import rows as R
 
-__all__ = ["ExpressionReply", "MAX_EXPRESSION_CHARS", "expression_messages", "image_prompt", "IMAGE_NEGATIVES", "REALISM_TAGS",
+__all__ = ["ExpressionReply", "MAX_EXPRESSION_CHARS", "expression_messages", "image_prompt", "IMAGE_NEGATIVES",
+           "REALISM_TAGS",
            "clip_text", "ImageFilterParams", "IMAGE_FILTERS", "enabled_image_filters", "image_checks",
            "image_verdicts", "image_filters"]
 

@@ -32,9 +32,8 @@ from udfs import faces as F
 from udfs import rows as R
 
 __all__ = ["ExpressionReply", "MAX_EXPRESSION_CHARS", "expression_messages", "image_prompt", "IMAGE_NEGATIVES",
-           "REALISM_TAGS",
-           "clip_text", "ImageFilterParams", "IMAGE_FILTERS", "enabled_image_filters", "image_checks",
-           "image_verdicts", "image_filters"]
+           "REALISM_TAGS", "clip_text", "ImageFilterParams", "IMAGE_FILTERS", "enabled_image_filters",
+           "image_checks", "image_verdicts", "image_filters"]
 
 #: Realism tags added after the subject (SPEC A6 "realism quality tags"; our wording).
 REALISM_TAGS = "photorealistic, natural skin texture, soft studio lighting, sharp focus, high detail"

@@ -54,8 +54,7 @@ from udfs.mirror_intake import client_persona, extract_numbered_plan
 
 __all__ = ["COT_TYPES", "CotType", "DEFAULT_HISTORY", "DialogueError", "Conversion", "question_id",
            "parse_dialogue", "personal_information", "client_gender_age", "cbt_technique", "history_lines",
-           "response_prompt",
-           "emotion_prompt", "turn_images", "dialogue_records", "convert", "resolve_image",
+           "response_prompt", "emotion_prompt", "turn_images", "dialogue_records", "convert", "resolve_image",
            # counselling sessions
            "CONTEXT_MESSAGES", "MAX_IMAGE_ATTEMPTS", "FIRST_SEED", "END_MARKER", "client_messages",
            "split_client_line", "session_history_lines", "planning_prompt", "parse_planning",

@@ -94,6 +94,8 @@ class TrainConfig(BaseModel):
     shuffle: bool = Field(True, description="Shuffle records per epoch (seeded, per worker buffer).")
     seed: int = Field(0, description="Seed of LoRA init and shuffling.")
     num_threads: int | None = Field(None, ge=1, description="torch threads per worker (Ray sets 1).")
+    verify_reload: bool = Field(True, description="After training, reload the checkpoint over the base on the "
+                                "driver and compare logits with the worker's (fp32 runs).")
 
     @field_validator("lora_targets")
     @classmethod
@@ -101,8 +103,6 @@ class TrainConfig(BaseModel):
         if ALL_LINEAR in v and len(v) > 1:
             raise ValueError(f"'{ALL_LINEAR}' stands alone in lora_targets, got {v}")
         return v
-    verify_reload: bool = Field(True, description="After training, reload the checkpoint over the base on the "
-                                "driver and compare logits with the worker's (fp32 runs).")
 
 
 #: profile -> defaults. offline: the placeholder tiny LLaVA (meaningless outputs, for tests and

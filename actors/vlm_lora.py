@@ -5,19 +5,22 @@ The original runs ``deepspeed llava/train/train_mem.py`` (ZeRO-3) with LoRA; her
 records (``question_id``, ``image``, ``conversations`` as JSON). Measured recipe:
 ``../shared/notes/faces-train-serve.md`` §1; prompt masking as in ``actors.vlm``.
 
-- **Labels**: each sample is the chat template over prompt + answer (trailing newline removed,
-  so the last labelled token is the end-of-turn token); the prompt length comes from the
+- **Labels**: each sample is the chat template over prompt + answer (trailing whitespace
+  removed) ending with the EOS token, which is supervised: ChatML templates end the turn with
+  it, and for templates that write none (llava-1.5-7b-hf's ``ASSISTANT: {text}``) the collator
+  appends it (``append_eos``; upstream LLaVA's vicuna_v1 format supervises ``</s>``, and a
+  model never trained on it does not stop); the prompt length comes from the
   **processor** run on the prompt with its image (image tokens counted as expanded), so
   ``labels[:n_prompt] = -100``; right padding, padding masked **by length** (pad == eos for
   SmolLM2-based models: masking by id would drop the answer's closing token). Samples longer
   than ``max_length`` lose their tail (as LLaVA's tokenizer truncation); a prompt whose image
   tokens alone exceed it raises.
-- **LoRA** (peft): a regex target on the language model's attention projections only
+- **LoRA** (peft): a regex target on the language model's modules only
   (``.*language_model.*\\.(q_proj|v_proj)$`` by default; the CLIP tower has projections of the
-  same names), ``modules_to_save=["multi_modal_projector"]`` (the projector is trained, at
-  ``projector_lr``, as LLaVA's ``mm_projector_lr``). Note: upstream LLaVA's LoRA targets every
-  linear layer of the language model; the issue asks for attention projections, and
-  ``lora_targets`` can list more.
+  same names); ``lora_targets=["all-linear"]`` (the paper profile) wraps every linear layer of
+  the language model, as upstream LLaVA's LoRA (``find_all_linear_names``: everything but the
+  vision tower, the projector and ``lm_head``); ``modules_to_save=["multi_modal_projector"]``
+  (the projector is trained, at ``projector_lr``, as LLaVA's ``mm_projector_lr``).
 - **Schedule**: AdamW, linear warmup over ``ceil(warmup_ratio * total)`` steps then cosine to
   0 (HF ``get_cosine_schedule_with_warmup``), set per step from the global step, so a resumed
   run with a larger ``max_steps`` continues on the new schedule.
@@ -41,15 +44,18 @@ import tempfile
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from actors.vlm import ImageCache, encode, image_token, record_messages
 from udfs import io
 from udfs import rows as R
 
-__all__ = ["TrainConfig", "PROFILES", "profile_config", "read_records", "Collator", "lr_factor",
-           "lora_target_regex", "apply_lora", "train_loop", "load_finetuned", "check_reload", "CHECKPOINT_FILES"]
+__all__ = ["TrainConfig", "PROFILES", "profile_config", "read_records", "APPEND_EOS", "Collator", "lr_factor",
+           "ALL_LINEAR", "lora_target_modules", "lora_target_regex", "apply_lora", "train_loop", "load_finetuned",
+           "check_reload", "CHECKPOINT_FILES"]
 
+#: ``lora_targets`` value for every linear layer of the language model
+ALL_LINEAR = "all-linear"
 #: files every checkpoint folder holds besides the processor's and peft's own
 CHECKPOINT_FILES = ("base.json", "train_state.pt", "loss_curve.json", "reload_check.pt")
 
@@ -65,7 +71,13 @@ class TrainConfig(BaseModel):
     lora_alpha: int = Field(ge=1, description="LoRA alpha (MIRROR: 256).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (LLaVA train.py default 0.05).")
     lora_targets: list[str] = Field(["q_proj", "v_proj"], min_length=1,
-                                    description="Language-model module names LoRA wraps (attention projections).")
+                                    description="Language-model module names LoRA wraps, or ['all-linear'] for "
+                                    "every linear layer of the language model (upstream LLaVA's LoRA; the paper "
+                                    "profile). The vision tower and projector are never wrapped.")
+    append_eos: Literal["auto", "always", "never"] = Field(
+        "auto", description="End every supervised reply with the EOS token: auto appends it when the chat "
+        "template writes none after the answer (llava-1.5), as upstream vicuna_v1 training supervises </s>; "
+        "never keeps the template's text.")
     learning_rate: float = Field(2e-4, gt=0, description="LoRA learning rate (MIRROR: 2e-4).")
     projector_lr: float = Field(2e-5, gt=0, description="Multimodal projector learning rate (mm_projector_lr 2e-5).")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warm-up share of the total steps (0.03).")
@@ -85,6 +97,13 @@ class TrainConfig(BaseModel):
     verify_reload: bool = Field(True, description="After training, reload the checkpoint over the base on the "
                                 "driver and compare logits with the worker's (fp32 runs).")
 
+    @field_validator("lora_targets")
+    @classmethod
+    def _all_linear_alone(cls, v: list[str]) -> list[str]:
+        if ALL_LINEAR in v and len(v) > 1:
+            raise ValueError(f"'{ALL_LINEAR}' stands alone in lora_targets, got {v}")
+        return v
+
 
 #: profile -> defaults. offline: the placeholder tiny LLaVA (meaningless outputs, for tests and
 #: smoke runs); local: a small real LLaVA-style model from the hub; paper: MIRROR's 7B recipe.
@@ -95,6 +114,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     "local": {"base": "llava-hf/llava-interleave-qwen-0.5b-hf", "lora_rank": 16, "lora_alpha": 32,
               "batch_size": 4, "max_length": 2048, "epochs": 1, "save_steps": 100},
     "paper": {"base": "llava-hf/llava-1.5-7b-hf", "lora_rank": 128, "lora_alpha": 256, "lora_dropout": 0.05,
+              "lora_targets": [ALL_LINEAR],
               "learning_rate": 2e-4, "projector_lr": 2e-5, "warmup_ratio": 0.03, "weight_decay": 0.0,
               "batch_size": 32, "max_length": 2048, "epochs": 5, "precision": "bf16",
               "gradient_checkpointing": True, "save_steps": 500, "keep_checkpoints": 1, "verify_reload": False},
@@ -150,23 +170,50 @@ def read_records(uri: str) -> list[dict[str, Any]]:
     return out
 
 
+#: ``Collator``/``TrainConfig.append_eos`` choices
+APPEND_EOS = ("auto", "always", "never")
+
+
 class Collator:
     """Rows of ``read_records`` (a Ray Data numpy batch or a list of dicts) -> model inputs.
+
+    The supervised span is the answer and, after it, the end-of-sequence token: a model that
+    never sees EOS as a target does not learn to stop (upstream LLaVA's vicuna_v1 conversations
+    end every reply with ``</s>``, which is supervised). Templates that close the turn with the
+    tokenizer's EOS (ChatML with ``<|im_end|>`` as EOS) already contain it; for those that do
+    not (llava-1.5-7b-hf's ``ASSISTANT: {text}``), ``append_eos="auto"`` (default) appends it;
+    ``"always"`` appends it in any case, ``"never"`` leaves the template's text as it is.
+    Trailing whitespace after the answer (llava-1.5's template writes a space) is removed.
 
     Returns a dict of tensors: ``input_ids``/``attention_mask``/``labels`` (long, ``(B, L)``,
     right-padded, ``L <= max_length``), ``pixel_values`` (float, ``(n_images, 3, H, W)``) and any
     other image tensor the processor returns (concatenated along dim 0), plus ``answer_tokens``
     (int: labelled tokens in the batch) and ``truncated`` (int: samples cut at ``max_length``).
     Raises ``rows.InputError`` naming the record for an unreadable image, a prompt that is not
-    a prefix of the full conversation, or image tokens that do not fit into ``max_length``.
+    a prefix of the full conversation, or image tokens that do not fit into ``max_length``;
+    ``ValueError`` for an unknown ``append_eos`` or one that needs an EOS the tokenizer lacks.
     """
 
-    def __init__(self, processor, max_length: int):
-        self.processor, self.max_length = processor, max_length
+    def __init__(self, processor, max_length: int, append_eos: str = "auto"):
+        if append_eos not in APPEND_EOS:
+            raise ValueError(f"append_eos must be one of {', '.join(APPEND_EOS)}, got {append_eos!r}")
+        self.processor, self.max_length, self.append_eos = processor, max_length, append_eos
         self.images = ImageCache(size=64)
         tok = processor.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.image_id = tok.convert_tokens_to_ids(image_token(processor))
+        self.eos = tok.eos_token if append_eos != "never" else None
+        if append_eos != "never" and not self.eos:
+            raise ValueError("append_eos needs a tokenizer with an eos_token (use append_eos='never')")
+
+    def _ends_turn(self, full: str) -> str:
+        """``full`` (the rendered prompt + answer, trailing whitespace removed) with the EOS token
+        appended when ``append_eos`` asks for it: ``always``, or ``auto`` and the template wrote
+        no EOS after the answer (llava-1.5's ``ASSISTANT: {text}``; ChatML templates whose
+        end-of-turn token is the EOS are left alone)."""
+        if self.eos and (self.append_eos == "always" or not full.endswith(self.eos)):
+            return full + self.eos
+        return full
 
     def sample(self, qid: str, image: Any, conversations: Any) -> tuple[dict, int]:
         """One record -> (processor outputs of the full text, prompt length in tokens)."""
@@ -179,7 +226,7 @@ class Collator:
             raise R.InputError(qid, "conversations", str(e)) from None
         img = self.images.get(image, qid, "image")
         p = self.processor
-        full = p.apply_chat_template([*prompt_msgs, answer], tokenize=False).rstrip("\n")
+        full = self._ends_turn(p.apply_chat_template([*prompt_msgs, answer], tokenize=False).rstrip())
         prompt = p.apply_chat_template(prompt_msgs, tokenize=False, add_generation_prompt=True)
         enc = encode(p, [full], [[img]], [qid])
         penc_ids = encode(p, [prompt], [[img]], [qid])["input_ids"][0]
@@ -246,6 +293,28 @@ def lora_target_regex(targets: list[str]) -> str:
     return r".*language_model.*\.(" + "|".join(targets) + r")$"
 
 
+def lora_target_modules(model, targets: list[str]) -> list[str]:
+    """The module names (last name component) LoRA wraps in ``model``'s language model.
+
+    ``targets``: ``["all-linear"]`` for every ``nn.Linear`` of the language model (LLaVA's
+    ``find_all_linear_names``: the vision tower, the projector and ``lm_head`` excluded;
+    q/k/v/o and gate/up/down for Llama/Vicuna), sorted; or explicit names, kept in the given
+    order. Raises ``ValueError`` naming a target that is no linear layer of the language model.
+    """
+    import torch.nn as nn
+
+    linear = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and ".language_model." in f".{n}." and not n.endswith("lm_head")}
+    if list(targets) == [ALL_LINEAR]:
+        if not linear:
+            raise ValueError("the model has no linear layer under a 'language_model' module")
+        return sorted(linear)
+    unknown = [t for t in targets if t not in linear]
+    if unknown:
+        raise ValueError(f"no linear layer named {unknown} in the language model (it has {sorted(linear)})")
+    return list(targets)
+
+
 def apply_lora(model, cfg: TrainConfig):
     """Wrap ``model`` in a peft LoRA model (``cfg``'s rank/alpha/dropout/targets, projector in
     ``modules_to_save``). Raises ``ValueError`` when the model has no ``multi_modal_projector``."""
@@ -255,7 +324,7 @@ def apply_lora(model, cfg: TrainConfig):
                for n, _ in model.named_modules()):
         raise ValueError(f"base model {cfg.base!r} has no multi_modal_projector (not a LLaVA-style model)")
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias="none",
-                      target_modules=lora_target_regex(cfg.lora_targets),
+                      target_modules=lora_target_regex(lora_target_modules(model, cfg.lora_targets)),
                       modules_to_save=["multi_modal_projector"])
     return get_peft_model(model, lcfg)
 
@@ -377,7 +446,7 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.AdamW([{"params": lora, "lr": cfg.learning_rate, "base_lr": cfg.learning_rate},
                                    {"params": proj, "lr": cfg.projector_lr, "base_lr": cfg.projector_lr}],
                                   weight_decay=cfg.weight_decay)
-    collate = Collator(processor, cfg.max_length)
+    collate = Collator(processor, cfg.max_length, cfg.append_eos)
     probe_batch = collate([config["probe"]])
 
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "samples": 0}
@@ -500,7 +569,8 @@ def check_reload(ckpt_dir: str, probe: dict) -> dict[str, Any]:
         return {"question_id": probe["question_id"],
                 "skipped": f"worker ran in {stored['dtype']}; reload check needs a float32 run"}
     model, processor, meta = load_finetuned(ckpt_dir)
-    logits = _probe_logits(model, Collator(processor, meta["config"]["max_length"])([probe]),
+    logits = _probe_logits(model, Collator(processor, meta["config"]["max_length"],
+                                           meta["config"].get("append_eos", "never"))([probe]),
                            torch.device("cpu"), torch.float32)
     diff = float((logits - stored["logits"]).abs().max())
     return {"question_id": probe["question_id"], "max_abs_diff": diff, "identical": diff == 0.0}

@@ -39,12 +39,15 @@ Outputs: ``OUT/faces.parquet`` (proc_celeba columns), ``OUT/mirror_data.csv`` an
 (the original mirror_data columns + ``identity``, ``img_path``, ``age``, ``dominant_gender``),
 ``OUT/expressions.parquet`` (per client turn: descriptions, prompts, seed, image path, every
 filter score), ``OUT/images/``, ``rejects/`` (per phase, plus ``dialogues.jsonl``),
-``errors/``, ``manifest.json`` (funnel per phase and the dialogue-level drop counts per filter).
+``errors/``, ``manifest.json`` (funnel per phase; the dialogue-level drops per stage and every
+dialogue and image filter with its count, whether it ran and whether in audit mode).
 """
 from __future__ import annotations
 
 import io as _io
 import json
+import sys
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -52,7 +55,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from jobs.core.driver import Phase
+from jobs.core.driver import Phase, plan
 from jobs.core.recipe import Recipe
 from jobs.core.report import Gallery
 from jobs.core.runtime import Stage, llm_stage
@@ -110,6 +113,25 @@ class MirrorRecipe(Recipe):
     def _needs_faces(self):
         if self.input and not self.faces:
             raise ValueError("faces: a face pool is required (--faces FOLDER_OR_CSV)")
+        return self
+
+    @model_validator(mode="after")
+    def _one_face_model(self):
+        """The pool's identity embeddings (``face_pool``) and the generated images'
+        (``face_check``) are compared by cosine: they must come from one face model (backend
+        and model), or every turn fails on embedding length (dlib 128-d, VGG-Face 4096-d) or
+        compares vectors of different spaces. Checked when the recipe is loaded, so a run or
+        ``--dry-run`` refuses before anything starts."""
+        specs = {}
+        for name in ("face_pool", "face_check"):
+            cfg = self.stages.get(name)
+            if cfg is not None and cfg.enabled and cfg.model is not None:
+                specs[name] = (cfg.model.backend, cfg.model.model)
+        if len(specs) == 2 and specs["face_pool"] != specs["face_check"]:
+            shown = {k: f"{b}:{m}" for k, (b, m) in specs.items()}
+            raise ValueError(f"face_pool uses {shown['face_pool']} but face_check uses {shown['face_check']}: "
+                             "both must name the same face backend and model (their identity embeddings are "
+                             "compared)")
         return self
 
     @field_validator("traits")
@@ -188,8 +210,13 @@ def ingest_clients(recipe: MirrorRecipe, previous: dict) -> tuple[pa.Table, list
     return pa.Table.from_pylist(rows_, schema=_CLIENT_SCHEMA), rejects, len(distinct) - len(rows_)
 
 
+def _missing(r: dict, field: str) -> bool:
+    return field in (r.get("missing_fields") or [])
+
+
 def thought_prompts(batch: dict, params: Any) -> dict:
-    return {"messages": [completion.thought_messages(r) for r in _rows(batch)]}
+    """Messages for the distorted-thought call; None (no call) for records that have one."""
+    return {"messages": [completion.thought_messages(r) if _missing(r, "thought") else None for r in _rows(batch)]}
 
 
 def _parsed(value: Any) -> dict | None:
@@ -197,8 +224,12 @@ def _parsed(value: Any) -> dict | None:
 
 
 def distortion_prompts(batch: dict, params: Any) -> dict:
+    """Messages for the thinking-trap call; None (no call) for records that have patterns."""
     msgs = []
     for r in _rows(batch):
+        if not _missing(r, "patterns"):
+            msgs.append(None)
+            continue
         reply = _parsed(r.get("thought_llm_parsed"))
         thought = r.get("thought") or (reply or {}).get("thought") or completion.heuristic_thought(r["presenting_problem"]) \
             or r["presenting_problem"]
@@ -226,8 +257,13 @@ def _completed(r: dict) -> dict:
 
 
 def plan_prompts(batch: dict, params: Any) -> dict:
+    """Messages for the plan call (the record's technique fixed when it names one); None (no
+    call) for records that have a numbered plan."""
     msgs = []
     for r in _rows(batch):
+        if not _missing(r, "cbt_plan"):
+            msgs.append(None)
+            continue
         rec = _completed(r)
         techniques = list(rec.get("cbt_techniques") or [])
         msgs.append(completion.plan_messages(rec, techniques[0] if techniques else None))
@@ -245,20 +281,24 @@ class CompletionParams(BaseModel):
 
 def complete_records(batch: dict, params: CompletionParams) -> dict:
     """Fill thought, patterns, technique and plan (``apply_completion``; every value marked in
-    ``derived_fields`` as ``<field>:llm|heuristic|template``)."""
+    ``derived_fields`` as ``<field>:llm|heuristic|template``). A record's technique and plan
+    always belong together: a source plan keeps the source's technique (Cactus
+    ``cbt_technique``) or none, never the LLM's; a written plan must be for the record's
+    technique when it names one (else the template plan for that technique)."""
     out: dict[str, list] = {k: [] for k in ("thought", "patterns", "cbt_techniques", "cbt_plan",
                                             "derived_fields", "missing_fields")}
     for r in _rows(batch):
         rec = _completed(r)
+        if not _missing(rec, "cbt_plan"):  # the source plan, with the source's technique or none
+            for k in out:
+                out[k].append(rec.get(k))
+            continue
         techniques = list(rec.get("cbt_techniques") or [])
         reply = r.get("plan_llm_parsed") or ""
-        try:
+        try:  # a reply planning another technique than the record's is not used (issue 18 item 2)
             technique, plan = completion.plan_from_reply(reply, techniques[0] if techniques else None)
         except ValueError:
-            try:  # the reply named another of the twelve techniques: keep its plan, not its name
-                technique, plan = completion.plan_from_reply(reply)
-            except ValueError:
-                technique, plan = None, None
+            technique, plan = None, None
         if plan:
             rec = completion.apply_completion(rec, technique=technique, plan=plan)
         elif techniques or params.template_fallback:  # no valid plan from the LLM: generic outline
@@ -270,14 +310,20 @@ def complete_records(batch: dict, params: CompletionParams) -> dict:
     return out
 
 
+def _completion_llm(name: str, schema: str) -> Stage:
+    """A record-completion LLM stage (``llm_stage``, not a filter) whose rows without messages
+    (the field is already in the record) make no call (``actors.llm_optional``)."""
+    return replace(llm_stage(name, schema, filter=False), target="actors.llm_optional:OptionalLLMStage")
+
+
 def client_stages(recipe: MirrorRecipe) -> list[Stage]:
     return [
         Stage("thought_prompts", thought_prompts, ("presenting_problem", "reason_counseling"), ("messages",)),
-        llm_stage("thought_llm", "udfs.mirror_completion:DistortedThoughtReply", filter=False),
+        _completion_llm("thought_llm", "udfs.mirror_completion:DistortedThoughtReply"),
         Stage("distortion_prompts", distortion_prompts, ("presenting_problem", "thought_llm_parsed"), ("messages",)),
-        llm_stage("distortions_llm", "udfs.mirror_completion:DistortionReply", filter=False),
+        _completion_llm("distortions_llm", "udfs.mirror_completion:DistortionReply"),
         Stage("plan_prompts", plan_prompts, ("client_persona", "distortions_llm_parsed"), ("messages",)),
-        llm_stage("plan_llm", "udfs.mirror_completion:CbtPlanReply", filter=False),
+        _completion_llm("plan_llm", "udfs.mirror_completion:CbtPlanReply"),
         Stage("complete_records", complete_records, ("plan_llm_parsed", "missing_fields"),
               ("thought", "patterns", "cbt_techniques", "cbt_plan", "derived_fields", "missing_fields"),
               params_model=CompletionParams),
@@ -301,8 +347,10 @@ def _ok(table: pa.Table | None) -> list[dict]:
 def ingest_dialogues(recipe: MirrorRecipe, previous: dict) -> tuple[pa.Table, list[dict], int]:
     """Client × trait rows with their assigned pool identity (module docstring, step 3)."""
     clients = _ok(previous["clients"])
+    # the first image of an identity (by img_path, as read_face_pool orders the pool) is its
+    # source face; never Ray Data's output order
     pool = [{"identity": f["identity"], "gender": f["gender"], "age": f["age"], "face": f}
-            for f in _ok(previous["faces"])]
+            for f in sorted(_ok(previous["faces"]), key=lambda f: (str(f["img_path"]), str(f[R.ID])))]
     dialogues = []
     for c in clients:
         rec = {k: c[k] for k in CLIENT_FIELDS}
@@ -454,20 +502,28 @@ def _faces_table(faces: pa.Table) -> pa.Table:
 
 
 def _reason(t: dict) -> str:
-    """A turn's rejection reason, or its error message."""
+    """A turn's rejection reason, or its error as ``Type: message`` (shown only: verdicts are
+    read from ``_status``)."""
     if t[R.STATUS] != R.ERROR:
-        return str(t[R.REASON])
+        return str(t[R.REASON] or "")
     try:
-        return json.loads(t[R.REASON]).get("message", t[R.REASON])
-    except (TypeError, ValueError, AttributeError):
-        return str(t[R.REASON])
+        rec = json.loads(t[R.REASON])
+    except (TypeError, ValueError):
+        return str(t[R.REASON] or "")
+    if not isinstance(rec, dict):
+        return str(rec)
+    message, kind = str(rec.get("message") or "").strip(), str(rec.get("type") or "")
+    if not message:
+        return f"{kind or 'error'} (no message)"
+    return f"{kind}: {message}" if kind and not message.startswith(kind) else message
 
 
 def dialogue_verdicts(dialogues: list[dict], turns: list[dict]) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Split the dialogues that passed phase 3 into kept and dropped: a dialogue is dropped
-    whole when any of its client turns was rejected or failed (SPEC A8); the reason names every
-    failing stage and turn (``udfs.mirror_dialogue.group_dialogue_verdicts``). Returns (kept
-    dialogues, reject records, dialogues dropped per stage)."""
+    whole when any of its client turns was rejected or failed (SPEC A8), decided from the
+    turns' ``_status`` (an error with an empty message drops its dialogue too); the reason
+    names every failing stage and turn (``udfs.mirror_dialogue.group_dialogue_verdicts``).
+    Returns (kept dialogues, reject records, dialogues dropped per stage)."""
     by_dialogue: dict[str, list[dict]] = {}
     for t in turns:
         by_dialogue.setdefault(t["dialogue_id"], []).append(t)
@@ -478,9 +534,11 @@ def dialogue_verdicts(dialogues: list[dict], turns: list[dict]) -> tuple[list[di
             dropped.append({"id": d["id"], "stage": "dialogue", "reason": "no client turn"})
             per_stage["no_client_turn"] = per_stage.get("no_client_turn", 0) + 1
             continue
-        names = list(dict.fromkeys(t[R.STAGE] for t in ts if t[R.STATUS] != R.OK))
-        verdicts = {n: [_reason(t) if t[R.STATUS] != R.OK and t[R.STAGE] == n else None for t in ts] for n in names}
-        g = MD.group_dialogue_verdicts([d["id"]] * len(ts), [t["turn"] for t in ts], verdicts)[d["id"]]
+        stage = [(t[R.STAGE] or "unknown_stage") if t[R.STATUS] != R.OK else None for t in ts]
+        names = list(dict.fromkeys(s for s in stage if s))
+        failed = {n: [s == n for s in stage] for n in names}
+        reasons = {n: [_reason(t) if s == n else None for t, s in zip(ts, stage)] for n in names}
+        g = MD.group_dialogue_verdicts([d["id"]] * len(ts), [t["turn"] for t in ts], failed, reasons)[d["id"]]
         if not g["dropped"]:
             kept.append(d)
             continue
@@ -491,19 +549,44 @@ def dialogue_verdicts(dialogues: list[dict], turns: list[dict]) -> tuple[list[di
     return kept, dropped, per_stage
 
 
-def failures_by_filter(dialogues: pa.Table, turns: pa.Table) -> dict[str, dict[str, int]]:
-    """How many dialogues each dialogue filter failed and how many images each image filter
-    failed (the original's drop_idx types), counted from the filters' failure columns, so
-    verdicts recorded in audit mode are counted too."""
+def _stage_params(recipe: MirrorRecipe, stage: str, model: type[BaseModel]) -> BaseModel:
+    cfg = recipe.stages.get(stage)
+    return model.model_validate(cfg.params if cfg is not None else {})
+
+
+def failures_by_filter(dialogues: pa.Table, turns: pa.Table, recipe: MirrorRecipe) -> dict[str, dict[str, dict]]:
+    """Every dialogue filter (the six of ``udfs.mirror_dialogue.FILTERS`` and ``safety``) and
+    every image filter (``udfs.mirror_images.IMAGE_FILTERS``) with ``{"stage", "count", "ran",
+    "audit"}``: how many dialogues / images it failed (0 included; counted from the filters'
+    structured failure columns, so verdicts recorded in audit mode count too), whether it ran
+    (its stage enabled and the filter switched on in the stage's params) and whether its stage
+    ran in audit mode (verdicts recorded, not applied; ``driver.plan``)."""
+    p = plan(sys.modules[__name__], recipe)
+    enabled, audit = {sp.stage.name for sp in p.stages}, set(p.audit_stages())
+
     def count(table: pa.Table, column: str, key) -> dict[str, int]:
         out: dict[str, int] = {}
         if column in table.column_names:
             for cell in table.column(column).to_pylist():
-                for f in json.loads(cell) if cell else []:
-                    out[key(f)] = out.get(key(f), 0) + 1
+                cell = json.loads(cell) if isinstance(cell, str) and cell else cell or []
+                for name in dict.fromkeys(key(f) for f in cell):
+                    out[name] = out.get(name, 0) + 1
         return out
-    return {"dialogues": count(dialogues, "dialogue_filter_failures", lambda f: f["filter"]),
-            "images": count(turns, "image_failures", lambda f: f.split(":", 1)[0].split(" ", 1)[0])}
+
+    def entry(stage: str, n: int, on: bool) -> dict:
+        return {"stage": stage, "count": n, "ran": bool(on and stage in enabled), "audit": stage in audit}
+
+    dparams = _stage_params(recipe, "dialogue_filters", MD.DialogueFilterParams)
+    dcounts = count(dialogues, "dialogue_filter_failures", lambda f: f["filter"])
+    out = {name: entry("dialogue_filters", dcounts.get(name, 0), name in dparams.filters) for name in MD.FILTERS}
+    flagged = dialogues.column("safety_flagged").to_pylist() if "safety_flagged" in dialogues.column_names else []
+    out["safety"] = entry("safety_check", sum(1 for f in flagged if f), "dialogue_safety" in enabled)
+    iparams = _stage_params(recipe, "image_check", MI.ImageFilterParams)
+    icounts = count(turns, "image_failures", lambda f: f["filter"] if isinstance(f, dict) else "unstructured")
+    on = MI.enabled_image_filters(iparams)
+    images = {name: entry("image_check", icounts.pop(name, 0), name in on) for name in MI.IMAGE_FILTERS}
+    images.update({name: entry("image_check", n, True) for name, n in icounts.items()})  # old runs' rows
+    return {"dialogues": out, "images": images}
 
 
 def _model_name(recipe: MirrorRecipe, stage: str) -> str | None:
@@ -544,7 +627,7 @@ def export(by_phase: dict[str, pa.Table], recipe: MirrorRecipe, out: str) -> dic
                 io.join(out, "expressions.parquet"))
     funnel = [{"stage": "dialogue_complete", "unit": "dialogues", "in": len(dialogues), "out": len(kept),
                "rejected": len(dropped), "errored": 0, "dropped_by_stage": per_stage,
-               "failures_by_filter": failures_by_filter(by_phase["dialogues"], tt)}]
+               "failures_by_filter": failures_by_filter(by_phase["dialogues"], tt, recipe)}]
     return {"faces": faces.num_rows, "dialogues_kept": len(kept), "dialogues_dropped": len(dropped),
             "client_turns": len(turns), "funnel": funnel}
 

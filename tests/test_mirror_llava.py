@@ -241,6 +241,25 @@ def test_profiles_and_schedule():
     assert not rx.match("model.language_model.layers.0.self_attn.k_proj")
 
 
+def test_paper_training_asks_for_gpus():
+    """Issue 18 item 9: the paper profile trains on GPUs unless told otherwise; the others keep
+    CPU workers (the offline placeholder and a CPU box)."""
+    from jobs.mirror_llava.train import parser, scaling
+
+    def resources(*argv):
+        sc = scaling(parser().parse_args(["--data", "d.json", "--output", "o", *argv]))
+        return sc.use_gpu, sc.num_workers, sc.resources_per_worker
+
+    assert resources("--profile", "paper") == (True, 1, {"CPU": 1.0, "GPU": 1.0})
+    assert resources("--profile", "paper", "--workers", "4") == (True, 4, {"CPU": 1.0, "GPU": 1.0})
+    assert resources("--profile", "offline") == (False, 1, {"CPU": 1.0})
+    assert resources("--profile", "local") == (False, 1, {"CPU": 1.0})
+    assert resources("--profile", "paper", "--gpus-per-worker", "0") == (False, 1, {"CPU": 1.0})  # explicit CPU
+    assert resources("--gpus-per-worker", "0.5", "--cpus-per-worker", "2") == (True, 1, {"CPU": 2.0, "GPU": 0.5})
+    with pytest.raises(ValueError, match="--workers"):
+        resources("--workers", "0")
+
+
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
     """The placeholder tiny LLaVA built once into a private MMSYNTH_CACHE."""
@@ -284,6 +303,70 @@ def test_collator_masks_prompt_with_expanded_image_tokens(tiny_llava, tmp_path):
         Collator(proc, 10)(records[:1])
     short = Collator(proc, int(mask[0].sum()) - 2)(records[:1])
     assert short["truncated"] == 1 and torch.equal(short["input_ids"][0], ids[0, :int(mask[0].sum()) - 2])
+
+
+#: a llava-1.5-style chat template (llava-1.5-7b-hf's layout, written here): ``USER: <image>\n...
+#: ASSISTANT: ...`` with no end-of-sequence token after the answer
+LLAVA15_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'].upper() + ': ' }}"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}{{ '<image>\n' }}{% endif %}{% endfor %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] + ' ' }}{% endif %}{% endfor %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
+def test_collator_supervises_eos_with_a_llava15_template(tiny_llava, tmp_path):
+    """Issue 18 item 7: with a template that writes no end token after the answer, the
+    supervised span still ends with EOS (upstream vicuna_v1 training supervises ``</s>``)."""
+    from transformers import AutoProcessor
+
+    from actors.models import ResolvedModel
+    from actors.vlm_lora import Collator, read_records
+
+    records = read_records(_train_json(tmp_path))
+    proc = AutoProcessor.from_pretrained(ResolvedModel.model_validate(tiny_llava["llava"]).path)
+    proc.chat_template = LLAVA15_TEMPLATE
+    tok = proc.tokenizer
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                     {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}],
+                                    tokenize=False)
+    assert text == "USER: hi ASSISTANT: ok " and tok.eos_token not in text
+    batch = Collator(proc, 2048)(records[:2])
+    for i, rec in enumerate(records[:2]):
+        answered = batch["labels"][i][batch["labels"][i] != -100]
+        answer = json.loads(rec["conversations"])[-1]["value"]
+        assert int(answered[-1]) == tok.eos_token_id
+        # the reply (its first token carries the space after "ASSISTANT:"), then EOS; no trailing space
+        assert tok.decode(answered) == " " + answer + tok.eos_token
+        n = int(batch["attention_mask"][i].sum())
+        assert int(batch["input_ids"][i, n - 1]) == tok.eos_token_id
+    never = Collator(proc, 2048, append_eos="never")(records[:1])  # the switch: no EOS added
+    answered = never["labels"][0][never["labels"][0] != -100]
+    assert int(answered[-1]) != tok.eos_token_id
+    with pytest.raises(ValueError):
+        Collator(proc, 2048, append_eos="sometimes")
+
+
+def test_paper_lora_wraps_every_linear_layer_of_the_language_model(tiny_llava):
+    """Issue 18 item 8: upstream LLaVA's LoRA wraps every linear layer of the language model
+    (not the vision tower, not the projector, not lm_head); the paper profile does the same."""
+    from transformers import AutoModelForImageTextToText
+
+    from actors.models import ResolvedModel
+    from actors.vlm_lora import apply_lora, lora_target_modules, profile_config
+
+    assert profile_config("paper").lora_targets == ["all-linear"]
+    base = AutoModelForImageTextToText.from_pretrained(ResolvedModel.model_validate(tiny_llava["llava"]).path)
+    names = lora_target_modules(base, ["all-linear"])
+    assert names == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    assert lora_target_modules(base, ["q_proj", "v_proj"]) == ["q_proj", "v_proj"]
+    model = apply_lora(base, profile_config("offline", lora_targets=["all-linear"]))
+    wrapped = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert wrapped and all(".language_model." in n for n in wrapped)
+    assert {n.rsplit(".", 1)[1] for n in wrapped} == set(names)
+    n_layers = base.config.text_config.num_hidden_layers
+    assert len(wrapped) == 7 * n_layers  # every projection of every decoder layer
+    with pytest.raises(ValueError, match="no linear layer named"):
+        lora_target_modules(base, ["qkv"])
 
 
 def test_read_records_errors_name_the_record(tmp_path):

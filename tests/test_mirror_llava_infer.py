@@ -75,6 +75,53 @@ def test_client_line_counselor_reply_and_planning_parsing():
     assert ML.session_history_lines(hist) == ["Therapist: Hi"]
 
 
+class _FakeServe:
+    """The Serve app's handle API with canned replies; records the counselor's requests."""
+
+    def __init__(self):
+        import base64
+        import io
+
+        from PIL import Image
+        from types import SimpleNamespace as NS
+
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), (90, 60, 40)).save(buf, format="PNG")
+        png = base64.b64encode(buf.getvalue()).decode()
+        self.counselor_requests = []
+        self.client = lambda req: NS(reply="Client: [frowns] I am not sure.", prompt_tokens=3, completion_tokens=4)
+        self.describe = lambda req: NS(prompt="portrait", negative_prompt="", aligned="frown", contrasting="smile",
+                                       prompt_tokens=2, completion_tokens=2)
+        self.generate = lambda req: NS(image_png_b64=png, placeholder=True, seed=req["seed"])
+        self.verify = lambda req: {"passed": True, "accepted": True, "checks": {}}
+
+        def counselor(req):
+            self.counselor_requests.append(req)
+            return NS(reply="Therapist: What makes you unsure?", prompt_tokens=5, completion_tokens=5)
+
+        self.counselor = counselor
+
+
+@pytest.mark.parametrize("temperature", [None, 0.0])
+def test_counselor_sampling_is_the_recipes_unless_the_flag_is_given(tmp_path, temperature):
+    """Issue 18 item 10: without --temperature the counselor samples as the Serve recipe says
+    (0.7 / 0.9, SPEC B6.5: the original sampled); the flag, when given, is sent."""
+    from jobs.mirror_llava.infer import parser, run_session
+
+    assert parser().parse_args(["--input", "x.csv", "--cot", "base", "--output", "o"]).temperature is None
+    client = {"idx": "7", "personal_info": "Ann, 30", "personality": "doubtful", "distorted_thought": "I fail.",
+              "reason_for_seeking_counseling": "stress", "img_path": f"{FACES}/obama.jpg", "source_stem": "obama",
+              "dominant_gender": "Man"}
+    api = _FakeServe()
+    cfg = {"cot": "base", "max_turns": 2, "context": 16, "temperature": temperature, "max_attempts": 1,
+           "output": str(tmp_path), "counselor_max_tokens": None}
+    rec = run_session(client, api, cfg)
+    assert [h["role"] for h in rec["history"]] == ["Client", "Counselor", "Client", "Counselor"]
+    samplings = [r["sampling"] for r in api.counselor_requests]
+    assert len(samplings) == 2
+    assert samplings == ([{}] * 2 if temperature is None else [{"temperature": 0.0}] * 2)
+
+
 def test_read_clients_resolves_img_path_and_names_bad_rows(tmp_path):
     from jobs.mirror_llava.infer import ClientsError, read_clients
 
@@ -94,6 +141,54 @@ def test_read_clients_resolves_img_path_and_names_bad_rows(tmp_path):
         read_clients(bad)
     assert cli.main(["mirror-llava-infer", "--input", bad, "--model", "placeholder:tiny-llava", "--cot", "base",
                      "--output", str(tmp_path / "o")]) == 2
+
+
+def test_test_set_without_faces_gets_them_by_the_datasets_rule(tmp_path):
+    """Issue 18 item 12: the published mirror_test.csv has client profiles only (no img_path,
+    no dominant_gender); each client gets a face from a face pool by the dataset's identity rule
+    (udfs.mirror_identity.assign_identities: gender, nearest age group), recorded per client."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs.mirror_llava.infer import ClientsError, parser, read_clients
+    from udfs import mirror_identity
+
+    run = tmp_path / "mirror_run"  # a MIRROR run: faces.parquet (proc_celeba columns) + its face pool
+    run.mkdir()
+    pool = [{"img_path": "obama2.jpg", "identity": "obama", "age": 50.0, "dominant_gender": "Man"},
+            {"img_path": "obama.jpg", "identity": "obama", "age": 47.0, "dominant_gender": "Man"},
+            {"img_path": "biden.jpg", "identity": "biden", "age": 70.0, "dominant_gender": "Man"},
+            {"img_path": "obama_small.jpg", "identity": "ann", "age": 33.0, "dominant_gender": "Woman"}]
+    pq.write_table(pa.Table.from_pylist(pool), run / "faces.parquet")
+    (run / "manifest.json").write_text(json.dumps({"recipe": {"pipeline": "mirror", "faces": FACES}}))
+    profiles = [  # mirror_test.csv's columns: personal_info as MIRROR wrote it (a Python dict literal)
+        {"idx": "t1", "personal_info": "{'name': 'Ann Lee', 'age': '34', 'gender': 'female'}"},
+        {"idx": "t2", "personal_info": "{'name': 'Bo Chen', 'age': '48', 'gender': 'male'}"},
+        {"idx": "t3", "personal_info": json.dumps({"name": "Cy", "age": "72", "gender": "male"})}]
+    for p in profiles:
+        p.update(personality="Doubts that therapy helps.", distorted_thought="I always fail.",
+                 reason_for_seeking_counseling="Stress at work.")
+    src = clients_csv(tmp_path / "mirror_test.csv", profiles)
+    got = {c["idx"]: c for c in read_clients(src, face_pool=str(run))}
+    assert {k: (c["img_path"], c["dominant_gender"]) for k, c in got.items()} == {
+        "t1": (f"{FACES}/obama_small.jpg", "Woman"), "t2": (f"{FACES}/obama.jpg", "Man"),
+        "t3": (f"{FACES}/biden.jpg", "Man")}  # obama's first image by img_path, as the dataset
+    expected = mirror_identity.assign_identities(
+        [{"id": "t1", "gender": "female", "age": 34}, {"id": "t2", "gender": "male", "age": 48},
+         {"id": "t3", "gender": "male", "age": 72}],
+        [{"identity": f["identity"], "gender": f["dominant_gender"], "age": f["age"], "img_path": f["img_path"]}
+         for f in sorted(pool, key=lambda f: f["img_path"])])
+    for c, e in zip(got.values(), expected):
+        rec = json.loads(c["face_assignment"])
+        assert rec["identity"] == e["identity"] and rec["identity_mismatch"] == e["identity_mismatch"]
+        assert rec["client_gender"] == e["client_gender"] and rec["img_path"] == c["source_stem"] + ".jpg"
+    assert json.loads(got["t3"]["face_assignment"])["identity_mismatch"] is None
+    with pytest.raises(ClientsError, match=r"row 0 \(idx 't1'\) field 'img_path': missing.*--face-pool"):
+        read_clients(src)
+    given = clients_csv(tmp_path / "given.csv", [client_record(7, "obama.jpg")])  # a given face stays
+    (c,) = read_clients(given, faces=FACES, face_pool=str(run))
+    assert c["img_path"] == f"{FACES}/obama.jpg" and c["face_assignment"] is None
+    assert parser().parse_args(["--input", src, "--cot", "base", "--output", "o", "--face-pool", str(run)]).face_pool
 
 
 def test_model_argument_resolves_a_training_output_to_its_checkpoint(tmp_path):

@@ -105,6 +105,15 @@ def test_full_cactus_row_needs_no_completion():
     assert rec["patterns"] == ["labeling", "overgeneralization"]
     assert rec["cbt_plan"] == "1. Step one: a.\n2. Step two: b."
     assert intake.parse_patterns("a, b") == ["a", "b"] and intake.parse_patterns(float("nan")) == []
+    # Cactus' own technique column is read (issue 18 item 2); ground_truth_cbt is the eval file's
+    assert rec["cbt_techniques"] == []
+    named = intake.client_record({**row, "cbt_technique": "Reality Testing",
+                                  "ground_truth_cbt": ["Decatastrophizing"]}, 7)
+    assert named["cbt_techniques"] == ["Reality Testing"] and named["derived_fields"] == []
+    assert intake.client_record({**row, "cbt_technique": "['Pie Chart Technique']"}, 7)["cbt_techniques"] == \
+        ["Pie Chart Technique"]
+    assert intake.client_record({**row, "ground_truth_cbt": ["Decatastrophizing"]}, 7)["cbt_techniques"] == \
+        ["Decatastrophizing"]
 
 
 def test_dedupe_real_file(cactus_rows):
@@ -206,7 +215,16 @@ def test_apply_completion_marks_derived(cactus_rows):
     again = completion.apply_completion(full, thought="other", plan="no numbers", technique="Reality Testing",
                                method="heuristic")
     assert again["thought"] == "I can't run far." and again["missing_fields"] == ["cbt_plan"]
-    assert again["derived_fields"] == ["cbt_techniques:heuristic"] and again["cbt_techniques"] == ["Reality Testing"]
+    # a technique is recorded only with the plan it belongs to (issue 18 item 2)
+    assert again["derived_fields"] == [] and again["cbt_techniques"] == []
+    source_plan = {**done, "missing_fields": [], "derived_fields": [], "cbt_techniques": []}
+    kept = completion.apply_completion(source_plan, technique="Decatastrophizing", plan="1. X: y\n2. Z: w\n3. V: u")
+    assert kept["cbt_techniques"] == [] and kept["cbt_plan"] == done["cbt_plan"] and kept["derived_fields"] == []
+    both = completion.apply_completion({**done, "missing_fields": ["cbt_plan"], "derived_fields": [],
+                                        "cbt_techniques": []}, technique="Decatastrophizing",
+                                       plan="1. X: y\n2. Z: w\n3. V: u")
+    assert both["cbt_techniques"] == ["Decatastrophizing"] and both["cbt_plan"].startswith("1. X: y")
+    assert both["derived_fields"] == ["cbt_plan:llm", "cbt_techniques:llm"]
 
 
 # ----------------------------------------------------------------------------- screenplay
@@ -527,15 +545,21 @@ def test_dialogue_filter_params_validate():
 def test_group_drop_logic():
     ids = ["a", "a", "a", "b", "b", "c"]
     turns = [1, 3, 5, 1, 3, 1]
-    verdicts = {"clip": [None, "similarity 0.12 < 0.2", "similarity 0.05 < 0.2", None, None, None],
-                "nsfw": [None, None, "nsfw 0.9 >= normal 0.1", None, "", float("nan")]}
-    grouped = D.group_dialogue_verdicts(ids, turns, verdicts)
+    failed = {"clip": [False, True, True, False, False, False],
+              "nsfw": [False, False, True, False, True, False]}
+    reasons = {"clip": [None, "similarity 0.12 < 0.2", "similarity 0.05 < 0.2", None, None, None],
+               "nsfw": [None, None, "nsfw 0.9 >= normal 0.1", None, "", None]}
+    grouped = D.group_dialogue_verdicts(ids, turns, failed, reasons)
     assert list(grouped) == ["a", "b", "c"]
     assert grouped["a"]["dropped"] and grouped["a"]["failures"] == {"clip": [3, 5], "nsfw": [5]}
     assert grouped["a"]["reason"] == "clip (turns 3, 5: similarity 0.12 < 0.2); nsfw (turn 5: nsfw 0.9 >= normal 0.1)"
-    assert grouped["b"] == {"dropped": False, "failures": {}, "reason": None} and not grouped["c"]["dropped"]
+    # a failed row with an empty reason still drops its dialogue (issue 18 item 1)
+    assert grouped["b"] == {"dropped": True, "failures": {"nsfw": [3]}, "reason": "nsfw (turn 3: no reason recorded)"}
+    assert grouped["c"] == {"dropped": False, "failures": {}, "reason": None}
     with pytest.raises(ValueError, match="same length"):
-        D.group_dialogue_verdicts(ids, turns[:-1], verdicts)
+        D.group_dialogue_verdicts(ids, turns[:-1], failed)
+    with pytest.raises(TypeError, match="not its reason text"):  # a reason where a status belongs
+        D.group_dialogue_verdicts(ids, turns, reasons)
 
 
 def test_dialogue_filters_through_runtime_apply_stage():

@@ -30,10 +30,13 @@ from udfs import rows
 
 __all__ = ["GENDERS", "EMOTIONS", "IDENTITY_THRESHOLDS", "cosine_similarity", "identity_threshold",
            "face_verdict", "FacePresenceParams", "face_presence_filter", "PreservationParams",
-           "preservation_failures", "preservation_reason", "preservation_filter"]
+           "PRESERVATION_CHECKS", "preservation_checks", "enabled_preservation_checks", "preservation_failures",
+           "preservation_reason", "preservation_filter"]
 
 #: DeepFace's spelling of the two gender classes (``dominant_gender``).
 GENDERS = ("Woman", "Man")
+#: The preservation checks, in the order they run (``preservation_checks``).
+PRESERVATION_CHECKS = ("gender", "age", "identity")
 #: FER2013 / DeepFace emotion classes, in the models' output order.
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 
@@ -114,33 +117,50 @@ class PreservationParams(BaseModel):
                                        "identity_use's.")
 
 
-def preservation_failures(gen: dict, src: dict, p: PreservationParams) -> tuple[list[str], float | None]:
-    """Every failed check, as ``["gender: ...", "age: ...", "identity: ..."]`` (empty: the face
-    is preserved), and the identity cosine (None when the check is off or an embedding is
-    missing), for one generated face ``gen`` and its source ``src`` (dicts with ``gender``,
-    ``age``, ``identity_embedding``; ``gen`` also has ``face_backend``)."""
-    fails: list[str] = []
+def preservation_checks(gen: dict, src: dict, p: PreservationParams) -> tuple[list[tuple[str, str]], float | None]:
+    """Every failed check as ``(check, message)`` with ``check`` one of ``PRESERVATION_CHECKS``
+    (``gender``, ``age``, ``identity``; empty list: the face is preserved), and the identity
+    cosine (None when the check is off or an embedding is missing), for one generated face
+    ``gen`` and its source ``src`` (dicts with ``gender``, ``age``, ``identity_embedding``;
+    ``gen`` also has ``face_backend``). Callers decide from the check names, never from the
+    message text. Raises ``ValueError`` when the two embeddings differ in length (they come
+    from different face backends)."""
+    fails: list[tuple[str, str]] = []
     sim = None
     if p.check_gender and gen.get("gender") != src.get("gender"):
-        fails.append(f"gender changed: source {src.get('gender')}, generated {gen.get('gender')}")
+        fails.append(("gender", f"gender changed: source {src.get('gender')}, generated {gen.get('gender')}"))
     if p.max_age_gap is not None:
         if _missing(gen.get("age")) or _missing(src.get("age")):
-            fails.append("age: no age estimate for the generated or the source image")
+            fails.append(("age", "age: no age estimate for the generated or the source image"))
         else:
             gap = abs(float(gen["age"]) - float(src["age"]))
             if gap > p.max_age_gap:
-                fails.append(f"age changed by {gap:.1f} years (source {float(src['age']):.0f}, generated "
-                             f"{float(gen['age']):.0f}; max {p.max_age_gap:g})")
+                fails.append(("age", f"age changed by {gap:.1f} years (source {float(src['age']):.0f}, "
+                                     f"generated {float(gen['age']):.0f}; max {p.max_age_gap:g})"))
     if p.identity_use is not None or p.min_identity is not None:
         if _missing(gen.get("identity_embedding")) or _missing(src.get("identity_embedding")):
-            fails.append("identity: no face embedding for the generated or the source image")
+            fails.append(("identity", "identity: no face embedding for the generated or the source image"))
         else:
             sim = cosine_similarity(gen["identity_embedding"], src["identity_embedding"])
             threshold = p.min_identity if p.min_identity is not None else identity_threshold(
                 str(gen.get("face_backend") or ""), p.identity_use)
             if sim < threshold:
-                fails.append(f"identity similarity {sim:.3f} < {threshold:g}")
+                fails.append(("identity", f"identity similarity {sim:.3f} < {threshold:g}"))
     return fails, sim
+
+
+def enabled_preservation_checks(p: PreservationParams) -> list[str]:
+    """The checks of ``PRESERVATION_CHECKS`` that ``p`` turns on, in order."""
+    on = {"gender": p.check_gender, "age": p.max_age_gap is not None,
+          "identity": p.identity_use is not None or p.min_identity is not None}
+    return [c for c in PRESERVATION_CHECKS if on[c]]
+
+
+def preservation_failures(gen: dict, src: dict, p: PreservationParams) -> tuple[list[str], float | None]:
+    """``preservation_checks`` with the messages only: ``["gender changed: ...", "age ...",
+    "identity ..."]`` (empty: the face is preserved) and the identity cosine."""
+    fails, sim = preservation_checks(gen, src, p)
+    return [m for _, m in fails], sim
 
 
 def preservation_reason(gen: dict, src: dict, p: PreservationParams) -> tuple[str | None, float | None]:

@@ -278,9 +278,11 @@ def apply_completion(record: dict[str, Any], *, thought: str | None = None, patt
 
     Only fields listed in ``missing_fields`` are filled (given values never overwrite source
     data). Each filled field is appended to ``derived_fields`` as ``"<field>:<method>"``
-    (e.g. ``thought:llm``, ``thought:heuristic``, ``cbt_plan:llm``); ``technique`` is added
-    to ``cbt_techniques`` (marked ``cbt_techniques:<method>``) when the record had none.
-    ``missing_fields`` is updated to what is still missing.
+    (e.g. ``thought:llm``, ``thought:heuristic``, ``cbt_plan:llm``). ``technique`` is the
+    technique of ``plan``: it is added to ``cbt_techniques`` (marked
+    ``cbt_techniques:<method>``) only when this call fills ``cbt_plan`` and the record named
+    no technique, so a record never pairs its source plan with another technique (issue 18
+    item 2). ``missing_fields`` is updated to what is still missing.
     """
     out = {**record, "derived_fields": list(record.get("derived_fields") or []),
            "cbt_techniques": list(record.get("cbt_techniques") or [])}
@@ -293,7 +295,8 @@ def apply_completion(record: dict[str, Any], *, thought: str | None = None, patt
             out[f] = v
             out["derived_fields"].append(f"{f}:{method}")
             missing.remove(f)
-    if technique and not out["cbt_techniques"]:
+    plan_filled = "cbt_plan" in (record.get("missing_fields") or []) and "cbt_plan" not in missing
+    if technique and plan_filled and not out["cbt_techniques"]:
         out["cbt_techniques"] = [technique]
         out["derived_fields"].append(f"cbt_techniques:{method}")
     out["missing_fields"] = missing

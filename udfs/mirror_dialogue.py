@@ -114,7 +114,11 @@ class DialogueFilterParams(BaseModel):
                                  "that full-matches this, case-insensitive, is a response failure "
                                  "(MIRROR notebook).")
     failure_ignore_stage_direction: bool = Field(False, description="Strip a leading [direction] "
-                                                 "before matching (ours; MIRROR matched the text with it).")
+                                                 "before matching (ours). False is MIRROR's rule: the text "
+                                                 "after ':' is matched with its direction, so only a line "
+                                                 "without direction and words fails; under a line grammar "
+                                                 "that always writes a direction it can never fire, so the "
+                                                 "offline and local recipes set true.")
     max_pos_run: int = Field(3, ge=1, description="Longest allowed run of equal PTB tags (MIRROR: "
                              "more than 3 drops).")
     pos_include_stage_direction: bool = Field(True, description="Tag the stage direction too (MIRROR did).")
@@ -392,27 +396,38 @@ def dialogue_filters(batch: dict, params: DialogueFilterParams, audit: bool = Fa
 
 # ----------------------------------------------------------------------------- group by dialogue
 
-def _failed(v: Any) -> bool:
-    if v is None or (isinstance(v, float) and v != v):
-        return False
-    return bool(str(v).strip())
+def _flag(name: str, i: int, v: Any) -> bool:
+    if isinstance(v, str) or v is None:
+        raise TypeError(f"failed[{name!r}][{i}] is {v!r}: pass a boolean decided from the row's status, "
+                        "not its reason text")
+    return bool(v)
 
 
-def group_dialogue_verdicts(dialogue_ids: Iterable[str], turns: Iterable[Any],
-                            verdicts: dict[str, Iterable[str | None]]) -> dict[str, dict[str, Any]]:
+def _shown(reason: Any) -> str:
+    if reason is None or (isinstance(reason, float) and reason != reason) or not str(reason).strip():
+        return "no reason recorded"
+    return str(reason)
+
+
+def group_dialogue_verdicts(dialogue_ids: Iterable[str], turns: Iterable[Any], failed: dict[str, Iterable[bool]],
+                            reasons: dict[str, Iterable[Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Whole-dialogue verdicts from per-turn ones (MIRROR drops a dialogue if any of its
     images/utterances fails a filter, SPEC A8).
 
-    ``dialogue_ids``/``turns``: one entry per row (a client turn); ``verdicts``: filter name ->
-    one reason-or-None per row (aligned). Returns ``{dialogue_id: {"dropped": bool,
-    "failures": {filter: [turn, ...]}, "reason": str|None}}`` in first-seen order, where the
-    reason names every failing filter (in the order of ``verdicts``) with its turns (ascending)
-    and the reason of its first failing row, e.g.
-    ``clip (turns 1, 3: similarity 0.12 < 0.2); nsfw (turn 5: ...)``. Raises ``ValueError``
-    when the columns have different lengths."""
+    ``dialogue_ids``/``turns``: one entry per row (a client turn); ``failed``: filter or stage
+    name -> one boolean per row (aligned), True when the row failed it. The verdict is read
+    from these flags only (a row's status), never from reason text: an error whose message is
+    empty still drops its dialogue. ``reasons``: optional, same keys -> the text shown per row
+    (None or empty: "no reason recorded"). Returns ``{dialogue_id: {"dropped": bool,
+    "failures": {name: [turn, ...]}, "reason": str|None}}`` in first-seen order, where the
+    reason names every failing name (in the order of ``failed``) with its turns (ascending)
+    and the reason of its first failing row, e.g. ``clip (turns 1, 3: similarity 0.12 <
+    0.2); nsfw (turn 5: ...)``. Raises ``ValueError`` when the columns have different lengths
+    and ``TypeError`` when a flag is a string or None (a reason passed where a status belongs)."""
     ids, ts = list(dialogue_ids), list(turns)
-    cols = {name: list(v) for name, v in verdicts.items()}
-    if len(ts) != len(ids) or any(len(v) != len(ids) for v in cols.values()):
+    cols = {name: [_flag(name, i, v) for i, v in enumerate(col)] for name, col in failed.items()}
+    texts = {name: list(v) for name, v in (reasons or {}).items()}
+    if len(ts) != len(ids) or any(len(v) != len(ids) for v in [*cols.values(), *texts.values()]):
         raise ValueError(f"dialogue ids ({len(ids)}), turns ({len(ts)}) and verdict columns "
                          f"({ {k: len(v) for k, v in cols.items()} }) must have the same length")
     out: dict[str, dict[str, Any]] = {}
@@ -420,13 +435,13 @@ def group_dialogue_verdicts(dialogue_ids: Iterable[str], turns: Iterable[Any],
     for i, did in enumerate(ids):
         entry = out.setdefault(did, {"dropped": False, "failures": {}, "reason": None})
         for name, col in cols.items():
-            if _failed(col[i]):
+            if col[i]:
                 entry["failures"].setdefault(name, []).append(ts[i])
-                first_reason.setdefault((did, name), str(col[i]))
+                first_reason.setdefault((did, name), _shown(texts[name][i] if name in texts else None))
     for did, entry in out.items():
         if entry["failures"]:
             parts = []
-            # filters in the order of ``verdicts``, turns ascending
+            # names in the order of ``failed``, turns ascending
             entry["failures"] = {name: sorted(entry["failures"][name], key=lambda t: (str(type(t)), t))
                                  for name in cols if name in entry["failures"]}
             for name, where in entry["failures"].items():

@@ -23,15 +23,17 @@ Prompts are our own wording of SPEC A4/A6's descriptions. Rules and thresholds:
 from __future__ import annotations
 
 import json
+import unicodedata
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from udfs import faces as F
 from udfs import rows as R
 
-__all__ = ["ExpressionReply", "expression_messages", "image_prompt", "IMAGE_NEGATIVES", "REALISM_TAGS",
-           "clip_text", "ImageFilterParams", "image_verdicts", "image_filters"]
+__all__ = ["ExpressionReply", "MAX_EXPRESSION_CHARS", "expression_messages", "image_prompt", "IMAGE_NEGATIVES",
+           "REALISM_TAGS", "clip_text", "ImageFilterParams", "IMAGE_FILTERS", "enabled_image_filters",
+           "image_checks", "image_verdicts", "image_filters"]
 
 #: Realism tags added after the subject (SPEC A6 "realism quality tags"; our wording).
 REALISM_TAGS = "photorealistic, natural skin texture, soft studio lighting, sharp focus, high detail"
@@ -57,17 +59,42 @@ _EXAMPLE_REPLY = ('{"aligned": "unsure look with raised eyebrows and lips presse
                   '"contrasting": "bright open smile with relaxed eyes"}')
 
 
+#: Longest expression description, characters (the prompt asks for under 20 words; about 50
+#: words fit). Bounds the reply for constrained decoding and the image prompt.
+MAX_EXPRESSION_CHARS = 300
+
+
+def _one_line_description(value: str) -> str:
+    """Whitespace runs (newlines included) collapsed to one space; raises ``ValueError`` for a
+    description without a letter (any script) or with other control characters."""
+    text = " ".join(str(value).split())
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise ValueError("contains control characters")
+    if not any(c.isalpha() for c in text):
+        raise ValueError("must describe an expression in words (no letter found)")
+    return text
+
+
 class ExpressionReply(BaseModel):
-    """Schema of the expression-description reply (SPEC A4's two labelled lines, as JSON)."""
+    """Schema of the expression-description reply (SPEC A4's two labelled lines, as JSON).
+
+    The schema constrains only what matters: two non-empty descriptions of at most
+    ``MAX_EXPRESSION_CHARS`` characters each (no character pattern: digits, punctuation and
+    non-ASCII text are normal in a description; issue 18 item 3). The validator then
+    collapses whitespace to one line and rejects text without a letter or with control
+    characters (constrained decoders let raw control bytes into strings: notes §4)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    # bounded at 120 characters: xgrammar 0.2.8 fails to compile bounded repeats above 128
-    # (measured) and ignores maxLength beside a pattern
-    aligned: str = Field(min_length=3, max_length=120, pattern=r"^[A-Za-z ,.'-]{3,120}$",
+    aligned: str = Field(min_length=1, max_length=MAX_EXPRESSION_CHARS,
                          description="Facial expression matching the client's line.")
-    contrasting: str = Field(min_length=3, max_length=120, pattern=r"^[A-Za-z ,.'-]{3,120}$",
+    contrasting: str = Field(min_length=1, max_length=MAX_EXPRESSION_CHARS,
                              description="Facial expression that does not match it.")
+
+    @field_validator("aligned", "contrasting")
+    @classmethod
+    def _clean(cls, v: str) -> str:
+        return _one_line_description(v)
 
 
 def _line(turn: dict[str, Any]) -> str:
@@ -112,41 +139,63 @@ class ImageFilterParams(BaseModel):
     check_nsfw: bool = Field(True, description="Drop images the NSFW classifier flags (MIRROR step4/nsfw.py).")
 
 
-def image_verdicts(row: dict[str, Any], p: ImageFilterParams) -> tuple[list[str], float | None]:
-    """Every failing image filter of one row as ``"<filter>: <reason>"`` (empty: the image
-    passes) and the identity cosine. ``row`` holds the ``FaceAnalyzer`` columns of the
-    generated image, the source face columns (``source_*``), ``clip_scores`` and ``nsfw``."""
-    fails = []
+#: The image filters, in the order they run and are reported (``image_checks``).
+IMAGE_FILTERS = ("face", *F.PRESERVATION_CHECKS, "clip", "nsfw")
+
+
+def enabled_image_filters(p: ImageFilterParams) -> list[str]:
+    """The filters of ``IMAGE_FILTERS`` that ``p`` turns on, in order (``face`` and ``clip``
+    always run; gender, age and identity as ``p.preservation`` says; ``nsfw`` when
+    ``p.check_nsfw``)."""
+    on = {"face", "clip", *F.enabled_preservation_checks(p.preservation), *(["nsfw"] if p.check_nsfw else [])}
+    return [f for f in IMAGE_FILTERS if f in on]
+
+
+def image_checks(row: dict[str, Any], p: ImageFilterParams) -> tuple[list[tuple[str, str]], float | None]:
+    """Every failing image filter of one row as ``(filter, message)``, ``filter`` one of
+    ``IMAGE_FILTERS`` (empty list: the image passes), and the identity cosine. ``row`` holds
+    the ``FaceAnalyzer`` columns of the generated image, the source face columns
+    (``source_*``), ``clip_scores`` and ``nsfw``. Verdicts are read from the filter names,
+    never from the messages. Raises ``ValueError`` when the generated and source embeddings
+    differ in length (``udfs.faces.cosine_similarity``)."""
+    fails: list[tuple[str, str]] = []
     sim = None
     presence = F.face_verdict(row.get("face_count"))
     if presence:
-        fails.append(f"face: {presence}")
+        fails.append(("face", f"face: {presence}"))
     else:
         pp = p.preservation
         src = {k: row.get(pp.source_prefix + k) for k in ("gender", "age", "identity_embedding")}
-        kept, sim = F.preservation_failures(row, src, pp)
+        kept, sim = F.preservation_checks(row, src, pp)
         fails += kept
     scores = row.get("clip_scores")
     clip = float(scores[0]) if scores is not None and len(scores) else None
     if clip is None or clip < p.min_clip:
-        fails.append(f"clip: image-text cosine {'none' if clip is None else f'{clip:.3f}'} < {p.min_clip:g}")
+        fails.append(("clip", f"clip: image-text cosine {'none' if clip is None else f'{clip:.3f}'} < {p.min_clip:g}"))
     if p.check_nsfw and bool(row.get("nsfw")):
-        fails.append(f"nsfw: flagged (score {float(row.get('nsfw_score') or 0):.3f})")
+        fails.append(("nsfw", f"nsfw: flagged (score {float(row.get('nsfw_score') or 0):.3f})"))
     return fails, sim
+
+
+def image_verdicts(row: dict[str, Any], p: ImageFilterParams) -> tuple[list[str], float | None]:
+    """``image_checks`` with the messages only (``"<filter>: <reason>"``; empty: the image
+    passes) and the identity cosine."""
+    fails, sim = image_checks(row, p)
+    return [m for _, m in fails], sim
 
 
 def image_filters(batch: dict, params: ImageFilterParams, audit: bool = False) -> dict:
     """Filter stage over generated client images: outputs ``identity_similarity``,
-    ``clip_score``, ``image_failures`` (JSON list of ``"<filter>: <reason>"``) and
-    ``rows.ROW_REJECT`` (all failures joined with "; ")."""
+    ``clip_score``, ``image_failures`` (JSON list of ``{"filter": <IMAGE_FILTERS name>,
+    "detail": <message>}``) and ``rows.ROW_REJECT`` (all messages joined with "; ")."""
     n = len(batch[R.ID])
     sims, clips, failures, reasons = [], [], [], []
     for i in range(n):
         row = {k: v[i] for k, v in batch.items()}
-        fails, sim = image_verdicts(row, params)
+        fails, sim = image_checks(row, params)
         scores = row.get("clip_scores")
         clips.append(float(scores[0]) if scores is not None and len(scores) else None)
         sims.append(sim)
-        failures.append(json.dumps(fails))
-        reasons.append("; ".join(fails) or None)
+        failures.append(json.dumps([{"filter": f, "detail": m} for f, m in fails]))
+        reasons.append("; ".join(m for _, m in fails) or None)
     return {"identity_similarity": sims, "clip_score": clips, "image_failures": failures, R.ROW_REJECT: reasons}

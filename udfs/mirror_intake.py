@@ -259,19 +259,29 @@ def client_key(intake_form: str) -> str:
     return R.content_id(" ".join(str(intake_form).split()))
 
 
-def _techniques(value: Any) -> list[str]:
+def _techniques(value: Any, single: bool = False) -> list[str]:
+    """Technique names of a cell: a list, a list literal string, or (``single``) one name per
+    string, else a comma-separated string."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return []
     if isinstance(value, str):
-        return parse_patterns(value)
+        s = value.strip()
+        return parse_patterns(s) if s.startswith("[") or not single else ([s] if s else [])
     return [str(v).strip() for v in list(value) if str(v).strip()]
+
+
+def source_techniques(row: dict[str, Any]) -> list[str]:
+    """The CBT techniques a Cactus row names itself: its ``cbt_technique`` column (full Cactus
+    rows, the technique its ``cbt_plan`` applies) when present and non-empty, else
+    ``ground_truth_cbt`` (the bundled evaluation file). ``[]`` when neither has a name."""
+    return _techniques(row.get("cbt_technique"), single=True) or _techniques(row.get("ground_truth_cbt"))
 
 
 def client_record(row: dict[str, Any], row_index: int) -> dict[str, Any]:
     """Build the client record of one Cactus row.
 
     ``row``: a Cactus row with ``intake_form`` and optionally ``thought``, ``patterns``,
-    ``cbt_plan`` (full Cactus), ``client_information``, ``reason_counseling``,
+    ``cbt_plan``, ``cbt_technique`` (full Cactus), ``client_information``, ``reason_counseling``,
     ``ground_truth_cbt``, ``id`` (bundled evaluation file). ``row_index``: 0-based position
     in the input file (it forms the screenplay ids ``cactus-{row}-{trait}``).
 
@@ -280,7 +290,7 @@ def client_record(row: dict[str, Any], row_index: int) -> dict[str, Any]:
     lower-cased), ``face_gender`` (``Man``|``Woman``|None), ``age_group`` (int|None),
     ``personal_info`` (JSON string of the lower-cased dict), ``client_persona``,
     ``presenting_problem``, ``reason_counseling``, ``thought`` (str|None), ``patterns``
-    (list[str]), ``cbt_techniques`` (list[str], from ``ground_truth_cbt``), ``cbt_plan``
+    (list[str]), ``cbt_techniques`` (list[str], ``source_techniques``), ``cbt_plan``
     (numbered plan or None), ``derived_fields`` (list[str], empty here: ``apply_completion``
     fills it) and ``missing_fields`` (which of thought/patterns/cbt_plan the completion stage
     must derive).
@@ -322,7 +332,7 @@ def client_record(row: dict[str, Any], row_index: int) -> dict[str, Any]:
         "reason_counseling": reason,
         "thought": thought,
         "patterns": patterns,
-        "cbt_techniques": _techniques(row.get("ground_truth_cbt")),
+        "cbt_techniques": source_techniques(row),
         "cbt_plan": plan,
         "derived_fields": [],
         "missing_fields": missing,

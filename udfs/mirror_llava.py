@@ -53,8 +53,8 @@ from udfs.mirror_completion import CBT_TECHNIQUES
 from udfs.mirror_intake import client_persona, extract_numbered_plan
 
 __all__ = ["COT_TYPES", "CotType", "DEFAULT_HISTORY", "DialogueError", "Conversion", "question_id",
-           "parse_dialogue", "personal_information", "cbt_technique", "history_lines", "response_prompt",
-           "emotion_prompt", "turn_images", "dialogue_records", "convert", "resolve_image",
+           "parse_dialogue", "personal_information", "client_gender_age", "cbt_technique", "history_lines",
+           "response_prompt", "emotion_prompt", "turn_images", "dialogue_records", "convert", "resolve_image",
            # counselling sessions
            "CONTEXT_MESSAGES", "MAX_IMAGE_ATTEMPTS", "FIRST_SEED", "END_MARKER", "client_messages",
            "split_client_line", "session_history_lines", "planning_prompt", "parse_planning",
@@ -140,6 +140,34 @@ def personal_information(value: Any) -> str:
         if isinstance(obj, dict):
             return client_persona({str(k).lower(): v for k, v in obj.items()})
     return s
+
+
+_AGE_GENDER = re.compile(r"\b(\d{1,3})[- ]year[- ]old\s+(male|female|man|woman)\b", re.I)
+
+
+def client_gender_age(personal_info: Any) -> tuple[str | None, float | None]:
+    """``(gender as written, age in years)`` of a client's ``personal_info``: a dict, a JSON
+    object or a Python dict literal (MIRROR's ``mirror_data``/``mirror_test`` write the intake
+    form's fields as one) with ``gender``/``age`` keys (any case), or a persona sentence
+    ("... is a 34-year-old female ..."). ``None`` for what it does not give."""
+    import ast
+
+    from udfs.mirror_intake import parse_age
+
+    value = personal_info
+    if isinstance(value, str) and value.strip().startswith("{"):
+        for load in (json.loads, ast.literal_eval):
+            try:
+                value = load(value.strip())
+                break
+            except (ValueError, SyntaxError, TypeError):
+                continue
+    if isinstance(value, dict):
+        low = {str(k).strip().lower(): v for k, v in value.items()}
+        gender = _text(low.get("gender")) or None
+        return gender, parse_age(low.get("age"))
+    m = _AGE_GENDER.search(_text(value))
+    return (m.group(2).lower(), float(m.group(1))) if m else (None, None)
 
 
 def _first_listed(value: Any) -> str:

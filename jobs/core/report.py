@@ -8,7 +8,8 @@ inlined as data URIs, no network, works offline and from ``s3://``).
 Written at the end of every pipeline run and of the ``mirror-llava-*`` commands; this
 command rebuilds it from ``OUT/manifest.json`` and the committed rows. Sections: the
 placeholder/audit-mode banner, the funnel per stage (in, out, rejected by the stage's filter,
-errored; chart and table), Ray Data's per-stage throughput and wall time
+errored; chart and table), each filter of a funnel row's ``failures_by_filter`` (count, 0
+included, whether it ran and in which mode), Ray Data's per-stage throughput and wall time
 (``manifest["stage_stats"]``, see ``jobs.core.stats``), a gallery of kept samples and one of
 rejected samples with their reasons (what a pipeline shows is its ``REPORT`` ``Gallery``),
 the loss curve of a training run, the resolved recipe and the package versions.

@@ -3,7 +3,8 @@
 ::
 
     python -m jobs mirror-llava-infer --input TEST_CLIENTS --model CKPT --cot base|planning|ec_planning \\
-        --output OUT [--limit N] [--max-turns 20] [--profile offline|paper] [--temperature 0]
+        --output OUT [--limit N] [--max-turns 20] [--profile offline|paper] [--temperature T]
+        [--faces DIR] [--face-pool MIRROR_OUT]
 
 What the original did (SPEC B3/B4, ``llava/chat/therapy.py``, ``client.py``, ``image_gen.py``,
 ``vlm.py``) and what is kept or fixed here:
@@ -25,8 +26,10 @@ What the original did (SPEC B3/B4, ``llava/chat/therapy.py``, ``client.py``, ``i
   session (cached); ``ec_planning`` asks every turn for the client's emotional state from the
   image, then plans again, then answers. Prompts are the training prompts
   (``udfs.mirror_llava.response_prompt``, ``emotion_prompt``) so inference matches training.
-- ``--temperature`` (default 0, as the original's scripts asked) is sent with every counselor
-  request; the original never forwarded it (B6.5).
+- The counselor samples as the Serve recipe says (``counselor.params``: temperature 0.7, top_p
+  0.9, what the original effectively ran: its scripts passed ``--temperature 0`` but
+  ``respond()`` never forwarded it, B6.5). ``--temperature`` overrides the temperature of
+  every counselor request when given (0: greedy, what the scripts asked for).
 - The counselor model is ``--model``: a ``mirror-llava-train`` output folder or one of its
   checkpoint folders (loaded as base + merged LoRA by ``actors.llm_hf``), a hub id / folder of a plain VLM (the LLaVA
   baseline) or ``placeholder:tiny-llava``; everything else comes from the Serve recipe
@@ -42,6 +45,14 @@ is next to the input (its recipe's ``faces``/``face_images``, the folder ``jobs.
 read the pool from; a relative one is taken from the current folder, as that job did), (3)
 relative to the input's folder.
 ``dominant_gender``: ``Man``/``Woman`` (DeepFace spelling; ``male``/``female`` accepted).
+The published test set (HF ``multimodal-reframing/mirror`` ``mirror_test.csv``) holds client
+profiles only, without ``img_path`` and ``dominant_gender``: with ``--face-pool`` (a MIRROR
+run's output folder or its ``faces.parquet``; the original's ``proc_celeba.csv`` columns also
+work) each such client gets a face by the rule the dataset assigns identities with
+(``udfs.mirror_identity.assign_identities``: the gender and nearest age group of
+``personal_info``, evenly spread, decided by ``idx``; an identity's face is its first image by
+``img_path``). The choice is recorded per session (``face_assignment``: identity, image,
+gender, any mismatch) and counted in the manifest (``faces_assigned``).
 
 Output (OUT): ``sessions.jsonl``, one line per finished session in the original's shape
 ``{"idx", "history": [{"role": "Client", "content", "image_path", "prompt", "negative_prompt",
@@ -73,8 +84,8 @@ from jobs.core.report import Gallery
 from udfs import io
 from udfs import mirror_llava as ML
 
-__all__ = ["ClientsError", "read_clients", "SessionConfig", "SessionError", "run_session", "SessionWorker",
-           "load_finished", "infer", "counselor_model", "parser", "main"]
+__all__ = ["ClientsError", "read_face_pool", "assign_faces", "read_clients", "SessionConfig", "SessionError",
+           "run_session", "SessionWorker", "load_finished", "infer", "counselor_model", "parser", "main"]
 
 SESSIONS_FILE = "sessions.jsonl"
 ERRORS_FILE = "errors/sessions.jsonl"
@@ -113,13 +124,71 @@ def _face_pool(folder: str) -> str | None:
     return pool_image_folder(str(recipe["faces"]), recipe.get("face_images"))
 
 
-def read_clients(uri: str, faces: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+def read_face_pool(uri: str, faces: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """``(pool entries, image folder)`` of ``--face-pool``: a MIRROR run's folder (its
+    ``faces.parquet``, the proc_celeba columns; images in that run's face pool) or a
+    ``.parquet``/``.csv``/``.jsonl`` with ``img_path``, ``identity``, ``age`` and
+    ``dominant_gender`` (the original's ``proc_celeba.csv``; images beside it). ``faces``
+    overrides the image folder. Entries (``identity``, ``gender``, ``age``, ``img_path``) come
+    sorted by ``img_path``, so an identity's face is its first image, as in ``jobs.mirror``.
+    Raises ``ClientsError`` naming the file, row and field that is missing."""
+    from udfs.mirror_intake import normalize_gender, parse_age
+
+    table = uri if uri.lower().endswith((".parquet", ".csv", ".jsonl")) else io.join(uri, "faces.parquet")
+    if not io.exists(table):
+        raise ClientsError(f"--face-pool {uri}: no {table} (give a MIRROR run's output folder or its faces.parquet)")
+    records, bad = io.read_records(table)
+    if bad:
+        raise ClientsError(bad[0]["reason"])
+    pool = []
+    for i, row in records:
+        entry = {"identity": ML._text(row.get("identity")), "gender": normalize_gender(row.get("dominant_gender")),
+                 "age": parse_age(row.get("age")), "img_path": ML._text(row.get("img_path"))}
+        for field_, key in (("img_path", "img_path"), ("identity", "identity"), ("dominant_gender", "gender"),
+                            ("age", "age")):
+            if entry[key] in (None, ""):
+                raise ClientsError(f"{table} row {i} field {field_!r}: missing or unreadable ({row.get(field_)!r})")
+        pool.append(entry)
+    if not pool:
+        raise ClientsError(f"{table}: the face pool is empty")
+    folder = faces or (_face_pool(uri) if table != uri else None) or os.path.dirname(table) or "."
+    return sorted(pool, key=lambda e: (e["img_path"], e["identity"])), folder
+
+
+def assign_faces(clients: list[dict[str, Any]], pool: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A face of ``pool`` (``read_face_pool``) for each client row without one, by the rule
+    ``jobs.mirror`` assigns dataset identities with (``udfs.mirror_identity.assign_identities``:
+    the client's gender and nearest age group from ``personal_info``, falling back to
+    ``dominant_gender``; spread evenly, decided by the session id). Returns per client the
+    record ``{identity, img_path, dominant_gender, identity_age, client_gender, client_age_group,
+    identity_mismatch, rule}``."""
+    from udfs.mirror_identity import assign_identities
+
+    want = []
+    for c in clients:
+        gender, age = ML.client_gender_age(c["personal_info_raw"])
+        want.append({"id": c["idx"], "gender": gender or c.get("dominant_gender"), "age": age})
+    out = []
+    for a in assign_identities(want, pool):
+        face = a["identity_record"]
+        out.append({"identity": a["identity"], "img_path": face["img_path"], "dominant_gender": face["gender"],
+                    "identity_age": a["identity_age"], "client_gender": a["client_gender"],
+                    "client_age_group": a["client_age_group"], "identity_mismatch": a["identity_mismatch"],
+                    "rule": "udfs.mirror_identity.assign_identities"})
+    return out
+
+
+def read_clients(uri: str, faces: str | None = None, limit: int | None = None,
+                 face_pool: str | None = None) -> list[dict[str, Any]]:
     """Session rows of TEST_CLIENTS (module docstring: columns and the ``img_path`` rule).
 
     Returns dicts with ``idx`` (str), ``personal_info``, ``personality``, ``distorted_thought``,
-    ``reason_for_seeking_counseling``, ``img_path`` (resolved), ``source_stem`` and
-    ``dominant_gender`` (``Man``/``Woman``). Raises ``ClientsError`` naming the row and field
-    for a missing image path, an unknown gender or a duplicate ``idx``."""
+    ``reason_for_seeking_counseling``, ``img_path`` (resolved), ``source_stem``,
+    ``dominant_gender`` (``Man``/``Woman``) and ``face_assignment`` (None for a given face,
+    else the JSON of ``assign_faces``' record). A row without ``img_path`` (the published
+    ``mirror_test.csv`` has client profiles only) gets a face from ``face_pool``
+    (``read_face_pool``). Raises ``ClientsError`` naming the row and field for a missing image
+    path without a face pool, an unknown gender or a duplicate ``idx``."""
     from udfs.mirror_intake import normalize_gender
 
     if not io.exists(uri):
@@ -132,7 +201,7 @@ def read_clients(uri: str, faces: str | None = None, limit: int | None = None) -
     rows = [r for _, r in records]
     folder = os.path.dirname(uri) or "."
     pool = _face_pool(folder)
-    out, seen = [], set()
+    out, seen, unassigned = [], set(), []
     for i, row in enumerate(rows):
         if limit is not None and len(out) >= limit:
             break
@@ -143,9 +212,20 @@ def read_clients(uri: str, faces: str | None = None, limit: int | None = None) -
         if idx in seen:
             raise ClientsError(f"{where} field 'idx': duplicate session id")
         seen.add(idx)
+        client = {"idx": idx, "personal_info": ML.personal_information(row.get("personal_info")),
+                  "personality": ML._text(row.get("personality")),
+                  "distorted_thought": ML._text(row.get("distorted_thought")),
+                  "reason_for_seeking_counseling": ML._text(row.get("reason_for_seeking_counseling")),
+                  "img_path": "", "source_stem": "", "dominant_gender": None, "face_assignment": None}
         raw = ML._text(row.get("img_path"))
         if not raw:
-            raise ClientsError(f"{where} field 'img_path': missing")
+            if not face_pool:
+                raise ClientsError(f"{where} field 'img_path': missing (the published mirror_test.csv has client "
+                                   "profiles only: give --face-pool, a MIRROR run or its faces.parquet, to assign "
+                                   "faces by the dataset's rule)")
+            unassigned.append((client, row))
+            out.append(client)
+            continue
         if "://" in raw or os.path.isabs(raw):
             path = raw
         elif faces or pool:
@@ -155,12 +235,16 @@ def read_clients(uri: str, faces: str | None = None, limit: int | None = None) -
         gender = normalize_gender(row.get("dominant_gender"))
         if gender is None:
             raise ClientsError(f"{where} field 'dominant_gender': {row.get('dominant_gender')!r} is not Man/Woman")
-        out.append({"idx": idx, "personal_info": ML.personal_information(row.get("personal_info")),
-                    "personality": ML._text(row.get("personality")),
-                    "distorted_thought": ML._text(row.get("distorted_thought")),
-                    "reason_for_seeking_counseling": ML._text(row.get("reason_for_seeking_counseling")),
-                    "img_path": path, "source_stem": os.path.splitext(os.path.basename(raw))[0],
-                    "dominant_gender": gender})
+        client.update(img_path=path, source_stem=os.path.splitext(os.path.basename(raw))[0], dominant_gender=gender)
+        out.append(client)
+    if unassigned:
+        entries, images = read_face_pool(face_pool, faces)
+        todo = [{**c, "personal_info_raw": row.get("personal_info"),
+                 "dominant_gender": normalize_gender(row.get("dominant_gender"))} for c, row in unassigned]
+        for (client, _), rec in zip(unassigned, assign_faces(todo, entries)):
+            client.update(img_path=ML.resolve_image(rec["img_path"], images), dominant_gender=rec["dominant_gender"],
+                          source_stem=os.path.splitext(os.path.basename(rec["img_path"]))[0],
+                          face_assignment=json.dumps(rec))
     return out
 
 
@@ -168,8 +252,8 @@ def read_clients(uri: str, faces: str | None = None, limit: int | None = None) -
 
 class SessionConfig(dict):
     """Session settings (a plain dict so Ray ships it as is): ``cot``, ``max_turns``,
-    ``context``, ``temperature``, ``max_attempts``, ``output`` (OUT), ``counselor_max_tokens``
-    (None: the recipe's)."""
+    ``context``, ``temperature`` (None: the recipe's counselor sampling), ``max_attempts``,
+    ``output`` (OUT), ``counselor_max_tokens`` (None: the recipe's)."""
 
 
 def _usage(total: dict[str, Any], resp: Any, role: str) -> None:
@@ -233,7 +317,9 @@ def run_session(client: dict[str, Any], api: Any, cfg: dict[str, Any]) -> dict[s
     history: list[dict[str, Any]] = []
     total = {"prompt_tokens": 0, "completion_tokens": 0}
     planning: dict[str, str] | None = None
-    counselor_sampling = {"temperature": float(cfg["temperature"])}
+    counselor_sampling = {}  # the Serve recipe's sampling, unless --temperature was given
+    if cfg.get("temperature") is not None:
+        counselor_sampling["temperature"] = float(cfg["temperature"])
     if cfg.get("counselor_max_tokens"):
         counselor_sampling["max_tokens"] = int(cfg["counselor_max_tokens"])
     exchanges, end_reason = 0, "max_turns"
@@ -330,9 +416,10 @@ def run_session(client: dict[str, Any], api: Any, cfg: dict[str, Any]) -> dict[s
             extra["raw"] = raw  # what the model said before the original's post-processing
         history.append({"role": "Counselor", "content": reply, **extra})
         exchanges += 1
+    assigned = client.get("face_assignment")
     return {"idx": client["idx"], "history": history, "total_tokens": total, "cot": cot,
             "end_reason": end_reason, "client_turns": sum(h["role"] == "Client" for h in history),
-            "img_path": client["img_path"]}
+            "img_path": client["img_path"], "face_assignment": json.loads(assigned) if assigned else None}
 
 
 class SessionWorker:
@@ -470,9 +557,13 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-turns", type=int, default=20, help="client turns per session (20)")
     ap.add_argument("--context", type=int, default=ML.CONTEXT_MESSAGES, help="messages of context (16)")
     ap.add_argument("--max-attempts", type=int, default=ML.MAX_IMAGE_ATTEMPTS, help="image attempts per turn (10)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="counselor temperature (0, as the scripts)")
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="counselor temperature; default: the Serve recipe's sampling (0.7, top_p 0.9: what the "
+                    "original effectively ran, SPEC B6.5); 0 = greedy, what its scripts asked for")
     ap.add_argument("--counselor-max-tokens", type=int, help="counselor max new tokens (default: the recipe's)")
     ap.add_argument("--faces", help="folder relative img_path values are resolved against")
+    ap.add_argument("--face-pool", help="faces for clients without img_path (the published mirror_test.csv): a "
+                    "MIRROR run's output folder or its faces.parquet; assigned by the dataset's identity rule")
     ap.add_argument("--concurrency", type=int, default=2, help="sessions in flight (Ray Data actors)")
     ap.add_argument("--profile", choices=["offline", "paper"], default=None, help="Serve recipe profile (offline)")
     ap.add_argument("--recipe", help="Serve recipe YAML (default: the bundled one for the profile)")
@@ -490,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1")
             return 2
-    if args.context < 0 or not (0 <= args.temperature <= 2):
+    if args.context < 0 or not (args.temperature is None or 0 <= args.temperature <= 2):
         print("error: --context must be >= 0 and --temperature in 0..2")
         return 2
     if not args.model and not args.app:
@@ -499,7 +590,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.mirror_llava.serve import build_app, load_serve_recipe
 
     try:
-        clients = read_clients(args.input, args.faces, args.limit)
+        clients = read_clients(args.input, args.faces, args.limit, face_pool=args.face_pool)
         model = counselor_model(args.model) if args.model else None
         recipe = load_serve_recipe(args.profile or ("offline" if not args.recipe else None), args.recipe,
                                    args.set + ([f"counselor.model.model={json.dumps(model)}"] if model else []))
@@ -532,8 +623,15 @@ def main(argv: list[str] | None = None) -> int:
             serve.delete(app_name)
     wall = time.time() - t1
     walls = [w for w in counts.pop("session_wall_s") if w is not None]
+    sampling = {k: v for k, v in recipe.stages["counselor"].params.items() if k in ("temperature", "top_p")} \
+        if not args.app else {}
+    if args.temperature is not None:
+        sampling["temperature"] = args.temperature
     manifest = {"command": "mirror-llava-infer", "argv": argv if argv is not None else [], "input": args.input,
                 "model": model or counselor.get("model"), "cot": args.cot, "settings": cfg,
+                "face_pool": args.face_pool, "faces_assigned": sum(1 for c in clients if c.get("face_assignment")),
+                # what the counselor sampled with (the recipe's unless --temperature; --app: the running app's)
+                "counselor_sampling": sampling or "the running app's recipe",
                 "profile": None if args.app else recipe.profile,
                 "serve": {"app_name": app_name, "started_here": app is not None, "ready_s": round(ready_s, 1),
                           "counselor": counselor},

@@ -42,19 +42,20 @@ def verification_report(raw: dict, params: MI.ImageFilterParams, clip_text: str,
     ``raw``: ``VerifierServer.verify``'s reply. ``models``: role -> ``ResolvedModel.describe()``
     for ``faces``, ``clip``, ``nsfw``. ``audit_forced``: the recipe's ``verify.audit`` (None:
     audit when an evidence model is a placeholder or ``image_placeholder``). Verdicts come from
-    ``udfs.mirror_images.image_verdicts`` (thresholds: see the module docstring)."""
+    ``udfs.mirror_images.image_checks`` (thresholds: see the module docstring), grouped by filter name."""
     pp = params.preservation
     row = dict(raw["faces"])
     row.update({pp.source_prefix + k: v for k, v in raw["source_faces"].items()})
     row.update(clip_scores=raw["clip_scores"], nsfw=raw["nsfw"], nsfw_score=raw["nsfw_score"])
-    failures, sim = MI.image_verdicts(row, params)
+    checks, sim = MI.image_checks(row, params)
+    failures = [m for _, m in checks]
     backend = str(raw["faces"].get("face_backend") or models["faces"]["backend"])
     id_on = pp.identity_use is not None or pp.min_identity is not None
     threshold = pp.min_identity if pp.min_identity is not None else (
         F.identity_threshold(backend, pp.identity_use) if pp.identity_use else None)
-    id_fails = [f for f in failures if f.startswith(("face:", "identity"))]
+    id_fails = [m for f, m in checks if f in ("face", "identity")]  # by filter name, never by message text
     attr_on = pp.check_gender or pp.max_age_gap is not None
-    attr_fails = [f for f in failures if f.startswith(("gender", "age"))]
+    attr_fails = [m for f, m in checks if f in ("gender", "age")]
     scores = raw["clip_scores"] or []
     clip = float(scores[0]) if scores else None
     placeholders = [f"{r} ({models[r]['model']})" for r in ("faces", "clip", "nsfw") if models[r]["placeholder"]]

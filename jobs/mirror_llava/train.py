@@ -15,6 +15,26 @@ resumes from the last checkpoint (a larger ``--max-steps`` or ``--epochs`` conti
 ``CKPT/manifest.json`` holds the configuration, base model identity, data fingerprint, the
 loss curve, throughput (samples/s, step time) and the reload check. Also submittable:
 ``python -m jobs submit mirror-llava-train ...``.
+
+Resources: ``--profile paper`` asks for one GPU per worker (``GPUS_PER_WORKER``); offline and
+local default to CPU workers; ``--gpus-per-worker`` overrides either way.
+
+Distribution, against the original (SPEC B2: ``deepspeed`` with ZeRO-3, ``scripts/zero3.json``):
+each worker here is a DDP replica (``ray.train.torch.prepare_model``): it holds the whole
+frozen base and the trainable LoRA + projector weights, and only the trainable gradients are
+all-reduced. ZeRO-3 shards parameters, gradients and optimizer state over the GPUs. For LoRA
+the part ZeRO-3 saves is small: the frozen base in bf16 is about 14 GB for LLaVA-1.5-7B
+(about 26 GB for 13B), and the trainable state (all-linear LoRA r 128 about 0.32 B parameters
+for 7B, 0.50 B for 13B, plus the 21 M-parameter projector; fp32 weights, gradients and two
+Adam moments, 16 bytes each) about 5.4 GB (8.4 GB). Per worker that is about 20 GB (35 GB)
+before activations; activations at MIRROR's 32 records x 2048 tokens with gradient
+checkpointing add an estimated 35-50 GB (checkpointed layer inputs about 17 GB for 7B, logits
+and their gradient in fp32 the rest). These are estimates from the shapes, not measurements
+(no GPU here): they put the 7B run on one 80 GB GPU per worker, and not on 40/48 GB cards at
+32 per device; there, lower ``--batch-size`` (the global batch is batch x workers). Sharding
+(FSDP through ``prepare_model(parallel_strategy="fsdp")``, or DeepSpeed) is not offered: the
+7B and 13B LoRA runs do not need it by this estimate, and Ray Train's FSDP path needs CUDA
+and at least two workers, which no test here can run.
 """
 from __future__ import annotations
 
@@ -50,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lora-rank", type=int)
     ap.add_argument("--lora-alpha", type=int)
     ap.add_argument("--lora-dropout", type=float)
-    ap.add_argument("--lora-targets", help="comma-separated language-model modules (default q_proj,v_proj)")
+    ap.add_argument("--lora-targets", help="comma-separated language-model modules, or all-linear for every "
+                    "linear layer of the language model (default: the profile's; paper all-linear, else q_proj,v_proj)")
     ap.add_argument("--batch-size", type=int, help="per-device batch size")
     ap.add_argument("--max-length", type=int, help="model_max_length in tokens")
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"])
@@ -58,11 +79,32 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--save-steps", type=int)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--threads", type=int, dest="num_threads", help="torch threads per worker")
-    ap.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel)")
-    ap.add_argument("--gpus-per-worker", type=float, default=0.0)
+    ap.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel, DDP)")
+    ap.add_argument("--gpus-per-worker", type=float, default=None,
+                    help="GPUs per worker (default: the profile's; paper 1, offline/local 0 = CPU)")
     ap.add_argument("--cpus-per-worker", type=float, default=1.0)
     ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
     return ap
+
+
+#: GPUs per Ray Train worker when ``--gpus-per-worker`` is not given: the paper profile trains
+#: LLaVA-1.5-7B on GPUs (SPEC B2: DeepSpeed on GPUs); the offline placeholder and the local
+#: profile's small model run on a CPU box
+GPUS_PER_WORKER = {"offline": 0.0, "local": 0.0, "paper": 1.0}
+
+
+def scaling(args):
+    """Ray Train ``ScalingConfig`` from the options: ``--workers`` DDP workers, each with
+    ``--cpus-per-worker`` CPUs and ``--gpus-per-worker`` GPUs (default ``GPUS_PER_WORKER`` of
+    the profile); ``use_gpu`` when a worker has a GPU share. Raises ``ValueError`` for fewer
+    than 1 worker or negative resources."""
+    from ray.train import ScalingConfig
+
+    gpus = GPUS_PER_WORKER[args.profile] if args.gpus_per_worker is None else float(args.gpus_per_worker)
+    if args.workers < 1 or gpus < 0 or args.cpus_per_worker < 0:
+        raise ValueError("--workers must be >= 1 and --gpus-per-worker/--cpus-per-worker >= 0")
+    resources = {"CPU": float(args.cpus_per_worker), **({"GPU": gpus} if gpus > 0 else {})}
+    return ScalingConfig(num_workers=args.workers, use_gpu=gpus > 0, resources_per_worker=resources)
 
 
 def train_config(args):
@@ -91,7 +133,7 @@ def main(argv: list[str]) -> int:
 
     Returns 0 on success. Raises ``ValueError`` for bad options or records (naming the record),
     ``FileNotFoundError`` for a missing ``--data``, and re-raises a failed Ray Train run."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     from actors.models import resolve
@@ -100,8 +142,7 @@ def main(argv: list[str]) -> int:
     from jobs.core.runtime import forwarded_env
 
     args = parser().parse_args(argv)
-    if args.workers < 1 or args.gpus_per_worker < 0 or args.cpus_per_worker < 0:
-        raise ValueError("--workers must be >= 1 and --gpus-per-worker/--cpus-per-worker >= 0")
+    scaling_config = scaling(args)
     cfg = train_config(args)
     resolved = resolve({"backend": "transformers", "model": cfg.base, "revision": cfg.revision})
     records = read_records(args.data)
@@ -115,13 +156,11 @@ def main(argv: list[str]) -> int:
     fs, path = io.filesystem(args.output)
     storage = {"storage_path": path, "storage_filesystem": fs} if io.is_remote(args.output) \
         else {"storage_path": path}
-    use_gpu = args.gpus_per_worker > 0
-    resources = {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(), "rows_per_worker": len(records) // args.workers,
                            "probe": records[0]},
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config,
         run_config=RunConfig(name=RUN_NAME, **storage, failure_config=FailureConfig(max_failures=0),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
                              worker_runtime_env={"env_vars": forwarded_env()}),
@@ -141,8 +180,8 @@ def main(argv: list[str]) -> int:
         "base_model": resolved.describe(),
         "data": {"uri": args.data, "records": len(records),
                  "sha256": hashlib.sha256(data_text.encode()).hexdigest()},
-        "scaling": {"workers": args.workers, "gpus_per_worker": args.gpus_per_worker,
-                    "cpus_per_worker": args.cpus_per_worker},
+        "scaling": {"workers": args.workers, "gpus_per_worker": scaling_config.resources_per_worker.get("GPU", 0.0),
+                    "cpus_per_worker": args.cpus_per_worker, "strategy": "ddp"},
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "storage": io.join(args.output, RUN_NAME),
         "global_step": result.metrics.get("step"), "total_steps": result.metrics.get("total_steps"),

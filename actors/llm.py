@@ -73,6 +73,7 @@ class _RowResult:
     attempts: int = 0
     error: str | None = None
     reject: str | None = None
+    skipped: bool = False  # no messages: the stage before decided there is nothing to ask
 
 
 def make_engine(resolved: ResolvedModel, params: LLMParams, engine: dict | None = None) -> LLMEngine:
@@ -102,6 +103,13 @@ def make_engine(resolved: ResolvedModel, params: LLMParams, engine: dict | None 
     raise ValueError(f"unknown LLM backend {backend!r}; expected transformers, openai, openai_batch or vllm")
 
 
+def _nothing_to_ask(cell: Any) -> bool:
+    """A null / NaN / blank ``messages`` cell: the row makes no call."""
+    from actors.batching import is_missing
+
+    return is_missing(cell) or (isinstance(cell, str) and not cell.strip())
+
+
 def _column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
     col = batch.get(name)
     if col is None:
@@ -128,7 +136,10 @@ class LLMStage:
     ``prompt_tokens``/``completion_tokens`` (int64, summed over attempts), ``llm_backend``,
     ``llm_model`` (str), ``llm_attempts`` (int64, 1 + repairs; 0 for rows whose input was
     invalid and never sent), ``llm_repaired`` (bool: valid only after a repair),
-    ``rows.ROW_ERROR`` and ``rows.ROW_REJECT`` (None for good rows).
+    ``rows.ROW_ERROR`` and ``rows.ROW_REJECT`` (None for good rows). A row whose ``messages``
+    is null or blank makes no call: its outputs are None, its counts 0, ``llm_backend`` and
+    ``llm_model`` None, no error and no reject (MIRROR's record completion asks only for what
+    a record lacks), so a stage's funnel and token totals count only the calls made.
     Raises ``KeyError`` only when the ``messages`` column is missing.
     """
 
@@ -172,6 +183,9 @@ class LLMStage:
         out = []
         for i in range(n):
             rid = None if ids[i] is None else str(ids[i])
+            if _nothing_to_ask(messages[i]):
+                results[i].skipped = True
+                continue
             try:
                 msgs, samp, fmt = row_inputs(rid or f"#{i}", messages[i], sampling[i], self.params,
                                              lambda: self._row_format(formats[i]))
@@ -231,8 +245,8 @@ class LLMStage:
         out["finish_reason"] = object_column([r.finish_reason for r in results])
         out["prompt_tokens"] = np.array([r.prompt_tokens for r in results], dtype=np.int64)
         out["completion_tokens"] = np.array([r.completion_tokens for r in results], dtype=np.int64)
-        out["llm_backend"] = object_column([self.resolved.spec.backend] * n)
-        out["llm_model"] = object_column([self.resolved.spec.model] * n)
+        out["llm_backend"] = object_column([None if r.skipped else self.resolved.spec.backend for r in results])
+        out["llm_model"] = object_column([None if r.skipped else self.resolved.spec.model for r in results])
         out["llm_attempts"] = np.array([r.attempts for r in results], dtype=np.int64)
         out["llm_repaired"] = np.array([r.attempts > 1 and r.error is None and r.reject is None
                                         for r in results], dtype=bool)

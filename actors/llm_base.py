@@ -121,11 +121,16 @@ class PromptTooLongError(ValueError):
 
 def check_prompt_length(tokens: int, context: int | None, max_input_tokens: int | None) -> None:
     """Raise ``PromptTooLongError`` when ``tokens`` leaves no room to generate in a ``context``
-    window (tokens >= context) or exceeds ``max_input_tokens``."""
-    if context and tokens >= context:
-        raise PromptTooLongError(tokens, context - 1, "the most the model's context window leaves room for")
-    if max_input_tokens and tokens > max_input_tokens:
-        raise PromptTooLongError(tokens, max_input_tokens, "the stage's max_input_tokens")
+    window (tokens >= context) or exceeds ``max_input_tokens``; the error names the smaller of
+    the limits that ``tokens`` passes."""
+    limits = []
+    if context:
+        limits.append((context - 1, "the most the model's context window leaves room for"))
+    if max_input_tokens:
+        limits.append((max_input_tokens, "the stage's max_input_tokens"))
+    over = sorted(x for x in limits if tokens > x[0])
+    if over:
+        raise PromptTooLongError(tokens, *over[0])
 
 
 class EngineError(RuntimeError):

@@ -297,7 +297,9 @@ class TransformersEngine:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer,
                                                       vocab_size=self.model.config.get_text_config().vocab_size,
                                                       stop_token_ids=self.eos_ids)
-            self._compiler = xgr.GrammarCompiler(info)
+            # no xgrammar cache: with it, string patterns bounded above 128 characters fail to
+            # compile (measured, xgrammar 0.2.8); compiled grammars are kept per format here
+            self._compiler = xgr.GrammarCompiler(info, cache_enabled=False)
         c = self._compiler
         if fmt.kind == "json_schema":
             g = c.compile_json_schema(json.dumps(fmt.schema), any_whitespace=self.any_whitespace)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import io as _io
 import json
 import sys
-from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -311,9 +310,9 @@ def complete_records(batch: dict, params: CompletionParams) -> dict:
 
 
 def _completion_llm(name: str, schema: str) -> Stage:
-    """A record-completion LLM stage (``llm_stage``, not a filter) whose rows without messages
-    (the field is already in the record) make no call (``actors.llm_optional``)."""
-    return replace(llm_stage(name, schema, filter=False), target="actors.llm_optional:OptionalLLMStage")
+    """A record-completion LLM stage (``llm_stage``, not a filter); its rows without messages
+    (the field is already in the record) make no call (``actors.llm.LLMStage``)."""
+    return llm_stage(name, schema, filter=False)
 
 
 def client_stages(recipe: MirrorRecipe) -> list[Stage]:

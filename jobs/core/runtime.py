@@ -162,6 +162,12 @@ def _call_isolated(call: Callable, table: pa.Table, run: StageRun) -> tuple[dict
     return results, errors
 
 
+def _message(value) -> str:
+    """A row error/reject cell as text; an empty one still counts and says so."""
+    text = str(value)
+    return text if text.strip() else "(no message)"
+
+
 def _append(existing: str, item: str) -> str:
     return f"{existing},{item}" if existing else item
 
@@ -188,14 +194,14 @@ def apply_stage(table: pa.Table, call: Callable, run: StageRun) -> pa.Table:
             new_cols[c][i] = res.get(c)
         if run.placeholder:
             placeholder[i] = _append(placeholder[i], run.name)
-        if res.get(R.ROW_ERROR):
+        if res.get(R.ROW_ERROR) is not None:  # a verdict is its presence, not its text
             status[i], stage_col[i] = R.ERROR, run.name
-            reason[i] = R.error_record(run.name, str(res[R.ROW_ERROR]))
-        elif res.get(R.ROW_REJECT):
+            reason[i] = R.error_record(run.name, _message(res[R.ROW_ERROR]))
+        elif res.get(R.ROW_REJECT) is not None:
             if run.audit or not run.filter:  # recorded, not applied
-                audit[i] = _append(audit[i], f"{run.name}: {res[R.ROW_REJECT]}")
+                audit[i] = _append(audit[i], f"{run.name}: {_message(res[R.ROW_REJECT])}")
             else:
-                status[i], stage_col[i], reason[i] = R.REJECTED, run.name, str(res[R.ROW_REJECT])
+                status[i], stage_col[i], reason[i] = R.REJECTED, run.name, _message(res[R.ROW_REJECT])
 
     out = table
     for name, values in (*new_cols.items(), (R.STATUS, status), (R.STAGE, stage_col),
@@ -229,7 +235,8 @@ def _task(table: pa.Table, fn: Callable, params: Any, run: StageRun) -> pa.Table
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "MMSYNTH_CACHE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
                  "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
                  "AWS_DEFAULT_REGION", "KERAS_BACKEND", "TOKENIZERS_PARALLELISM", "OMP_WAIT_POLICY",
-                 "DEEPFACE_HOME", "DEEPFACE_BACKEND_ENGINE", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS")
+                 "DEEPFACE_HOME", "DEEPFACE_BACKEND_ENGINE", "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS",
+                 "AZURE_OPENAI_ENDPOINT", "OPENAI_API_VERSION")
 #: Ray Data settings a run uses unless the user sets them. Ray Data 2.60's parquet reader
 #: starts 32 one-CPU footer-reader actors per ``read_parquet``; a run reads only its own few
 #: state files, and on an autoscaling cluster those 32 CPUs of demand launch nodes (GPU nodes

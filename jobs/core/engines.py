@@ -218,6 +218,30 @@ def ray_runtime_env(env: RuntimeEnvConfig | None, forwarded: dict[str, str]) -> 
 
 # ---------------------------------------------------------------- running
 
+def engine_deployment(plan: EnginePlan, forwarded: dict[str, str]):
+    """The bound Serve deployment of one engine (``actors.llm_engine.LLMEngine``, named after
+    the engine): replicas fixed or autoscaling on ongoing requests, each with the engine's
+    ``num_cpus``/``num_gpus`` and runtime environment (``ray_runtime_env``). Used by pipeline
+    runs (``EngineSet``) and by Serve apps that hold engines of their own (MIRROR-LLaVA)."""
+    from ray import serve
+
+    from actors.llm_engine import LLMEngine
+
+    c = plan.config
+    opts: dict[str, Any] = {
+        "name": plan.name, "max_ongoing_requests": c.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": c.num_cpus, "num_gpus": c.num_gpus,
+                              "runtime_env": ray_runtime_env(c.runtime_env, forwarded)},
+        "health_check_period_s": 10, "health_check_timeout_s": 120, "graceful_shutdown_timeout_s": 10}
+    if c.max_replicas > c.min_replicas:
+        opts["autoscaling_config"] = {"min_replicas": c.min_replicas, "max_replicas": c.max_replicas,
+                                      "initial_replicas": c.min_replicas,
+                                      "target_ongoing_requests": max(1, c.max_ongoing_requests // 2)}
+    else:
+        opts["num_replicas"] = c.min_replicas
+    return serve.deployment(LLMEngine).options(**opts).bind(plan.resolved.model_dump(mode="json"), plan.name)
+
+
 class EngineSet:
     """The engines of one run as Serve applications ``mmsynth-<run>-<engine>`` (see the
     module docstring). ``start(names)`` starts those not yet running (waits until their
@@ -239,25 +263,6 @@ class EngineSet:
         return {"app": self.app(name), "deployment": name, "stage": stage,
                 "timeout_s": self.engines[name].config.request_timeout_s}
 
-    def _deployment(self, plan: EnginePlan):
-        from ray import serve
-
-        from actors.llm_engine import LLMEngine
-
-        c = plan.config
-        opts: dict[str, Any] = {
-            "name": plan.name, "max_ongoing_requests": c.max_ongoing_requests,
-            "ray_actor_options": {"num_cpus": c.num_cpus, "num_gpus": c.num_gpus,
-                                  "runtime_env": ray_runtime_env(c.runtime_env, self.forwarded)},
-            "health_check_period_s": 10, "health_check_timeout_s": 120, "graceful_shutdown_timeout_s": 10}
-        if c.max_replicas > c.min_replicas:
-            opts["autoscaling_config"] = {"min_replicas": c.min_replicas, "max_replicas": c.max_replicas,
-                                          "initial_replicas": c.min_replicas,
-                                          "target_ongoing_requests": max(1, c.max_ongoing_requests // 2)}
-        else:
-            opts["num_replicas"] = c.min_replicas
-        return serve.deployment(LLMEngine).options(**opts).bind(plan.resolved.model_dump(mode="json"), plan.name)
-
     def start(self, names: list[str]) -> None:
         """Start the engines ``names`` that are not running yet, all at once."""
         todo = [n for n in dict.fromkeys(names) if n not in self.started]
@@ -267,7 +272,8 @@ class EngineSet:
 
         t0 = time.time()
         serve.start(proxy_location="Disabled")
-        targets = [serve.RunTarget(target=self._deployment(self.engines[n]), name=self.app(n), route_prefix=None)
+        targets = [serve.RunTarget(target=engine_deployment(self.engines[n], self.forwarded), name=self.app(n),
+                                   route_prefix=None)
                    for n in todo]
         try:
             serve.run_many(targets, wait_for_applications_running=True)

@@ -93,6 +93,10 @@ ERRORS_FILE = "errors/sessions.jsonl"
 LLM_TRIES = 3
 
 
+#: seconds a session waits for one call of the Serve app (the app's own backend timeout is shorter)
+DEFAULT_REQUEST_TIMEOUT_S = 900.0
+
+
 class ClientsError(ValueError):
     """A TEST_CLIENTS row cannot be used; the message names the row and the field."""
 
@@ -434,8 +438,10 @@ class SessionWorker:
         h = serve.get_app_handle(app_name)
         self.cfg = dict(cfg)
 
-        def call(name):
-            return lambda req: getattr(h, name).remote(req).result()
+        timeout_s = float(self.cfg.get("request_timeout_s") or DEFAULT_REQUEST_TIMEOUT_S)
+
+        def call(name):  # a call that does not return in time ends the session with an error record
+            return lambda req: getattr(h, name).remote(req).result(timeout_s=timeout_s)
 
         self.api = type("ServeAPI", (), {n: staticmethod(call(n))
                                          for n in ("describe", "generate", "verify", "client", "counselor")})
@@ -565,6 +571,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--face-pool", help="faces for clients without img_path (the published mirror_test.csv): a "
                     "MIRROR run's output folder or its faces.parquet; assigned by the dataset's identity rule")
     ap.add_argument("--concurrency", type=int, default=2, help="sessions in flight (Ray Data actors)")
+    ap.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT_S,
+                    help=f"seconds to wait for one call of the Serve app; past it the session ends with an error "
+                    f"record naming the turn and step ({DEFAULT_REQUEST_TIMEOUT_S:g})")
     ap.add_argument("--profile", choices=["offline", "paper"], default=None, help="Serve recipe profile (offline)")
     ap.add_argument("--recipe", help="Serve recipe YAML (default: the bundled one for the profile)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Serve recipe override")
@@ -608,13 +617,14 @@ def main(argv: list[str] | None = None) -> int:
     if app is not None:
         serve.start(http_options={"location": "NoServer"})  # handles only: no HTTP proxy, no port
         serve.run(app, name=app_name, route_prefix=None)
-    counselor = serve.get_app_handle(app_name).health.remote().result().models["counselor"]
+    counselor = serve.get_app_handle(app_name).health.remote().result(timeout_s=args.request_timeout).models["counselor"]
     ready_s = time.time() - t0
     base_json = os.path.join(str(counselor.get("model")), "base.json")
     if os.path.isfile(base_json):  # a mirror-llava-train checkpoint: record its base model's identity
         counselor = {**counselor, "lora_base": json.load(open(base_json)).get("resolved")}
     cfg = {"cot": args.cot, "max_turns": args.max_turns, "context": args.context, "temperature": args.temperature,
-           "max_attempts": args.max_attempts, "counselor_max_tokens": args.counselor_max_tokens}
+           "max_attempts": args.max_attempts, "counselor_max_tokens": args.counselor_max_tokens,
+           "request_timeout_s": args.request_timeout}
     t1 = time.time()
     try:
         counts = infer(clients, args.output, app_name, cfg, concurrency=args.concurrency)

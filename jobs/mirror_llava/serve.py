@@ -14,13 +14,15 @@ Deployments (names as in ``serve status``), each built from the recipe stage of 
 replicas = ``concurrency`` or autoscaling ``min_actors``..``max_actors``, ``batch_size`` =
 ``serve.batch`` size):
 
-- ``MirrorLlavaAPI`` (stage ``ingress``): the FastAPI ingress; validation, prompts, verdicts;
-- ``text_llm`` when ``client`` and ``describe`` use the same model spec and resources (one
-  replica serves both roles; each request carries its own sampling and output schema), else
-  ``client_llm`` and ``describe_llm``: ``actors.llm.LLMStage``;
-- ``counselor_vlm``: ``actors.llm.LLMStage`` on a vision-language model (``placeholder:tiny-llava``
-  offline; a ``mirror-llava-train`` checkpoint folder as ``counselor.model: {backend:
-  transformers, model: /path/to/CKPT}`` loads as its base + the merged LoRA, ``actors.llm_hf``);
+- ``MirrorLlavaAPI`` (stage ``ingress``): the FastAPI ingress; validation, prompts, verdicts,
+  and the LLM roles' stages (``actors.llm.LLMStage``: sampling, output schema, re-asks);
+- one shared engine per local LLM model (``actors.llm_engine.LLMEngine``, ``jobs.core.engines``):
+  the roles ``client``, ``describe`` and ``counselor`` that name the same model spec (or the
+  same recipe ``engines`` entry) use one copy of it; offline the client and the descriptions
+  share SmolLM2, the counselor is the vision-language model (``placeholder:tiny-llava``; a
+  ``mirror-llava-train`` checkpoint folder as ``counselor.model: {backend: transformers, model:
+  /path/to/CKPT}`` loads as its base + the merged LoRA, ``actors.llm_hf``). Roles on an API
+  (``openai``) call it from the ingress;
 - ``generator``: ``actors.identity_t2i.IdentityText2Image``;
 - ``verifier``: ``actors.faces.FaceAnalyzer`` + ``actors.clip.CLIPScorer`` +
   ``actors.nsfw.NSFWClassifier`` in one replica (the original's single verification service;
@@ -45,6 +47,10 @@ strings or ``data:`` URLs; every model response carries ``model`` and ``placehol
                            + form ``statement``: 200 ``{"message": ...}`` when accepted, else 400
                            ``{"error": "Image verification failed."}``, both plus the report
 ========================  =====================================================================
+
+Timeouts: the ingress waits ``request_timeout_s`` (recipe) for each backend call and answers
+504 after it; each engine call has the engine's own ``request_timeout_s``; Serve's HTTP proxy
+ends a request after ``http_request_timeout_s``.
 
 Errors: 422 with a message for missing fields, wrong types, undecodable base64/images, bad
 sampling values, a PhotoMaker prompt without its trigger word; 415 for a wrong request or
@@ -82,10 +88,38 @@ import os
 
 from actors.models import ModelSpec, resolve
 from jobs.core.recipe import StageConfig
-from jobs.mirror_llava.serve_backends import GeneratorServer, LLMServer, VerifierServer
+from jobs.core.engines import EngineConfigError, engine_deployment, plan_engines
+from jobs.mirror_llava.serve_backends import GeneratorServer, VerifierServer
 from jobs.mirror_llava.serve_config import (_BACKENDS, PASSED_ENV, ROLES, ServeRecipe, as_recipe, deployment_options,
                                             load_serve_recipe)
 from jobs.mirror_llava.serve_ingress import ingress_class
+
+
+def app_plan(recipe: ServeRecipe) -> tuple[dict, dict, dict]:
+    """``(engines, resolved, settings)`` of an app: the shared LLM engines of the roles with a
+    local model (``jobs.core.engines.plan_engines``), every model stage's resolved model, and
+    the ingress's settings (LLM roles with their stage params and engine address, verification
+    params, timeouts, models). Nothing is loaded. Raises ``ValueError`` naming the role/engine."""
+    st = recipe.stages
+    try:
+        engines = plan_engines([(r, st[r]) for r in ROLES], recipe)  # local LLMs: one engine per spec
+    except EngineConfigError as exc:
+        raise ValueError(str(exc)) from None
+    engine_of = {role: name for name, e in engines.items() for role in e.stages}
+    specs = {name: recipe.engines[st[name].engine].model if name in engine_of and st[name].engine else st[name].model
+             for name in _BACKENDS}
+    resolved = {name: resolve(ModelSpec.model_validate(spec)) for name, spec in specs.items()}
+    llm = {role: {"model": resolved[role].model_dump(mode="json"), "params": st[role].params,
+                  "engine": ({"app": recipe.app_name, "deployment": engine_of[role], "stage": role,
+                              "timeout_s": engines[engine_of[role]].config.request_timeout_s}
+                             if role in engine_of else None)} for role in ROLES}
+    settings = {"app_name": recipe.app_name, "max_body_bytes": recipe.max_body_bytes,
+                "image_trigger": recipe.image_trigger, "audit": st["verify"].audit,
+                "verify_params": recipe.verify_params().model_dump(), "request_timeout_s": recipe.request_timeout_s,
+                "llm_params": {r: st[r].params for r in ROLES}, "llm": llm,
+                "models": {name: r.describe() for name, r in resolved.items()},
+                "engines": {name: list(e.stages) for name, e in engines.items()}}
+    return engines, resolved, settings
 
 
 def build_app(config: ServeRecipe | dict | None = None):
@@ -94,8 +128,9 @@ def build_app(config: ServeRecipe | dict | None = None):
     ``config``: a ``ServeRecipe``; a recipe dict; ``{"profile": ..., "recipe": path, "set":
     "a.b=1,c.d=2"}`` (what ``serve run module:build_app key=value`` passes); or None (offline
     recipe). Resolves every model spec (nothing is loaded here: replicas load their models).
-    Raises ``jobs.core.recipe.RecipeError``/``pydantic.ValidationError`` for a bad recipe and
-    ``actors.models.ModelResolutionError`` for a model that cannot be resolved.
+    Raises ``jobs.core.recipe.RecipeError``/``pydantic.ValidationError`` for a bad recipe,
+    ``ValueError`` for an engine that cannot run and ``actors.models.ModelResolutionError`` for
+    a model that cannot be resolved.
     """
     recipe = as_recipe(config)
     if recipe.profile == "offline":
@@ -104,46 +139,18 @@ def build_app(config: ServeRecipe | dict | None = None):
     if recipe.profile == "offline":
         env["HF_HUB_OFFLINE"] = "1"
     env.update(recipe.env)
-    st = recipe.stages
-    resolved = {name: resolve(ModelSpec.model_validate(st[name].model)) for name in _BACKENDS}
-    models = {name: r.describe() for name, r in resolved.items()}
-    wait = recipe.batch_wait_timeout_s
-
-    deployments: dict[str, str] = {}
-
-    def llm(role: str, name: str, params: dict):
-        deployments[role] = name
-        s = st[role]
-        return serve_deployment(LLMServer, name, s, env).bind(resolved[role].model_dump(), params, s.batch_size, wait)
-
-    def stage_params(role: str) -> dict:  # the stage's own params; system prompt and schema are per request
-        return {k: v for k, v in st[role].params.items() if k not in ("system_prompt", "response_schema")}
-
-    if recipe.shared_text_llm():
-        repairs = max(recipe.llm_params(r).max_repairs for r in ("client", "describe"))
-        text = llm("describe", "text_llm", {"max_repairs": repairs})
-        deployments["client"] = "text_llm"
-        client = text
-    else:
-        client = llm("client", "client_llm", stage_params("client"))
-        text = llm("describe", "describe_llm", stage_params("describe"))
-    counselor = llm("counselor", "counselor_vlm", stage_params("counselor"))
+    engines, resolved, settings = app_plan(recipe)
+    st, wait = recipe.stages, recipe.batch_wait_timeout_s
     gen = st["generate"]
-    deployments["generator"] = "generator"
     generator = serve_deployment(GeneratorServer, "generator", gen, env).bind(
         resolved["generate"].model_dump(), gen.params, gen.batch_size, wait)
     ver = st["verify"]
-    deployments["verifier"] = "verifier"
     verifier = serve_deployment(VerifierServer, "verifier", ver, env).bind(
         *({"model": resolved[k].model_dump(), "params": st[k].params} for k in ("faces", "clip", "nsfw")),
         ver.batch_size, wait)
-    settings = {"app_name": recipe.app_name, "max_body_bytes": recipe.max_body_bytes,
-                "image_trigger": recipe.image_trigger, "audit": ver.audit,
-                "verify_params": recipe.verify_params().model_dump(),
-                "llm_params": {r: st[r].params for r in ROLES}, "models": models, "deployments": deployments}
     api = ingress_class(recipe.max_body_bytes)
     return serve_deployment(api, "MirrorLlavaAPI", st["ingress"], env).bind(
-        client, text, counselor, generator, verifier, settings)
+        {name: engine_deployment(e, env) for name, e in engines.items()}, generator, verifier, settings)
 
 
 def serve_deployment(cls, name: str, stage: StageConfig, env: dict[str, str]):
@@ -190,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
-    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.start(http_options={"host": args.host, "port": args.port,
+                              "request_timeout_s": recipe.http_request_timeout_s})
     serve.run(app, name=recipe.app_name, route_prefix=recipe.route_prefix)
     print(f"serving {recipe.app_name} on http://{args.host}:{args.port}{recipe.route_prefix} (Ctrl-C stops)")
     try:

@@ -1,5 +1,6 @@
-"""Backend deployments of the MIRROR-LLaVA Serve application: the LLM, generator and verifier
-replicas behind ``serve.batch`` (model calls in a worker thread, one batch at a time)."""
+"""Backend deployments of the MIRROR-LLaVA Serve application: the generator and verifier
+replicas behind ``serve.batch`` (model calls in a worker thread, one batch at a time). The LLM
+roles are shared engines (``actors.llm_engine.LLMEngine``), built by ``jobs.mirror_llava.serve``."""
 from __future__ import annotations
 
 import asyncio
@@ -33,36 +34,6 @@ class _Batched:
 
     def ping(self) -> str:
         return "ok"
-
-
-class LLMServer(_Batched):
-    """``actors.llm.LLMStage`` behind ``serve.batch``. ``chat(row)``: ``row`` = ``{"id",
-    "messages": JSON str, "sampling": JSON str, "response_format": JSON schema str | None}``
-    -> ``{"text", "parsed", "finish_reason", "prompt_tokens", "completion_tokens",
-    "attempts", "error", "reject"}``."""
-
-    def __init__(self, model: dict, params: dict, max_batch_size: int, wait_s: float):
-        from actors.llm import LLMStage
-
-        self.stage = LLMStage(model, params)
-        self._configure(self.chat, max_batch_size, wait_s)
-
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.01)
-    async def chat(self, rows: list[dict]) -> list[dict]:
-        return await asyncio.to_thread(self._run, rows)
-
-    def _run(self, rows: list[dict]) -> list[dict]:
-        from udfs import rows as R
-
-        batch = {"id": _column([r["id"] for r in rows]), "messages": _column([r["messages"] for r in rows]),
-                 "sampling": _column([r.get("sampling") for r in rows]),
-                 "response_format": _column([r.get("response_format") for r in rows])}
-        out = self.stage(batch)
-        return [{"text": to_python(out["generated_text"][i]), "parsed": to_python(out["parsed"][i]),
-                 "finish_reason": to_python(out["finish_reason"][i]),
-                 "prompt_tokens": int(out["prompt_tokens"][i]), "completion_tokens": int(out["completion_tokens"][i]),
-                 "attempts": int(out["llm_attempts"][i]), "error": to_python(out[R.ROW_ERROR][i]),
-                 "reject": to_python(out[R.ROW_REJECT][i])} for i in range(len(rows))]
 
 
 class GeneratorServer(_Batched):
@@ -155,8 +126,8 @@ class VerifierServer(_Batched):
         out = []
         for i, k in enumerate(keys):
             faces, src = self._face_row(fo, i), dict(sources[k])
-            errs = [e for e in (faces.pop("error"), src.pop("error"), to_python(co[R.ROW_ERROR][i]),
-                                to_python(no[R.ROW_ERROR][i])) if e]
+            errs = [str(e) or "(no message)" for e in (faces.pop("error"), src.pop("error"), to_python(co[R.ROW_ERROR][i]),
+                                to_python(no[R.ROW_ERROR][i])) if e is not None]
             scores = to_python(no["nsfw_scores"][i])
             out.append({"faces": faces, "source_faces": src, "clip_scores": to_python(co["clip_scores"][i]),
                         "nsfw": to_python(no["nsfw"][i]), "nsfw_score": to_python(no["nsfw_score"][i]),

@@ -15,10 +15,11 @@ PIPELINE = "mirror_llava_serve"
 STAGE_NAMES = ("ingress", "client", "describe", "counselor", "generate", "verify", "faces", "clip", "nsfw")
 #: LLM roles served by ``actors.llm.LLMStage``
 ROLES = ("client", "describe", "counselor")
-#: model backends each model stage accepts (checked when the recipe is validated)
-_BACKENDS = {"client": ("transformers", "openai", "openai_batch"), "describe": ("transformers", "openai"),
-             "counselor": ("transformers", "openai"), "generate": ("diffusers",), "faces": ("dlib", "deepface"),
-             "clip": ("open_clip",), "nsfw": ("transformers", "nudenet")}
+#: model backends each model stage accepts (checked when the recipe is validated); the LLM roles'
+#: local models (vllm, transformers) run in shared engines (``jobs.core.engines``): one per spec
+_BACKENDS = {"client": ("transformers", "vllm", "openai"), "describe": ("transformers", "vllm", "openai"),
+             "counselor": ("transformers", "vllm", "openai"), "generate": ("diffusers",),
+             "faces": ("dlib", "deepface"), "clip": ("open_clip",), "nsfw": ("transformers", "nudenet")}
 #: environment variables passed on to every replica when set where the app is built
 PASSED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "MMSYNTH_CACHE", "KERAS_BACKEND", "OMP_WAIT_POLICY",
               "TOKENIZERS_PARALLELISM", "DEEPFACE_HOME", "DEEPFACE_BACKEND_ENGINE", "OPENAI_API_KEY",
@@ -29,12 +30,15 @@ class ServeRecipe(Recipe):
     """Typed config of the Serve application (one YAML per profile, ``--set`` overrides).
 
     ``stages`` must name every entry of ``STAGE_NAMES``; model stages need a ``model`` whose
-    backend fits the role (``_BACKENDS``). Per deployment: ``num_cpus``, ``num_gpus`` (Ray actor
-    resources of each replica), ``concurrency`` (fixed replicas, default 1) or
-    ``min_actors``/``max_actors`` (Serve autoscaling), ``batch_size`` (``serve.batch`` size:
-    concurrent requests answered by one model call). ``verify.params`` is
-    ``udfs.mirror_images.ImageFilterParams``; ``verify.audit`` forces audit mode on/off (None:
-    automatic). ``max_retries``/``enabled`` of a stage are not used here.
+    backend fits the role (``_BACKENDS``), the LLM roles a ``model`` or an ``engine`` of
+    ``engines``. LLM roles with a local model are served by shared engines (one ``LLMEngine``
+    deployment per model spec, ``jobs.core.engines``: roles naming the same spec share it; an
+    implicit engine takes the role's resources). Per deployment: ``num_cpus``, ``num_gpus`` (Ray
+    actor resources of each replica), ``concurrency`` (fixed replicas, default 1) or
+    ``min_actors``/``max_actors`` (Serve autoscaling), ``batch_size`` (generator/verifier:
+    ``serve.batch`` size). ``verify.params`` is ``udfs.mirror_images.ImageFilterParams``;
+    ``verify.audit`` forces audit mode on/off (None: automatic). ``max_retries``/``enabled`` of
+    a stage are not used here.
     """
 
     pipeline: str = PIPELINE
@@ -47,6 +51,11 @@ class ServeRecipe(Recipe):
     image_trigger: str = Field("img", description="PhotoMaker trigger word in the image prompt describe returns "
                                "(SPEC A6: 'portrait photo of a man img, ...').")
     env: dict[str, str] = Field(default_factory=dict, description="Extra environment variables for every replica.")
+    request_timeout_s: float = Field(300.0, gt=0, description="How long the ingress waits for one backend call "
+                                     "(an LLM role's reply with its re-asks, an image, a verification) before it "
+                                     "answers 504.")
+    http_request_timeout_s: float = Field(600.0, gt=0, description="Serve's HTTP proxy timeout for a whole "
+                                          "request (serve.start http_options.request_timeout_s).")
 
     @model_validator(mode="after")
     def _stages(self):
@@ -59,9 +68,14 @@ class ServeRecipe(Recipe):
         if unknown:
             raise ValueError(f"unknown stages: {', '.join(unknown)} (known: {', '.join(STAGE_NAMES)})")
         for name, backends in _BACKENDS.items():
-            m = self.stages[name].model
+            st = self.stages[name]
+            if name in ROLES and st.engine:
+                if st.engine not in self.engines:
+                    raise ValueError(f"stages.{name}.engine {st.engine!r} is not under engines")
+                continue
+            m = st.model
             if m is None:
-                raise ValueError(f"stages.{name}.model is required")
+                raise ValueError(f"stages.{name}.model is required" + (" (or engine)" if name in ROLES else ""))
             if m.backend not in backends:
                 raise ValueError(f"stages.{name}.model.backend must be one of {backends}, got {m.backend!r}")
         checks = [(role, LLMParams) for role in ROLES] + [("verify", MI.ImageFilterParams)]
@@ -81,16 +95,6 @@ class ServeRecipe(Recipe):
     def verify_params(self) -> MI.ImageFilterParams:
         """The verification thresholds (``ImageFilterParams``)."""
         return MI.ImageFilterParams.model_validate(self.stages["verify"].params)
-
-    def shared_text_llm(self) -> bool:
-        """True when ``client`` and ``describe`` can share one replica: same model spec and
-        resources, and neither uses a regex/EBNF format (those are stage-level only)."""
-        c, d = self.stages["client"], self.stages["describe"]
-        same = all(getattr(c, k) == getattr(d, k) for k in ("model", "num_cpus", "num_gpus", "concurrency",
-                                                            "min_actors", "max_actors", "batch_size"))
-        plain = all(not (self.stages[r].params.get("regex") or self.stages[r].params.get("ebnf"))
-                    for r in ("client", "describe"))
-        return same and plain
 
 
 def load_serve_recipe(profile: str | None = "offline", recipe_file: str | None = None,

@@ -139,11 +139,12 @@ def ingress_class(max_body_bytes: int):
     class MirrorLlavaAPI:
         """HTTP routes and handle methods (see the module docstring)."""
 
-        def __init__(self, client, describe, counselor, generator, verifier, settings: dict):
+        def __init__(self, engines: dict, generator, verifier, settings: dict):
             from actors.llm_base import LLMParams
 
-            self.llm = {"client": client, "describe": describe, "counselor": counselor}
-            self.generator, self.verifier = generator, verifier
+            # engines: the shared LLM engines of the roles with a local model (their handles
+            # keep them in this app; the roles' stages reach them by name, actors.llm_engine)
+            self.engines, self.generator, self.verifier = engines, generator, verifier
             self.settings = settings
             self.params = {r: LLMParams.model_validate(settings["llm_params"][r]) for r in ROLES}
             self.formats = {}
@@ -154,13 +155,34 @@ def ingress_class(max_body_bytes: int):
                 self.formats["describe"] = json.dumps(MI.ExpressionReply.model_json_schema())
             self.verify_params = MI.ImageFilterParams.model_validate(settings["verify_params"])
             self.models = settings["models"]
+            self.timeout_s = float(settings["request_timeout_s"])
+            self._stages: dict = {}
 
         # ------------------------------------------------------------ helpers
 
         def _info(self, role: str) -> dict:
             return {"model": self.models[role]["model"], "placeholder": bool(self.models[role]["placeholder"])}
 
+        async def _wait(self, what: str, awaitable):
+            """``awaitable``'s result, or 504 after ``request_timeout_s`` (recipe)."""
+            try:
+                return await asyncio.wait_for(awaitable, self.timeout_s)
+            except asyncio.TimeoutError:
+                raise HTTPException(504, f"{what}: no answer within {self.timeout_s:g} s") from None
+
+        def _stage(self, role: str):
+            """The role's ``LLMStage`` (made once): prompts, validation and re-asks here, the
+            model in its shared engine (local models) or an API client (remote ones)."""
+            if role not in self._stages:
+                from actors.llm import LLMStage
+
+                llm = self.settings["llm"][role]
+                self._stages[role] = LLMStage(llm["model"], llm["params"], engine=llm["engine"])
+            return self._stages[role]
+
         async def _chat(self, role: str, messages: list[dict], sampling: SamplingOverride | None) -> dict:
+            from actors.batching import object_column
+            from udfs import rows as R
             from udfs.llm_output import normalize_messages, with_system_prompt
 
             params = self.params[role]
@@ -172,13 +194,18 @@ def ingress_class(max_body_bytes: int):
                 msgs = with_system_prompt(normalize_messages(messages), params.system_prompt)
             except ValueError as exc:
                 raise HTTPException(422, f"messages: {exc}") from None
-            row = {"id": uuid.uuid4().hex[:16], "messages": json.dumps(msgs), "sampling": json.dumps(samp),
-                   "response_format": self.formats[role]}
-            out = await self.llm[role].chat.remote(row)
-            if out["error"]:
-                raise HTTPException(_error_status(out["error"]), f"{role}: {out['error']}")
-            if out["reject"]:
-                raise HTTPException(502, f"{role}: {out['reject']}")
+            batch = {"id": object_column([uuid.uuid4().hex[:16]]), "messages": object_column([json.dumps(msgs)]),
+                     "sampling": object_column([json.dumps(samp)]),
+                     "response_format": object_column([self.formats[role]])}
+            got = await self._wait(role, asyncio.to_thread(self._stage(role), batch))
+            out = {"text": got["generated_text"][0], "parsed": got["parsed"][0],
+                   "finish_reason": got["finish_reason"][0], "prompt_tokens": int(got["prompt_tokens"][0]),
+                   "completion_tokens": int(got["completion_tokens"][0]), "attempts": int(got["llm_attempts"][0])}
+            error, reject = got[R.ROW_ERROR][0], got[R.ROW_REJECT][0]
+            if error is not None:
+                raise HTTPException(_error_status(error), f"{role}: {error}")
+            if reject is not None:
+                raise HTTPException(502, f"{role}: {reject}")
             return out
 
         # ------------------------------------------------------------ handle API
@@ -209,10 +236,10 @@ def ingress_class(max_body_bytes: int):
             req = GenerateRequest.model_validate(req)
             rid = hashlib.sha1(b"\0".join([req.prompt.encode(), req.negative_prompt.encode(),
                                            req.source_image])).hexdigest()[:16]
-            out = await self.generator.generate.remote({"id": rid, "prompt": req.prompt,
-                                                        "negative_prompt": req.negative_prompt,
-                                                        "face_image": req.source_image, "seed": req.seed})
-            if out["error"]:
+            out = await self._wait("generate", self.generator.generate.remote(
+                {"id": rid, "prompt": req.prompt, "negative_prompt": req.negative_prompt,
+                 "face_image": req.source_image, "seed": req.seed}))
+            if out["error"] is not None:
                 raise HTTPException(_error_status(out["error"]), f"generate: {out['error']}")
             return GenerateResponse(image_png_b64=base64.b64encode(out["png"]).decode("ascii"), seed=out["seed"],
                                     width=out["width"], height=out["height"], identity_method=out["identity_method"],
@@ -222,9 +249,10 @@ def ingress_class(max_body_bytes: int):
             """NSFW, CLIP and identity checks with every score (SPEC B5)."""
             req = VerifyRequest.model_validate(req)
             text = MI.clip_text(req.stage_direction)
-            raw = await self.verifier.verify.remote({"id": uuid.uuid4().hex[:16], "image": req.image,
-                                                     "source_image": req.source_image, "clip_text": text})
-            if raw["error"]:
+            raw = await self._wait("verify", self.verifier.verify.remote(
+                {"id": uuid.uuid4().hex[:16], "image": req.image, "source_image": req.source_image,
+                 "clip_text": text}))
+            if raw["error"] is not None:
                 raise HTTPException(_error_status(raw["error"]), f"verify: {raw['error']}")
             return verification_report(raw, self.verify_params, text, self.models, self.settings["audit"],
                                        req.image_placeholder)
@@ -258,20 +286,22 @@ def ingress_class(max_body_bytes: int):
                                 **self._info("counselor"))
 
         async def health(self) -> HealthResponse:
-            """Ping every backend deployment (5 s each)."""
-            backends = {"describe": self.llm["describe"], "client": self.llm["client"],
-                        "counselor": self.llm["counselor"], "generator": self.generator, "verifier": self.verifier}
-            names = self.settings["deployments"]
+            """Ping every backend deployment (5 s each): the shared engines (``info``), the
+            generator and the verifier (``ping``)."""
+            backends = {**{name: (h, "info") for name, h in self.engines.items()},
+                        "generator": (self.generator, "ping"), "verifier": (self.verifier, "ping")}
 
-            async def ping(h):
+            async def ping(h, method: str):
                 try:
-                    return await asyncio.wait_for(h.ping.remote(), 5.0)
+                    got = await asyncio.wait_for(getattr(h, method).remote(), 5.0)
+                    return "ok" if method == "info" or got == "ok" else str(got)[:300]
                 except Exception as exc:  # noqa: BLE001 - reported, not raised
                     return f"{type(exc).__name__}: {exc}"[:300]
-            results = await asyncio.gather(*(ping(h) for h in backends.values()))
-            deployments = {names[k]: r for k, r in zip(backends, results)}
+            results = await asyncio.gather(*(ping(h, m) for h, m in backends.values()))
+            deployments = dict(zip(backends, results))
             return HealthResponse(status="ok" if all(r == "ok" for r in results) else "degraded",
-                                  app=self.settings["app_name"], deployments=deployments, models=self.models,
+                                  app=self.settings["app_name"], deployments=deployments,
+                                  engines=self.settings["engines"], models=self.models,
                                   placeholder_roles=[r for r, m in self.models.items() if m["placeholder"]],
                                   max_body_bytes=self.settings["max_body_bytes"])
 

@@ -277,6 +277,8 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "degraded"]
     app: str
     deployments: dict[str, str] = Field(description="Backend deployment -> 'ok' or the error.")
+    engines: dict[str, list[str]] = Field(default_factory=dict, description="Shared LLM engine deployment -> "
+                                          "the roles it serves (one loaded model per spec).")
     models: dict[str, dict[str, Any]] = Field(description="Role -> resolved model (actors.models.describe()).")
     placeholder_roles: list[str]
     max_body_bytes: int

@@ -195,9 +195,20 @@ LATENCY: dict[str, dict] = {
 CPU_CONTROL = {"batch_size": 8, "cpu_s_per_batch": 0.1, "batches_per_block": 10, "blocks_per_actor": 2}
 
 
+def load_latency(path: str) -> dict[str, dict]:
+    """Latency models measured by ``benchmarks/gpu_stages.py`` (its JSON's ``latency``: model id
+    -> ``kind``, ``fixed_s``, ``per_row_s``, ``basis``, ``source``), without failed entries."""
+    with open(path) as f:
+        doc = json.load(f)
+    return {model: m for model, m in doc["latency"].items() if "error" not in m and not m.get("tiny")}
+
+
 def stage_kind(sp) -> str:
-    """api | vllm | gpu | cpu for a planned actor stage (see ``LATENCY``)."""
+    """api | vllm | gpu | cpu for a planned actor stage (see ``LATENCY``): an LLM stage on a
+    shared vLLM engine is ``vllm`` (one stand-in actor = one replica on one GPU)."""
     spec = sp.resolved.spec
+    if spec.backend == "vllm":
+        return "vllm"
     if spec.backend == "openai":
         base = str(spec.options.get("base_url", "") or "")
         return "vllm" if ("localhost" in base or "127.0.0.1" in base) else "api"
@@ -865,8 +876,12 @@ def main() -> None:
     ap.add_argument("--no-control", action="store_true", help="skip the CPU-bound control")
     ap.add_argument("--from-json", help="recompute the analysis (e.g. another --target-rows-per-s), table and "
                     "plot from a results JSON of an earlier run; nothing is run")
+    ap.add_argument("--latency", help="JSON of benchmarks/gpu_stages.py (measured on a GPU): replaces the "
+                    "published or assumed per-batch times of the models it measured")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     args = ap.parse_args()
+    if args.latency:
+        LATENCY.update(load_latency(args.latency))
     t_start = time.time()
     started = datetime.now(timezone.utc)
 

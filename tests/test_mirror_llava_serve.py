@@ -360,7 +360,7 @@ def test_a_backend_that_never_answers_gives_504_and_a_session_error_record(svc, 
     app = ingress_class(recipe.max_body_bytes).options(name="MirrorLlavaAPI", **free).bind(
         {}, hang.options(name="generator").bind(), hang.options(name="verifier").bind(), settings)
     api = serve.run(app, name="hang_test", route_prefix="/hang")
-    sessions = serve.run(hang.options(name="sessions").bind(), name="hang_sessions", route_prefix=None)
+    serve.run(hang.options(name="sessions").bind(), name="hang_sessions", route_prefix=None)
     try:
         t0 = time.time()
         with pytest.raises(HTTPException) as err:

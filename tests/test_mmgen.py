@@ -529,18 +529,3 @@ def test_mmgen_dry_run_and_bad_arguments():
         assert r.returncode == 0 and "PLACEHOLDER" not in r.stdout, r.stderr
     r = subprocess.run(base + ["--set", "mode=vqa_xx"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "unknown mode" in r.stderr and "Traceback" not in r.stderr
-
-
-def test_vllm_preprocess_inlines_image_parts(tmp_path):
-    from actors.llm_vllm import vllm_preprocess
-
-    img = _img(tmp_path, "v.png", (10, 200, 10))
-    msgs = json.dumps(M.chat_messages("generic", "d", [{"image": img}], 1))
-    row = vllm_preprocess({"id": "v1", "messages": msgs}, {"max_tokens": 8}, {"image_max_side": 32})
-    parts = row["messages"][1]["content"]
-    url = next(p["image_url"]["url"] for p in parts if p["type"] == "image_url")
-    assert url.startswith("data:image/") and row["__llm_input_error__"] == ""
-    assert max(Image.open(_io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size) == 32
-    bad = vllm_preprocess({"id": "v2", "messages": json.dumps(M.chat_messages("generic", "d", [{"image": "/no.png"}], 1))},
-                          {"max_tokens": 8})
-    assert bad["__llm_input_error__"].startswith("InputError: row 'v2' field 'messages'")

@@ -235,11 +235,12 @@ ANTIDOTE_ROWS = (
 )
 
 
-def antidote_output(root, n: int = 4, size: int = 96) -> str:
+def antidote_output(root, n: int = 4, size: int = 96, copies: int = 1) -> str:
     """A folder shaped like ``jobs.antidote``'s export for the first ``n`` ``ANTIDOTE_ROWS``:
     ``queries/{cpq,tpq,pope,desc}_list.jsonl`` (records from ``udfs.antidote.query_record`` with
     the original's hints: ``cpq_hint``, ``tpq_hint``, ``pope_hint``, ``desc_queries``) and
-    ``images/<id>.png`` (the real COCO photos, downscaled to ``size`` px). Returns its path."""
+    ``images/<id>.png`` (the real COCO photos, downscaled to ``size`` px). ``copies`` > 1 repeats
+    each row under the ids ``<id>-<k>`` (larger inputs for benchmarks). Returns its path."""
     from PIL import Image
 
     from udfs import antidote as A
@@ -247,7 +248,8 @@ def antidote_output(root, n: int = 4, size: int = 96) -> str:
     root = str(root)
     os.makedirs(os.path.join(root, "images"), exist_ok=True)
     queries = {t: [] for t in ("cpq", "tpq", "pope", "desc")}
-    for rid, photo, caption, present, absent, cpq, tpq in ANTIDOTE_ROWS[:n]:
+    rows_ = [(rid if copies == 1 else f"{rid}-{k}", *rest) for rid, *rest in ANTIDOTE_ROWS[:n] for k in range(copies)]
+    for rid, photo, caption, present, absent, cpq, tpq in rows_:
         img = Image.open(COCO / photo).convert("RGB")
         img.thumbnail((size, size))
         img.save(os.path.join(root, A.image_rel_path(rid)))

@@ -53,6 +53,8 @@ class TextEmbedder:
 
 
 class PairSimilarityParams(BaseModel):
+    """``PairSimilarity``'s columns (defaults: antidote-pairs' plain and hinted answers)."""
+
     first_column: str = Field("answer_text", description="Column of the first text of each pair")
     second_column: str = Field("answer_hint_text", description="Column of the second text of each pair")
     output_column: str = Field("answer_cosine", description="Column receiving the cosine (float)")

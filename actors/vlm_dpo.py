@@ -163,18 +163,15 @@ def read_pairs(uri: str) -> list[dict]:
     Raises ``FileNotFoundError`` when nothing is there, ``ValueError`` when there are no pairs or
     an id repeats, and ``rows.InputError`` naming the row and field for a missing or empty field.
     """
-    from udfs.io import read_bytes
-
     parts = [u.strip() for u in uri.split(",") if u.strip()]
     if len(parts) == 1 and not parts[0].endswith(".jsonl"):
         path = io.join(parts[0], "pairs.parquet")
         if not io.exists(path):
             raise FileNotFoundError(f"--data {parts[0]}: no pairs.parquet (run antidote-pairs first)")
-        import io as _io
-
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(_io.BytesIO(read_bytes(path))).to_pylist()
+        rows = pq.read_table(pa.BufferReader(io.read_bytes(path))).to_pylist()
         rows = [{"id": r.get("id"), "query_type": r.get("query_type"), "image": r.get("image"),
                  "question": r.get("question"), "chosen": r.get("chosen"), "rejected": r.get("rejected")} for r in rows]
     else:

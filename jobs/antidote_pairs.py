@@ -264,7 +264,7 @@ def export(rows: pa.Table, recipe: AntidotePairsRecipe, out: str) -> dict:
     per query type) and extra funnel rows ``pairs: <type>`` (queries of a type in, pairs out)."""
     order = [s.name for s in stages(recipe) if recipe.stages.get(s.name) is None or recipe.stages[s.name].enabled]
     all_rows = rows.to_pylist()
-    pairs = sorted((r for r in all_rows if r[R.STATUS] == R.OK), key=lambda r: r[R.ID])
+    pairs = sorted((r for r in all_rows if r[R.STATUS] == R.OK and r.get("chosen") is not None), key=lambda r: r[R.ID])
     table = pa.table({k: pa.array([r.get(c) for r in pairs], pa.float64() if k == "cosine" else pa.string())
                       for k, c in PAIR_COLUMNS.items()})
     write_table(table, io.join(out, "pairs.parquet"))

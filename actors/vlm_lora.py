@@ -52,7 +52,7 @@ from udfs import rows as R
 
 __all__ = ["TrainConfig", "PROFILES", "profile_config", "read_records", "APPEND_EOS", "Collator", "lr_factor",
            "ALL_LINEAR", "lora_target_modules", "lora_target_regex", "apply_lora", "train_loop", "load_finetuned",
-           "check_reload", "CHECKPOINT_FILES"]
+           "check_reload", "CHECKPOINT_FILES", "load_base", "probe_logits"]
 
 #: ``lora_targets`` value for every linear layer of the language model
 ALL_LINEAR = "all-linear"
@@ -371,6 +371,12 @@ def _probe_logits(model, batch: dict, device, dtype):
         logits = model(**inputs).logits[0, -1].float().cpu().clone()  # own storage: saved alone
     model.train(was_training)
     return logits
+
+
+#: public names of the two helpers the DPO trainer (``actors.vlm_dpo``) shares: the base model
+#: as a model spec names it (placeholders built on this node), and the reload-check probe
+load_base = _load_base
+probe_logits = _probe_logits
 
 
 def _save(model, processor, cfg: TrainConfig, resolved, state: dict, curve: list, probe: dict) -> str:

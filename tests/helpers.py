@@ -233,3 +233,50 @@ class NeverAnswers:
 
     def ping(self) -> str:
         return "ok"
+
+
+#: Antidote-like rows over four COCO photos of ../shared (caption ids of data/captions/
+#: coco2017_mini.jsonl): (row id, photo, rewritten caption, a present object, an absent object,
+#: a question about the absent object (CPQ), one about the present object (TPQ))
+ANTIDOTE_ROWS = (
+    ("coco2017-cap-576009", "train2017_000000000790.jpg", "A family sits at a table with a birthday cake.",
+     "cake", "dog", "What color is the dog lying under the table?", "What kind of cake is on the table?"),
+    ("coco2017-cap-151177", "train2017_000000107438.jpg", "A bike parked under a traffic light next to a sign.",
+     "bike", "horse", "What is the horse next to the sign eating?", "What color is the bike by the sign?"),
+    ("coco2017-cap-358298", "train2017_000000121647.jpg", "Pizza on a plate next to a wine glass and a book.",
+     "pizza", "cat", "What is the cat beside the plate looking at?", "What toppings are on the pizza?"),
+    ("coco2017-cap-255392", "train2017_000000129648.jpg", "A boy in a white t-shirt does a skateboarding trick.",
+     "skateboard", "helmet", "What color is the boy's helmet?", "What trick is the boy doing on the skateboard?"),
+)
+
+
+def antidote_output(root, n: int = 4, size: int = 96, copies: int = 1) -> str:
+    """A folder shaped like ``jobs.antidote``'s export for the first ``n`` ``ANTIDOTE_ROWS``:
+    ``queries/{cpq,tpq,pope,desc}_list.jsonl`` (records from ``udfs.antidote.query_record`` with
+    the original's hints: ``cpq_hint``, ``tpq_hint``, ``pope_hint``, ``desc_queries``) and
+    ``images/<id>.png`` (the real COCO photos, downscaled to ``size`` px). ``copies`` > 1 repeats
+    each row under the ids ``<id>-<k>`` (larger inputs for benchmarks). Returns its path."""
+    from PIL import Image
+
+    from udfs import antidote as A
+
+    root = str(root)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    queries = {t: [] for t in ("cpq", "tpq", "pope", "desc")}
+    rows_ = [(rid if copies == 1 else f"{rid}-{k}", *rest) for rid, *rest in ANTIDOTE_ROWS[:n] for k in range(copies)]
+    for rid, photo, caption, present, absent, cpq, tpq in rows_:
+        img = Image.open(COCO / photo).convert("RGB")
+        img.thumbnail((size, size))
+        img.save(os.path.join(root, A.image_rel_path(rid)))
+        pope = A.pope_template(present)
+        desc = A.desc_queries({"id": [rid], "caption_rewritten": [caption], "present_final": [[present]],
+                               "no_exist_final": [[absent]]}, None)
+        queries["cpq"].append(A.query_record(rid, cpq, A.cpq_hint(absent, cpq)))
+        queries["tpq"].append(A.query_record(rid, tpq, A.tpq_hint(present, tpq)))
+        queries["pope"].append(A.query_record(rid, pope, A.pope_hint(present, pope)))
+        queries["desc"].append(A.query_record(rid, desc["desc_text"][0], desc["desc_hint"][0]))
+    os.makedirs(os.path.join(root, "queries"), exist_ok=True)
+    for t, recs in queries.items():
+        with open(os.path.join(root, "queries", f"{t}_list.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in sorted(recs, key=lambda r: r["id"]))
+    return root

@@ -58,7 +58,7 @@ def usage() -> str:
         lines.append(f"  {c.name:<{width}}  {purpose[0]}")
         lines += [f"  {'':<{width}}  {more}" for more in purpose[1:]]
         lines.append(f"  {'':<{width}}    e.g. {c.example}")
-    lines += ["", "Pipelines (antidote, mmgen, mirror) also take --profile offline|local|paper, --recipe FILE,",
+    lines += ["", "Pipelines (antidote, antidote-pairs, mmgen, mirror) take --profile offline|local|paper, --recipe FILE,",
               "--set stage.key=value, --limit N, --dry-run (validate recipe, models and columns; load nothing)",
               "and --address ADDR. Outputs: OUT/manifest.json, OUT/report.html, OUT/rejects/, OUT/errors/."]
     return "\n".join(lines)
@@ -93,8 +93,10 @@ def run_pipeline(name: str, argv: list[str]) -> int:
     print()
     driver.print_funnel(manifest["funnel"])
     if manifest["placeholder_stages"]:
-        print(f"\nNOTE: placeholder models in {', '.join(manifest['placeholder_stages'])}: "
-              "their outputs are not meaningful; filters fed by them ran in audit mode.")
+        audit = manifest.get("audit_stages") or []
+        print(f"\nNOTE: placeholder models in {', '.join(manifest['placeholder_stages'])}: their outputs are not "
+              "meaningful" + (f"; filters in audit mode (verdicts recorded, not applied): {', '.join(audit)}."
+                              if audit else "."))
     print(f"\noutputs in {recipe.output} (manifest.json, rejects/, errors/)")
     return 0
 

@@ -188,8 +188,9 @@ def apply_overrides(doc: dict, overrides: list[str]) -> dict:
 
 
 def recipe_path(pipeline: str, profile: str) -> Path:
-    """Bundled recipe file for a pipeline and profile: ``jobs/recipes/<pipeline>.<profile>.yaml``."""
-    return RECIPES_DIR / f"{pipeline}.{profile}.yaml"
+    """Bundled recipe file for a pipeline and profile: ``jobs/recipes/<pipeline>.<profile>.yaml``
+    (a command's hyphens as underscores: ``antidote-pairs`` -> ``antidote_pairs.offline.yaml``)."""
+    return RECIPES_DIR / f"{pipeline.replace('-', '_')}.{profile}.yaml"
 
 
 def load_recipe(model: type[Recipe], pipeline: str, profile: str | None = None,

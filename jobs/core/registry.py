@@ -33,6 +33,13 @@ COMMANDS: tuple[Command, ...] = (
             "queries (hallucination-mitigation VQA data)",
             "python -m jobs antidote --input data/captions/coco2017_mini.jsonl --output out/antidote --limit 8",
             pipeline=True),
+    Command("antidote-pairs", "jobs.antidote_pairs", "Antidote preference pairs: the target VLM answers every "
+            "query with and without its hint; DPO pairs by query type (ms-swift and TRL formats); --evaluate "
+            "scores the answers", "python -m jobs antidote-pairs --input out/antidote --output out/antidote-pairs",
+            pipeline=True),
+    Command("antidote-dpo-train", "jobs.antidote_dpo:main", "DPO with a LoRA on Antidote pairs (TRL DPOTrainer "
+            "on Ray Train, resumable checkpoints)", "python -m jobs antidote-dpo-train --data out/antidote-pairs "
+            "--output out/antidote-dpo --max-steps 2"),
     Command("mmgen", "jobs.mmgen", "MM-GEN: targeted VQA data (LLaVA format) from a few reference samples "
             "and a pool of candidate images",
             "python -m jobs mmgen --input ../shared/data/vqa/scienceqa_test_subset.jsonl "

@@ -12,9 +12,11 @@ fan-out (SPEC part D; Joshi et al. 2025):
   min_gen_per_candidate)`` prompts per subgroup with seeded epoch-cycling samplers for
   candidates and same-subgroup in-context examples; writes ``OUT/prompts.json``. One row per
   prompt (``id`` = ``p<subgroup>-<index>``).
-- ``build_messages`` → ``generate`` (the shared LLM stage with a vision model: transformers
-  VLM, any OpenAI-compatible endpoint with bounded base64 images, or vLLM through
-  ``ray.data.llm``; reply ``{"items": [...]}`` validated per mode, format-fixing re-ask, then rejects/) →
+- ``build_messages`` → ``generate`` (the shared LLM stage with a vision model: a transformers
+  VLM or a vLLM vision model in the run's shared engine (``engines:``; vLLM's vision models need
+  torchvision, so on CPU only through the transformers backend), or any OpenAI-compatible
+  endpoint with bounded base64 images; reply ``{"items": [...]}`` validated per mode,
+  format-fixing re-ask, then rejects/) →
   ``make_records`` (per-mode record rules, count mismatches recorded) → ``loss_score``
   (per-sample answer loss under the target VLM, ``actors.vlm.AnswerLoss``).
 - export: the loss filter keeps the ``keep_fraction`` highest-loss samples (stage 4; audit

@@ -1,8 +1,8 @@
 """Shared LLM engines with the real vLLM CPU engine (.venv-vllm, built by scripts/setup.sh).
 
 One pipeline (tests/toy_llm.py) with two LLM stages on one SmolLM2 vLLM engine: replies that
-parse against a schema, a malformed message that becomes a row error while its batch-mates
-succeed, an over-long prompt rejected before generation with its token count, one engine
+parse against a schema, a malformed message that becomes a row error while its batch-mate
+succeeds (blocks of two rows: t2 and t3 share a batch), an over-long prompt rejected before generation with its token count, one engine
 process serving both stages, and a resume after an interrupt that sends no request for a row
 already committed. Plus the planning-time checks of runtime environments (``--dry-run``).
 """
@@ -31,7 +31,7 @@ LONG_TOPIC = "a very long list of things " + " ".join(f"thing{i}" for i in range
 def _recipe_file(tmp_path) -> str:
     p = tmp_path / "toy_llm.yaml"
     p.write_text(f"""pipeline: toy_llm
-block_rows: 1
+block_rows: 2
 engines:
   smollm2:
     model: {{backend: vllm, model: "{SMOLLM2}", dtype: float32,

@@ -253,6 +253,7 @@ class EngineSet:
         self.engines, self.run_key, self.forwarded = engines, run_key, forwarded
         self.started: dict[str, float] = {}  # engine -> seconds its start took
         self._stats: dict[str, dict] = {}
+        self._own_serve = False  # this run started Serve (no proxy): it shuts it down at the end
 
     def app(self, name: str) -> str:
         """Serve application name of engine ``name``."""
@@ -269,8 +270,14 @@ class EngineSet:
         if not todo:
             return
         from ray import serve
+        from ray.serve.exceptions import RayServeException
 
         t0 = time.time()
+        if not self._own_serve:
+            try:
+                serve.status()  # a Serve instance of someone else's (an app with HTTP, say): keep it
+            except RayServeException:
+                self._own_serve = True
         serve.start(proxy_location="Disabled")
         targets = [serve.RunTarget(target=engine_deployment(self.engines[n], self.forwarded), name=self.app(n),
                                    route_prefix=None)
@@ -297,7 +304,9 @@ class EngineSet:
     def stats(self) -> list[dict[str, Any]]:
         """The manifest's ``engines`` section: per engine ``describe()`` plus ``start_s``,
         ``replicas`` (pid, python, load_s, rss_bytes per replica), and summed per-stage
-        ``requests``, ``prompt_tokens``, ``completion_tokens``, ``too_long``, ``errors``."""
+        ``requests``, ``prompt_tokens``, ``completion_tokens``, ``too_long``, ``errors`` of the
+        replicas running at the end of the run (a replica that autoscaling removed earlier took
+        its counts with it; the rows' own attempts and tokens are in the funnel)."""
         out = []
         for n, plan in self.engines.items():
             entry = plan.describe()
@@ -324,8 +333,10 @@ class EngineSet:
         return out
 
     def stop(self) -> None:
-        """Delete the engines' applications (waits for their replicas to stop)."""
-        if not self.started:
+        """Delete the engines' applications (waits for their replicas to stop), and Serve
+        itself when this run started it (a later ``serve.start`` with HTTP options then gets
+        its proxy; a Serve instance that was running before is left as it was)."""
+        if not self.started and not self._own_serve:
             return
         from ray import serve
 
@@ -334,3 +345,6 @@ class EngineSet:
                 serve.delete(self.app(n))
             except Exception as e:  # noqa: BLE001 - best effort at the end of a run
                 print(f"warning: engine {n} not stopped: {type(e).__name__}: {e}", file=sys.stderr)
+        if self._own_serve:
+            serve.shutdown()
+            self._own_serve = False

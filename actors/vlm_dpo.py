@@ -44,8 +44,9 @@ import os
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from actors.vlm_lora import LoraBase
 from udfs import antidote_pairs as P
 from udfs import io
 from udfs import rows as R
@@ -71,16 +72,9 @@ MODEL_FILES = ("base.json", "adapter_config.json", "adapter_model.safetensors", 
                "loss_curve.json")
 
 
-class DPOTrainConfig(BaseModel):
+class DPOTrainConfig(LoraBase):
     """DPO hyper-parameters; field descriptions are the docs (``paper`` profile = SPEC C9)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    base: str = Field(description="Base VLM: hub id, local folder or 'placeholder:tiny-llava'.")
-    revision: str | None = Field(None, description="Hub revision of the base model.")
-    lora_rank: int = Field(ge=1, description="LoRA r (Antidote: 128).")
-    lora_alpha: int = Field(ge=1, description="LoRA alpha (Antidote: 256).")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (ms-swift 2.x default 0.05).")
     lora_targets: list[str] = Field(["q_proj", "k_proj", "v_proj"], min_length=1,
                                     description="Language-model linear layers LoRA wraps, or ['all-linear']; the "
                                     "vision tower and projector are never wrapped (frozen ViT).")

@@ -60,20 +60,35 @@ ALL_LINEAR = "all-linear"
 CHECKPOINT_FILES = ("base.json", "train_state.pt", "loss_curve.json", "reload_check.pt")
 
 
-class TrainConfig(BaseModel):
-    """Fine-tuning hyper-parameters (SPEC B2's table; ``paper`` profile = MIRROR's values)."""
+class LoraBase(BaseModel):
+    """What every LoRA fine-tuning of a LLaVA-style model here sets: the base model and the
+    adapter. ``TrainConfig`` (MIRROR-LLaVA's supervised training) and
+    ``actors.vlm_dpo.DPOTrainConfig`` (Antidote's DPO) add their own hyper-parameters."""
 
     model_config = ConfigDict(extra="forbid")
 
     base: str = Field(description="Base VLM: hub id, local folder or 'placeholder:tiny-llava'.")
     revision: str | None = Field(None, description="Hub revision of the base model.")
-    lora_rank: int = Field(ge=1, description="LoRA r (MIRROR: 128).")
-    lora_alpha: int = Field(ge=1, description="LoRA alpha (MIRROR: 256).")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (LLaVA train.py default 0.05).")
+    lora_rank: int = Field(ge=1, description="LoRA r (MIRROR-LLaVA and Antidote: 128).")
+    lora_alpha: int = Field(ge=1, description="LoRA alpha (MIRROR-LLaVA and Antidote: 256).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout (LLaVA's train.py and ms-swift 2.x "
+                                "default 0.05).")
     lora_targets: list[str] = Field(["q_proj", "v_proj"], min_length=1,
                                     description="Language-model module names LoRA wraps, or ['all-linear'] for "
                                     "every linear layer of the language model (upstream LLaVA's LoRA; the paper "
                                     "profile). The vision tower and projector are never wrapped.")
+
+    @field_validator("lora_targets")
+    @classmethod
+    def _all_linear_alone(cls, v: list[str]) -> list[str]:
+        if ALL_LINEAR in v and len(v) > 1:
+            raise ValueError(f"'{ALL_LINEAR}' stands alone in lora_targets, got {v}")
+        return v
+
+
+class TrainConfig(LoraBase):
+    """Fine-tuning hyper-parameters (SPEC B2's table; ``paper`` profile = MIRROR's values)."""
+
     append_eos: Literal["auto", "always", "never"] = Field(
         "auto", description="End every supervised reply with the EOS token: auto appends it when the chat "
         "template writes none after the answer (llava-1.5), as upstream vicuna_v1 training supervises </s>; "
@@ -96,14 +111,6 @@ class TrainConfig(BaseModel):
     num_threads: int | None = Field(None, ge=1, description="torch threads per worker (Ray sets 1).")
     verify_reload: bool = Field(True, description="After training, reload the checkpoint over the base on the "
                                 "driver and compare logits with the worker's (fp32 runs).")
-
-    @field_validator("lora_targets")
-    @classmethod
-    def _all_linear_alone(cls, v: list[str]) -> list[str]:
-        if ALL_LINEAR in v and len(v) > 1:
-            raise ValueError(f"'{ALL_LINEAR}' stands alone in lora_targets, got {v}")
-        return v
-
 
 #: profile -> defaults. offline: the placeholder tiny LLaVA (meaningless outputs, for tests and
 #: smoke runs); local: a small real LLaVA-style model from the hub; paper: MIRROR's 7B recipe.

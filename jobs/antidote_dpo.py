@@ -35,6 +35,7 @@ import statistics
 import time
 
 from jobs.core import report
+from jobs.core.training import lora_training_parser
 from udfs import io
 
 RUN_NAME = "train"  # RunConfig name: checkpoints under CKPT/train/
@@ -44,34 +45,14 @@ GPUS_PER_WORKER = {"offline": 0.0, "local": 0.0, "paper": 1.0}
 
 def parser() -> argparse.ArgumentParser:
     """Options of ``python -m jobs antidote-dpo-train`` (None = the profile's value)."""
-    ap = argparse.ArgumentParser(prog="python -m jobs antidote-dpo-train",
-                                 description="DPO with a LoRA on Antidote preference pairs (TRL on Ray Train)")
-    ap.add_argument("--data", required=True, help="antidote-pairs output folder, or ms-swift DPO JSONL files "
-                    "(comma-separated)")
-    ap.add_argument("--output", required=True, help="checkpoint folder or s3:// URI; an existing run there resumes")
-    ap.add_argument("--profile", choices=["offline", "local", "paper"], default="offline",
-                    help="hyper-parameter profile (default offline: placeholder tiny LLaVA)")
-    ap.add_argument("--base", help="base VLM (hub id, folder or placeholder:NAME); default: the profile's")
-    ap.add_argument("--revision", help="hub revision of --base")
-    ap.add_argument("--epochs", type=int)
-    ap.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
-    ap.add_argument("--lr", type=float, dest="learning_rate")
+    ap = lora_training_parser(
+        "python -m jobs antidote-dpo-train", "DPO with a LoRA on Antidote preference pairs (TRL on Ray Train)",
+        data_help="antidote-pairs output folder, or ms-swift DPO JSONL files (comma-separated)",
+        batch_help="pairs per device per micro-batch", length_help="longest prompt + answer in tokens",
+        workers_help="Ray Train workers (DDP; default 4 for paper, else 1)", workers_default=None,
+        precision_choices=("fp32", "bf16"))
     ap.add_argument("--beta", type=float, help="DPO beta")
-    ap.add_argument("--lora-rank", type=int)
-    ap.add_argument("--lora-alpha", type=int)
-    ap.add_argument("--lora-targets", help="comma-separated language-model layers, or all-linear")
-    ap.add_argument("--batch-size", type=int, help="pairs per device per micro-batch")
     ap.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
-    ap.add_argument("--max-length", type=int, help="longest prompt + answer in tokens")
-    ap.add_argument("--precision", choices=["fp32", "bf16"])
-    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--save-steps", type=int)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--threads", type=int, dest="num_threads", help="torch threads per worker")
-    ap.add_argument("--workers", type=int, default=None, help="Ray Train workers (DDP; default 4 for paper, else 1)")
-    ap.add_argument("--gpus-per-worker", type=float, default=None, help="GPUs per worker (default: the profile's)")
-    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
-    ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
     return ap
 
 
@@ -80,8 +61,8 @@ def train_config(args):
     from actors.vlm_dpo import profile_config
 
     keys = ("base", "revision", "epochs", "max_steps", "learning_rate", "beta", "lora_rank", "lora_alpha",
-            "batch_size", "grad_accum", "max_length", "precision", "gradient_checkpointing", "save_steps", "seed",
-            "num_threads")
+            "lora_dropout", "batch_size", "grad_accum", "max_length", "precision", "gradient_checkpointing",
+            "save_steps", "seed", "num_threads")
     over = {k: getattr(args, k) for k in keys}
     if args.lora_targets:
         over["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]

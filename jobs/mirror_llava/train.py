@@ -45,6 +45,7 @@ import statistics
 import time
 
 from jobs.core import report
+from jobs.core.training import lora_training_parser
 from udfs import io
 
 
@@ -53,37 +54,13 @@ RUN_NAME = "train"  # RunConfig name: checkpoints under CKPT/train/
 
 def parser() -> argparse.ArgumentParser:
     """Options of ``python -m jobs mirror-llava-train`` (None = the profile's value)."""
-    ap = argparse.ArgumentParser(prog="python -m jobs mirror-llava-train",
-                                 description="LoRA fine-tuning of a LLaVA-style VLM on MIRROR-LLaVA records "
-                                             "(Ray Train)")
-    ap.add_argument("--data", required=True, help="train.json of mirror-llava-data (local or s3://)")
-    ap.add_argument("--output", required=True, help="checkpoint folder or s3:// URI; an existing run there resumes")
-    ap.add_argument("--profile", choices=["offline", "local", "paper"], default="offline",
-                    help="hyper-parameter profile (default offline: placeholder tiny LLaVA)")
-    ap.add_argument("--base", help="base VLM (hub id, folder or placeholder:NAME); default: the profile's")
-    ap.add_argument("--revision", help="hub revision of --base")
-    ap.add_argument("--epochs", type=int)
-    ap.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
-    ap.add_argument("--lr", type=float, dest="learning_rate", help="LoRA learning rate")
+    ap = lora_training_parser(
+        "python -m jobs mirror-llava-train", "LoRA fine-tuning of a LLaVA-style VLM on MIRROR-LLaVA records (Ray Train)",
+        data_help="train.json of mirror-llava-data (local or s3://)", batch_help="per-device batch size",
+        length_help="model_max_length in tokens", workers_help="Ray Train workers (data-parallel, DDP)",
+        workers_default=1)
     ap.add_argument("--projector-lr", type=float, help="multimodal projector learning rate")
     ap.add_argument("--warmup-ratio", type=float)
-    ap.add_argument("--lora-rank", type=int)
-    ap.add_argument("--lora-alpha", type=int)
-    ap.add_argument("--lora-dropout", type=float)
-    ap.add_argument("--lora-targets", help="comma-separated language-model modules, or all-linear for every "
-                    "linear layer of the language model (default: the profile's; paper all-linear, else q_proj,v_proj)")
-    ap.add_argument("--batch-size", type=int, help="per-device batch size")
-    ap.add_argument("--max-length", type=int, help="model_max_length in tokens")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"])
-    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
-    ap.add_argument("--save-steps", type=int)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--threads", type=int, dest="num_threads", help="torch threads per worker")
-    ap.add_argument("--workers", type=int, default=1, help="Ray Train workers (data-parallel, DDP)")
-    ap.add_argument("--gpus-per-worker", type=float, default=None,
-                    help="GPUs per worker (default: the profile's; paper 1, offline/local 0 = CPU)")
-    ap.add_argument("--cpus-per-worker", type=float, default=1.0)
-    ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
     return ap
 
 

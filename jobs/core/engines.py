@@ -270,14 +270,11 @@ class EngineSet:
         if not todo:
             return
         from ray import serve
-        from ray.serve.exceptions import RayServeException
 
         t0 = time.time()
-        if not self._own_serve:
-            try:
-                serve.status()  # a Serve instance of someone else's (an app with HTTP, say): keep it
-            except RayServeException:
-                self._own_serve = True
+        if not self._own_serve:  # no Serve here yet, or one with nothing in it: this run owns it
+            status = serve.status()
+            self._own_serve = not (status.applications or status.proxies)
         serve.start(proxy_location="Disabled")
         targets = [serve.RunTarget(target=engine_deployment(self.engines[n], self.forwarded), name=self.app(n),
                                    route_prefix=None)
@@ -334,8 +331,9 @@ class EngineSet:
 
     def stop(self) -> None:
         """Delete the engines' applications (waits for their replicas to stop), and Serve
-        itself when this run started it (a later ``serve.start`` with HTTP options then gets
-        its proxy; a Serve instance that was running before is left as it was)."""
+        itself when this run found none with anything in it and nothing else was deployed
+        meanwhile (a later ``serve.start`` with HTTP options then gets its proxy; a Serve
+        instance with applications or proxies of its own is left as it was)."""
         if not self.started and not self._own_serve:
             return
         from ray import serve
@@ -346,5 +344,7 @@ class EngineSet:
             except Exception as e:  # noqa: BLE001 - best effort at the end of a run
                 print(f"warning: engine {n} not stopped: {type(e).__name__}: {e}", file=sys.stderr)
         if self._own_serve:
-            serve.shutdown()
+            status = serve.status()
+            if not (status.applications or status.proxies):  # nobody else deployed meanwhile
+                serve.shutdown()
             self._own_serve = False

@@ -171,18 +171,36 @@ class LLMEngine:
             await self.engine.check_health()
 
 
+def _forget_dead_serve_controller() -> None:
+    """Drop this process's cached Serve controller client if that controller has died.
+
+    Ray reuses task worker processes across runs of one cluster, and Serve caches its
+    controller client per process: after a run shut Serve down and the next started it again,
+    a reused worker would still hold the dead controller (``ActorDiedError`` on the first
+    handle). Serve's own health check clears the cache; the next handle reconnects by name.
+    """
+    try:
+        from ray.serve.context import _check_cached_client_alive
+    except ImportError:  # another Ray version: nothing to clear here
+        return
+    _check_cached_client_alive()
+
+
 class RemoteEngine:
     """The ``LLMEngine`` protocol of ``actors.llm.LLMStage`` over a shared engine's Serve
     deployment: ``generate(requests)`` sends the batch as one call and waits at most
     ``timeout_s`` seconds for it (``TimeoutError`` otherwise, which the stage re-raises so
-    the runtime retries the rows)."""
+    the runtime retries the rows). ``session`` names the run's engine set: stage objects cached
+    by worker processes are keyed on it, so a new run never reuses an old run's handle."""
 
     can_repair = True
 
-    def __init__(self, app: str, deployment: str, stage: str, timeout_s: float):
+    def __init__(self, app: str, deployment: str, stage: str, timeout_s: float, session: str = ""):
         from ray import serve
 
         self.app, self.deployment, self.stage, self.timeout_s = app, deployment, stage, float(timeout_s)
+        self.session = session
+        _forget_dead_serve_controller()
         self.handle = serve.get_deployment_handle(deployment, app_name=app)
 
     def generate(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:

@@ -668,3 +668,39 @@ def test_llm_stage_in_ray_data_pipeline(ray_local, tiny_model, tiny_greedy):
         assert r["generated_text"] == direct["generated_text"][i]  # greedy: batch split does not matter
         assert r["completion_tokens"] == direct["completion_tokens"][i] and r[rows.ROW_ERROR] is None
         assert r["llm_backend"] == "transformers" and r["llm_attempts"] == 1
+
+
+def test_implicit_shared_transformers_engine_across_two_runs(ray_local, tiny_llm_dir, tmp_path):
+    """Two LLM stages naming one local model share one implicit engine (transformers, this
+    interpreter); and a second run in the same Ray session (the first shut its Serve down, Ray
+    reuses the task worker processes) reaches its new engine."""
+    import sys
+
+    from jobs.core import driver, store
+    from jobs.core.recipe import load_recipe
+    from tests import toy_llm
+
+    model = f'{{backend: transformers, model: "{tiny_llm_dir}"}}'
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""pipeline: toy_llm
+stages:
+  colour_prompts: {{num_cpus: 0.1}}
+  ask_colour: {{model: {model}, num_cpus: 0.2, params: {{temperature: 0.0, max_tokens: 16, max_repairs: 0}}}}
+  name_prompts: {{num_cpus: 0.1}}
+  ask_name: {{model: {model}, num_cpus: 0.2, params: {{temperature: 0.0, max_tokens: 6}}}}
+  slow: {{num_cpus: 0.1}}
+""")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"t{i}", "topic": t}) + "\n" for i, t in enumerate(["a", "b", "c"])))
+    for k in (1, 2):
+        out = str(tmp_path / f"out{k}")
+        r = load_recipe(toy_llm.RECIPE, "toy_llm", recipe_file=str(recipe), input=str(inp), output=out)
+        m = driver.run(toy_llm, r, ["toy_llm"])
+        (engine,) = m["engines"]
+        assert not engine["declared"] and engine["stages"] == ["ask_colour", "ask_name"]
+        assert len(engine["replicas"]) == 1 and engine["replicas"][0]["python"] == sys.executable
+        assert engine["served"]["ask_colour"]["requests"] >= 3  # one per row, more on re-asks
+        rows = store.read_table(store.work(out, "rows")).to_pylist()
+        assert all(x["ask_colour_backend"] == "transformers" for x in rows)
+        errors = [x["_reason"] for x in rows if x["_status"] == "error"]
+        assert not errors, errors

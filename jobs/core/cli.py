@@ -115,14 +115,16 @@ def submit(argv: list[str]) -> int:
         _load(args.pipeline)
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    from jobs.core.engines import SUBMIT_ROOT_ENV
     from jobs.core.runtime import forwarded_env
 
     client = JobSubmissionClient(args.address)
     entry = "python -m jobs " + " ".join(shlex.quote(a) for a in [args.pipeline, *rest])
     # working_dir = the current folder, as `ray job submit --working-dir .`; API keys are not
-    # forwarded: give the cluster's nodes the variable the recipe names (api_key_env).
-    runtime_env = {"working_dir": os.getcwd(), "env_vars": forwarded_env(),
-                   "excludes": [".venv/", ".git/", "out/", "benchmarks/results/", "**/__pycache__/"]}
+    # forwarded: give the cluster's nodes the variable the recipe names (api_key_env). The venvs
+    # stay here; a relative py_executable is looked up in this checkout too (SUBMIT_ROOT_ENV).
+    runtime_env = {"working_dir": os.getcwd(), "env_vars": {**forwarded_env(), SUBMIT_ROOT_ENV: os.getcwd()},
+                   "excludes": [".venv/", ".venv-vllm/", ".git/", "out/", "benchmarks/results/", "**/__pycache__/"]}
     for attempt in range(20):  # a head that just started may have no job agent yet (up to ~60 s)
         try:
             job_id = client.submit_job(entrypoint=entry, runtime_env=runtime_env)

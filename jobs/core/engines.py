@@ -26,6 +26,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ LLM_STAGE = "actors.llm:LLMStage"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SETUP_HINT = "build it with `bash scripts/setup.sh` (it creates .venv-vllm with the CPU build of vLLM)"
 PROBE_TIMEOUT_S = 120
+SUBMIT_ROOT_ENV = "MMSYNTH_SUBMIT_ROOT"  # set by `python -m jobs submit` to the submitting checkout
 
 
 class EngineConfigError(ValueError):
@@ -136,10 +138,16 @@ def plan_engines(stages: list[tuple[str, StageConfig]], recipe: Recipe) -> dict[
 
 def resolve_py_executable(path: str) -> str:
     """A relative ``py_executable`` is taken from the repository root when it exists there
-    (the usual ``.venv-vllm/bin/python``); anything else is passed to Ray as given."""
+    (the usual ``.venv-vllm/bin/python``), else from the checkout a ``python -m jobs submit``
+    came from (``SUBMIT_ROOT_ENV``: the job runs in an uploaded copy without the venv, which is
+    right on a cluster that shares the submitter's filesystem, as a local head does); anything
+    else is passed to Ray as given (a remote cluster needs an absolute path on its nodes)."""
     p = Path(path).expanduser()
-    if not p.is_absolute() and (REPO_ROOT / p).exists():
-        return str(REPO_ROOT / p)
+    if p.is_absolute():
+        return str(p)
+    for root in (str(REPO_ROOT), os.environ.get(SUBMIT_ROOT_ENV)):
+        if root and (Path(root) / p).exists():
+            return str(Path(root) / p)
     return str(p)
 
 
@@ -251,6 +259,7 @@ class EngineSet:
 
     def __init__(self, engines: dict[str, EnginePlan], run_key: str, forwarded: dict[str, str]):
         self.engines, self.run_key, self.forwarded = engines, run_key, forwarded
+        self.session = uuid.uuid4().hex[:12]  # fresh stage clients in reused worker processes
         self.started: dict[str, float] = {}  # engine -> seconds its start took
         self._stats: dict[str, dict] = {}
         self._own_serve = False  # this run started Serve (no proxy): it shuts it down at the end
@@ -262,7 +271,7 @@ class EngineSet:
     def ref(self, name: str, stage: str) -> dict[str, Any]:
         """``LLMStage(engine=...)`` argument for ``stage`` on engine ``name``."""
         return {"app": self.app(name), "deployment": name, "stage": stage,
-                "timeout_s": self.engines[name].config.request_timeout_s}
+                "timeout_s": self.engines[name].config.request_timeout_s, "session": self.session}
 
     def start(self, names: list[str]) -> None:
         """Start the engines ``names`` that are not running yet, all at once."""

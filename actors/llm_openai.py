@@ -8,7 +8,10 @@ this module retries itself, so the policy is explicit and bounded:
   ``Retry-After`` when it is shorter than the cap) with ±10 % jitter;
 - not retried: other 4xx (a 400 is a bad request: the row errors at once);
 - each attempt is bounded by ``timeout_s``; a row therefore takes at most
-  ``(max_retries + 1) * timeout_s`` plus the backoff waits.
+  ``(max_retries + 1) * timeout_s`` plus the backoff waits;
+- paced: a fixed ``qps`` ceiling if given, and the provider's rate-limit headers (requests
+  and tokens remaining, time to reset; ``actors.ratelimit.HeaderPacer``) spread requests
+  over the window before a 429 would come.
 
 The API key is read from the environment variable named by ``options.api_key_env`` and is
 never logged, returned or put in an error message (messages are scrubbed).
@@ -23,19 +26,39 @@ from __future__ import annotations
 
 import os
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from actors.llm_base import ImageInliner, LLMParams, LLMReply, LLMRequest, describe_error
 from actors.models import ResolvedModel
+from actors.ratelimit import HeaderPacer, RateLimiter
 from udfs.llm_output import OutputFormat, strip_nones
 
 #: chat-completions parameters passed as named arguments to the client (others go in extra_body)
 _CLIENT_KWARGS = {"model", "messages", "temperature", "top_p", "max_tokens", "frequency_penalty",
                   "presence_penalty", "seed", "response_format", "stop", "n", "user"}
 _RETRY_STATUS = {408, 409, 429}
+#: tokens counted per image part when estimating a request for rate-limit pacing (OpenAI's
+#: high-detail cost of a 1024x1024 image: 4 tiles x 170 + 85; platform.openai.com/docs/guides/vision)
+IMAGE_TOKENS = 765
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    """Rough token count of a chat request for pacing: text characters / 4, ``IMAGE_TOKENS`` per
+    image part, plus ``max_tokens`` (256 when unset)."""
+    chars = images = 0
+    for m in body.get("messages") or []:
+        content = m.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+            continue
+        for part in content or []:
+            if part.get("type") == "image_url":
+                images += 1
+            else:
+                chars += len(str(part.get("text") or ""))
+    return chars // 4 + images * IMAGE_TOKENS + int(body.get("max_tokens") or 256)
 
 
 def _add_instruction(messages: list[dict[str, Any]], text: str) -> list[dict[str, Any]]:
@@ -87,26 +110,6 @@ def reply_from_completion(resp: dict[str, Any]) -> LLMReply:
     return LLMReply(text=msg.get("content") or "", finish_reason=choices[0].get("finish_reason"),
                     prompt_tokens=int(usage.get("prompt_tokens") or 0),
                     completion_tokens=int(usage.get("completion_tokens") or 0))
-
-
-class RateLimiter:
-    """Client-side request rate limit shared by all threads of an actor (``qps`` None/0 = off)."""
-
-    def __init__(self, qps: float | None):
-        self.interval = 1.0 / float(qps) if qps else 0.0
-        self._lock = threading.Lock()
-        self._next = 0.0
-
-    def acquire(self) -> None:
-        """Block until the next request slot."""
-        if not self.interval:
-            return
-        with self._lock:
-            now = time.monotonic()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-        if slot > now:
-            time.sleep(slot - now)
 
 
 #: environment variables the Azure client reads by default (the openai package's own names)
@@ -170,6 +173,7 @@ class OpenAIEngine:
     (default ``OPENAI_API_KEY``; ``null`` for servers without auth), ``qps`` (float),
     ``max_retries`` (default 3), ``timeout_s`` (default 60), ``backoff_s`` (default 1.0),
     ``max_backoff_s`` (default 30), ``max_concurrency`` (threads per actor, default 8),
+    ``pace_from_headers`` (default True: ``HeaderPacer``), ``max_pacing_wait_s`` (default 60),
     ``json_schema_mode`` (default False),
     ``json_object_mode`` (default True), ``strict_schema``, ``extra_body``; for vision
     models ``image_max_side`` / ``image_format`` / ``jpeg_quality`` (``ImageInliner``): image
@@ -209,6 +213,8 @@ class OpenAIEngine:
         else:
             raise ValueError(f"options.api_type must be 'openai' or 'azure', got {api_type!r}")
         self.limiter = RateLimiter(opts.get("qps"))
+        self.pacer = (HeaderPacer(float(opts.get("max_pacing_wait_s", 60.0)))
+                      if opts.get("pace_from_headers", True) else None)
         self.inline_images = ImageInliner.from_options(opts)
         self.pool = ThreadPoolExecutor(max_workers=int(opts.get("max_concurrency", 8)),
                                        thread_name_prefix="llm-openai")
@@ -257,12 +263,20 @@ class OpenAIEngine:
         extra = {k: v for k, v in body.items() if k not in _CLIENT_KWARGS}
         if extra:
             kwargs["extra_body"] = extra
+        tokens = estimate_tokens(body)
         for attempt in range(self.max_retries + 1):
             self.limiter.acquire()
+            if self.pacer is not None:
+                self.pacer.acquire(tokens)
             try:
-                resp = self.client.chat.completions.create(**kwargs)
-                return reply_from_completion(resp.model_dump())
+                raw = self.client.chat.completions.with_raw_response.create(**kwargs)
+                if self.pacer is not None:
+                    self.pacer.update(raw.headers)
+                return reply_from_completion(raw.parse().model_dump())
             except Exception as e:
+                response = getattr(e, "response", None)
+                if self.pacer is not None and response is not None:
+                    self.pacer.update(response.headers)
                 if attempt >= self.max_retries or not self._retryable(e):
                     try:
                         e.mmsynth_attempts = attempt + 1

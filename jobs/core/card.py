@@ -164,6 +164,9 @@ INPUT_SOURCES: dict[str, InputSource] = {
                                     "the White House notice restricts use of the subjects' likeness"),
     "deepface": InputSource("deepface test photos (press photos)", UNKNOWN + " (not permissive)", None,
                             "do not redistribute or train on them (data/faces/SOURCE.md)"),
+    "faces": InputSource("face pool (data/faces: face_recognition/ public-domain US photos, deepface/ press photos)",
+                         "mixed: public domain in the US / " + UNKNOWN, None,
+                         "deepface/ photos: do not redistribute or train on them (data/faces/SOURCE.md)"),
     "celeba": InputSource("CelebA", "CelebA terms: non-commercial research only", None,
                           "the original MIRROR release ships no images because of this licence"),
 }

@@ -66,6 +66,9 @@ COMMANDS: tuple[Command, ...] = (
     Command("status", "jobs.core.cli:status", "print the per-stage funnel of a finished run",
             "python -m jobs status out/antidote"),
     Command("report", "jobs.core.report:main", "(re)write a run's report.html", "python -m jobs report out/antidote"),
+    Command("export", "jobs.core.export:main", "a finished run's outputs as a Hugging Face dataset (Parquet "
+            "shards, images embedded, dataset card); --push-to-hub REPO uploads it",
+            "python -m jobs export out/antidote --format hf --to out/antidote-hf"),
 )
 
 BY_NAME: dict[str, Command] = {c.name: c for c in COMMANDS}

@@ -35,6 +35,12 @@ def _pipeline_parser(name: str, module) -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true",
                     help="validate recipe, resolve models and check columns; load nothing")
     ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    cache = ap.add_mutually_exclusive_group()
+    cache.add_argument("--cache", metavar="URI", help="generation cache folder or s3:// URI (default: the "
+                       "recipe's cache); unchanged model calls are served from it")
+    cache.add_argument("--no-cache", action="store_true", help="send every model call (ignore the recipe's cache)")
+    ap.add_argument("--max-cost", type=float, metavar="USD", help="stop cleanly before the spend on priced models "
+                    "(recipe prices) would pass USD; rerun the same command to resume")
     if hasattr(module, "add_arguments"):
         module.add_arguments(ap)
     return ap
@@ -73,10 +79,15 @@ def run_pipeline(name: str, argv: list[str]) -> int:
     args = _pipeline_parser(name, module).parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
-    fields = {"input": args.input, "output": args.output, "limit": args.limit}
+    if args.max_cost is not None and args.max_cost <= 0:
+        raise ValueError("--max-cost must be a positive number of USD")
+    fields = {"input": args.input, "output": args.output, "limit": args.limit, "cache": args.cache,
+              "max_cost": args.max_cost}
     if hasattr(module, "recipe_fields"):
         fields.update(module.recipe_fields(args))
     recipe = load_recipe(module.RECIPE, name, args.profile, args.recipe, args.set, **fields)
+    if args.no_cache:
+        recipe = recipe.model_copy(update={"cache": None})
     if recipe.profile == "offline":  # the offline profile never reaches a model hub
         os.environ["HF_HUB_OFFLINE"] = "1"
     p = driver.plan(module, recipe)

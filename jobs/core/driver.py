@@ -56,6 +56,11 @@ IO_NUM_CPUS = 0.1  # CPU share of the Ray Data read and write tasks
 AUTO_BLOCKS, AUTO_MAX_BLOCK_ROWS = 16, 16
 
 
+#: per-row LLM stage columns (``actors.llm.LLMStage``) the funnel sums per stage
+LLM_SUMS = ("prompt_tokens", "completion_tokens", "cache_hits", "cache_misses", "cached_prompt_tokens",
+            "cached_completion_tokens")
+
+
 class PlanError(ValueError):
     """The recipe cannot run: bad stage params, unknown model, or a missing input column."""
 
@@ -284,7 +289,8 @@ def block_rows_for(recipe: Recipe, n_rows: int) -> int:
 def fingerprint(recipe: Recipe) -> dict:
     """What decides a run's rows: input, limit, seed and the pipeline's own settings (stage
     settings may change between a run and its resume)."""
-    return recipe.model_dump(mode="json", exclude={"stages", "output", "profile", "block_rows"})
+    return recipe.model_dump(mode="json", exclude={"stages", "output", "profile", "block_rows", "cache",
+                                                   "cache_rejects", "prices", "max_cost"})
 
 
 def _ingest(phase: Phase, recipe: Recipe, out: str, state: str,
@@ -362,10 +368,11 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
     if needed:
         engines = engines or EngineSet(p.engines, R.content_id(out)[:8], forwarded_env())
         engines.start(needed)
+    cache = {"uri": recipe.cache, "cache_rejects": recipe.cache_rejects} if recipe.cache else None
     for sp in p.row_stages(phase):
         ref = engines.ref(sp.engine, sp.stage.name) if sp.engine else None
         ds = add_stage(ds, sp.stage, sp.cfg, sp.resolved, audit=sp.audit, block_rows=block_rows, engine=ref,
-                       engine_tasks=p.engines[sp.engine].config.batches_in_flight if sp.engine else 2)
+                       engine_tasks=p.engines[sp.engine].config.batches_in_flight if sp.engine else 2, cache=cache)
     rows_uri = io.join(state, "rows")
     # min_bytes_per_file=1: every block is committed as soon as it is done (the resume unit),
     # instead of Ray combining small blocks into one file written at the end.
@@ -392,7 +399,9 @@ def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selec
 
     The ingest row also counts ``not_selected`` (valid rows left out by ``--limit``). LLM
     stages add ``llm_attempts_total``, ``llm_repaired_total`` and ``llm_parse_failures``
-    (rows whose first reply did not validate); the image stage adds
+    (rows whose first reply did not validate), and the sums of their per-row token and cache
+    columns (``LLM_SUMS``: ``prompt_tokens``, ``completion_tokens``, ``cache_hits``,
+    ``cache_misses``, ``cached_prompt_tokens``, ``cached_completion_tokens``); the image stage adds
     ``prompt_weights_stripped`` (rows whose (object:w) weights the pipeline could not apply).
     """
     order = [sp.stage.name for sp in p.row_stages(phase)]
@@ -415,6 +424,11 @@ def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selec
                 if c == "llm_attempts":
                     row["llm_parse_failures"] = sum(1 for v in vals if int(v) > 1) + (
                         rej if not sp.cfg.params.get("max_repairs", 1) else 0)
+        for c in LLM_SUMS if is_llm_stage(sp.stage) else ():
+            raw = c if c.endswith("_tokens") and not c.startswith("cached") else f"llm_{c}"
+            col = sp.stage.rename.get(raw, raw)  # the stage's name for the LLM stage's column
+            if col in sp.outputs and col in rows.column_names:
+                row[c] = int(pc.sum(rows.column(col)).as_py() or 0)
         if "prompt_weights_stripped" in sp.outputs and "prompt_weights_stripped" in rows.column_names:
             row["prompt_weights_stripped"] = sum(1 for v in rows.column("prompt_weights_stripped").to_pylist() if v)
         if sp.audit:
@@ -544,6 +558,8 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         "runs": (previous or {}).get("runs", []) + [{"started": started.isoformat(), "rows_processed": processed,
                                                      "wall_s": round(time.time() - t0, 2), "command": argv}],
         "funnel": fun,
+        # generation cache: per LLM stage, calls served from it and calls sent (committed rows)
+        "cache": cache_section(recipe, fun),
         # the shared LLM engines: spec, replicas, stages served, requests and tokens (this run's,
         # or the last run that started them when nothing needed them now)
         "engines": _engine_section(engines, previous),
@@ -555,6 +571,21 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     io.write_text(io.join(out, "manifest.json"), json.dumps(manifest, indent=2, default=str))
     report.write_quietly(out)
     return manifest
+
+
+def cache_section(recipe: Recipe, fun: list[dict]) -> dict:
+    """``manifest["cache"]``: ``uri`` (None: no cache), ``cache_rejects``, and per stage that
+    made model calls ``{"hits", "misses", "saved_prompt_tokens", "saved_completion_tokens"}``
+    summed over the committed rows of the output (funnel rows; a stage key is
+    ``phase:stage`` in multi-phase runs)."""
+    stages = {}
+    for r in fun:
+        if "cache_hits" in r:
+            key = f"{r['phase']}:{r['stage']}" if r.get("phase") else r["stage"]
+            stages[key] = {"hits": r["cache_hits"], "misses": r["cache_misses"],
+                           "saved_prompt_tokens": r.get("cached_prompt_tokens", 0),
+                           "saved_completion_tokens": r.get("cached_completion_tokens", 0)}
+    return {"uri": recipe.cache, "cache_rejects": recipe.cache_rejects, "stages": stages}
 
 
 def _engine_section(engines: EngineSet, previous: dict | None) -> list[dict]:

@@ -217,9 +217,10 @@ def apply_stage(table: pa.Table, call: Callable, run: StageRun) -> pa.Table:
 class StageActor:
     """Actor wrapper: loads the stage's model actor once, applies it per block with isolation."""
 
-    def __init__(self, target: str, model: dict | None, params: dict, run: StageRun):
+    def __init__(self, target: str, model: dict | None, params: dict, run: StageRun, cache: dict | None = None):
         module, _, cls = target.partition(":")
-        self.inner = getattr(importlib.import_module(module), cls)(model=model, params=params)
+        extra = {"cache": cache} if cache else {}
+        self.inner = getattr(importlib.import_module(module), cls)(model=model, params=params, **extra)
         self.run = run
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -256,15 +257,15 @@ ENGINE_CLIENT_NUM_CPUS = 0.05
 
 
 @functools.lru_cache(maxsize=32)
-def _engine_client(target: str, model_json: str, params_json: str, engine_json: str):
+def _engine_client(target: str, model_json: str, params_json: str, engine_json: str, cache_json: str = "null"):
     """The stage object of an engine-backed LLM stage, made once per worker process."""
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)(model=json.loads(model_json), params=json.loads(params_json),
-                                                          engine=json.loads(engine_json))
+                                                          engine=json.loads(engine_json), cache=json.loads(cache_json))
 
 
 def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_rows: int | None = None,
-              engine: dict | None = None, engine_tasks: int = 2):
+              engine: dict | None = None, engine_tasks: int = 2, cache: dict | None = None):
     """Append ``stage`` to the Ray dataset ``ds`` with the recipe's ``cfg`` (a StageConfig).
 
     Task stages become a task ``map_batches``; actor stages an actor pool
@@ -275,7 +276,9 @@ def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_r
     otherwise merge blocks into one batch, and a small run would stop streaming). The
     operator carries the stage's name, so Ray Data's progress and statistics show it.
     ``resolved`` is the stage's ``ResolvedModel`` (placeholder flag, load path); the stage's
-    ``runtime_env`` is passed to Ray with the forwarded environment variables.
+    ``runtime_env`` is passed to Ray with the forwarded environment variables. ``cache``: the
+    run's generation cache config (``{"uri", "cache_rejects"}``, ``actors.gen_cache``), given to
+    model actor classes that declare ``supports_cache = True``.
     """
     import ray.data
 
@@ -290,9 +293,11 @@ def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_r
     env = ray_runtime_env(cfg.runtime_env, forwarded_env())
     if env:
         common["runtime_env"] = env
+    if not (stage.is_actor and getattr(stage.actor_class(), "supports_cache", False)):
+        cache = None
     if engine is not None:
         client = (stage.target, json.dumps(resolved.model_dump(mode="json")),
-                  json.dumps(stage.merged(cfg.params), default=str), json.dumps(engine))
+                  json.dumps(stage.merged(cfg.params), default=str), json.dumps(engine), json.dumps(cache))
 
         def call(table: pa.Table) -> pa.Table:
             return apply_stage(table, _engine_client(*client), run)
@@ -307,7 +312,7 @@ def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_r
             num_gpus=cfg.num_gpus or None,
             fn_constructor_kwargs=dict(target=stage.target,
                                        model=resolved.model_dump() if resolved else None,
-                                       params=stage.merged(cfg.params), run=run),
+                                       params=stage.merged(cfg.params), run=run, cache=cache),
             **common)
     params = stage.validated_params(cfg.params)
     target = stage.target
@@ -321,7 +326,9 @@ def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_r
 LLM_OUTPUTS = {"generated_text": "text", "parsed": "parsed", "finish_reason": "finish_reason",
                "prompt_tokens": "prompt_tokens", "completion_tokens": "completion_tokens",
                "llm_backend": "backend", "llm_model": "model", "llm_attempts": "llm_attempts",
-               "llm_repaired": "llm_repaired"}
+               "llm_repaired": "llm_repaired", "llm_cache_hits": "cache_hits", "llm_cache_misses": "cache_misses",
+               "llm_cached_prompt_tokens": "cached_prompt_tokens",
+               "llm_cached_completion_tokens": "cached_completion_tokens"}
 
 
 def llm_stage(name: str, schema: str | None = None, filter: bool = True, **defaults: Any) -> Stage:

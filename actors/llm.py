@@ -141,7 +141,9 @@ class LLMStage:
     ``ResolvedModel.model_dump()`` (a dict, so it pickles into actors), ``params`` a dict of
     ``LLMParams`` fields, ``engine`` a shared engine's address (``make_engine``), ``cache`` the
     generation cache config ``{"uri", "cache_rejects"}`` (None: no cache; see the module
-    docstring). Loads the model / opens the client once (or only gets the engine's handle).
+    docstring), ``budget`` a spend meter config (``actors.budget.MeterClient``: every batch of
+    calls sent is admitted first and its billed tokens reported; a refusal raises
+    ``actors.budget.BudgetExceeded``, which stops the run). Loads the model / opens the client once (or only gets the engine's handle).
     Raises ``pydantic.ValidationError``/``ValueError`` for bad params and the backend's load errors.
 
     ``__call__(batch)``: ``batch`` is ``dict[str, np.ndarray]`` (Ray Data
@@ -164,11 +166,12 @@ class LLMStage:
     """
 
     Params = LLMParams
-    #: the runtime passes a run's generation cache config to this class (``cache=``)
+    #: the runtime passes a run's generation cache config (``cache=``) and spend meter (``budget=``)
     supports_cache = True
+    supports_budget = True
 
     def __init__(self, model: dict, params: dict | None = None, engine: dict | None = None,
-                 cache: dict | None = None):
+                 cache: dict | None = None, budget: dict | None = None):
         self.resolved = ResolvedModel.model_validate(model)
         self.params = LLMParams.model_validate(params or {})
         self.default_format = self.params.output_format()
@@ -177,6 +180,11 @@ class LLMStage:
         self.cache = open_cache(cache) if self.resolved.spec.backend != "openai_batch" else None
         self.cache_rejects = bool((cache or {}).get("cache_rejects", False))
         self._identity = model_identity(self.resolved)
+        self.meter = None
+        if budget:
+            from actors.budget import MeterClient
+
+            self.meter = MeterClient(budget)
 
     @classmethod
     def columns(cls, params: dict | None = None) -> tuple[list[str], list[str]]:
@@ -253,13 +261,22 @@ class LLMStage:
 
     def _send(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:
         """The engine's replies; an engine-wide failure is re-raised when transient (the runtime
-        retries the rows), else it becomes every request's reply (each row errors)."""
+        retries the rows), else it becomes every request's reply (each row errors). With a spend
+        meter the batch is admitted first (``BudgetExceeded`` otherwise) and its tokens reported."""
+        reserved = self.meter.admit(len(requests)) if self.meter is not None else 0.0
         try:
-            return self.engine.generate(requests)
+            replies = self.engine.generate(requests)
         except Exception as e:  # noqa: BLE001 - see above
             if getattr(self.engine, "is_transient", lambda _: False)(e):
+                if self.meter is not None:
+                    self.meter.add(0, 0, 0, reserved)  # release the projection
                 raise
-            return [e] * len(requests)
+            replies = [e] * len(requests)
+        if self.meter is not None:
+            good = [r for r in replies if isinstance(r, LLMReply)]
+            self.meter.add(len(requests), sum(int(r.prompt_tokens or 0) for r in good),
+                           sum(int(r.completion_tokens or 0) for r in good), reserved)
+        return replies
 
     def _generate(self, pending: list[LLMRequest], results: list[_RowResult]) -> list[LLMReply | BaseException]:
         """Replies to ``pending``: from the cache where it may serve them, else from the engine

@@ -283,3 +283,50 @@ def test_image_parts_are_keyed_by_content(tmp_path):
         return stage._key(LLMRequest(0, "r", msgs, {"temperature": 0.0}, OutputFormat()))
 
     assert key(a) == key(b) != key(c)
+
+
+def test_max_cost_stops_cleanly_and_the_same_command_resumes(ray_local, tmp_path):
+    """A tiny price makes every call expensive: the run stops with committed rows kept and
+    ``stopped: budget``; rerunning the same command (a larger limit) sends only the calls of the
+    rows not committed and finishes."""
+    from jobs.core import cost, driver, store
+    from jobs.core.recipe import load_recipe
+    from tests import toy_llm
+
+    topics = [f"apples {k}" for k in range(8)]
+    with LoopbackServer(toy_respond) as srv:
+        rf, inp = toy_recipe(tmp_path, srv.url), toy_input(tmp_path, topics)
+        out = str(tmp_path / "out")
+        # ask_colour: 20 + 4 tokens = 0.24 USD per call; ask_name: 12 + 3 tokens = 0.15 USD per call
+        prices = ["prices={toy-model: {input_per_1m: 10000, output_per_1m: 10000}}"]
+
+        def recipe(limit):
+            return load_recipe(toy_llm.RECIPE, "toy_llm", recipe_file=rf, input=inp, output=out,
+                               overrides=prices + [f"max_cost={limit}"])
+
+        with pytest.raises(cost.BudgetStop) as stop:
+            driver.run(toy_llm, recipe(2.0), ["toy_llm"])
+        sent1 = len(srv.requests)
+        m1 = store.load_manifest(out)
+        assert m1["stopped"] == "budget" and stop.value.limit_usd == 2.0
+        assert m1["budget"]["stopped"] and m1["budget"]["spent_usd"] == pytest.approx(
+            0.24 * sum(1 for r in srv.requests if _stage_of(r) == "ask_colour")
+            + 0.15 * sum(1 for r in srv.requests if _stage_of(r) == "ask_name"))
+        committed = store.read_table(store.work(out, "rows"))
+        n1 = 0 if committed is None else committed.num_rows
+        assert n1 < len(topics) and sent1 < 2 * len(topics)
+        assert m1["cost"]["total_usd"] == pytest.approx(0.39 * n1)  # the committed rows' calls
+        assert m1["budget"]["spent_usd"] <= 2.0 + 0.24 + 0.15  # at most each stage's first batch unprojected
+        assert m1["outputs"] == {}  # nothing exported from a stopped run
+
+        m2 = driver.run(toy_llm, recipe(100.0), ["toy_llm"])
+        assert m2["stopped"] is None and m2["resumed"] == (n1 > 0)
+        assert len(srv.requests) - sent1 == 2 * (len(topics) - n1)  # committed rows are not asked again
+        rows = store.read_table(store.work(out, "rows")).to_pylist()
+        assert sorted(r["id"] for r in rows) == [f"t{k}" for k in range(len(topics))]
+        f = {r["stage"]: r for r in m2["funnel"]}
+        assert f["ask_colour"]["usd"] == pytest.approx(0.24 * len(topics))
+        assert m2["cost"]["total_usd"] == pytest.approx(0.39 * len(topics))
+        assert m2["cost"]["per_kept_row_usd"] == pytest.approx(0.39)
+        assert m2["cost"]["stages"]["ask_name"]["billed_prompt_tokens"] == 12 * len(topics)
+

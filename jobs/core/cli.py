@@ -22,6 +22,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threa
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters; a remote one sets its own
 
 
+#: exit status of a run stopped by --max-cost (committed rows kept; rerun to resume)
+BUDGET_EXIT = 3
+
+
 def _pipeline_parser(name: str, module) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"python -m jobs {name}", description=module.__doc__.splitlines()[0])
     ap.add_argument("--input", help="input path or s3:// URI")
@@ -100,9 +104,21 @@ def run_pipeline(name: str, argv: list[str]) -> int:
     if not recipe.input:
         raise ValueError("--input is required")
     driver.check_inputs(recipe)  # before a cluster is started
-    manifest = driver.run(module, recipe, ["python", "-m", "jobs", name, *argv], address=args.address)
+    from jobs.core import cost, store
+
+    try:
+        manifest = driver.run(module, recipe, ["python", "-m", "jobs", name, *argv], address=args.address)
+    except cost.BudgetStop as e:
+        manifest = store.load_manifest(recipe.output.rstrip("/"))
+        print()
+        driver.print_funnel(manifest["funnel"])
+        print(cost.format_cost(manifest["cost"]))
+        print(f"\n{e}", file=sys.stderr)
+        return BUDGET_EXIT
     print()
     driver.print_funnel(manifest["funnel"])
+    if manifest["cost"]["stages"]:
+        print(cost.format_cost(manifest["cost"]))
     if manifest["placeholder_stages"]:
         audit = manifest.get("audit_stages") or []
         print(f"\nNOTE: placeholder models in {', '.join(manifest['placeholder_stages'])}: their outputs are not "

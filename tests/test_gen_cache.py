@@ -110,6 +110,8 @@ def test_edited_stage_sends_only_its_calls_and_no_cache_sends_all(ray_local, tmp
         rows2 = {x["id"]: x for x in store.read_table(store.work(str(tmp_path / "out2"), "rows")).to_pylist()}
         assert all(rows2[i]["ask_colour_parsed"] == rows1[i]["ask_colour_parsed"] for i in rows1)
         assert all(rows2[i]["ask_colour_cache_hits"] == 1 for i in rows2)
+        html = (tmp_path / "out2" / "report.html").read_text()
+        assert 'id="cost"' in html and "ask_colour" in html and "saved by the generation cache" in html
         # ask_colour's prompt edited so that its replies change: ask_name's inputs change too
         m3, c3 = run("out3", ["ask_colour.params.system_prompt=Prefer TEAL."])
         assert c3 == {"ask_colour": 3, "ask_name": 3}
@@ -318,6 +320,7 @@ def test_max_cost_stops_cleanly_and_the_same_command_resumes(ray_local, tmp_path
         assert m1["cost"]["total_usd"] == pytest.approx(0.39 * n1)  # the committed rows' calls
         assert m1["budget"]["spent_usd"] <= 2.0 + 0.24 + 0.15  # at most each stage's first batch unprojected
         assert m1["outputs"] == {}  # nothing exported from a stopped run
+        assert "Stopped by --max-cost" in (tmp_path / "out" / "report.html").read_text()
 
         m2 = driver.run(toy_llm, recipe(100.0), ["toy_llm"])
         assert m2["stopped"] is None and m2["resumed"] == (n1 > 0)

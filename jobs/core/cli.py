@@ -100,6 +100,16 @@ def run_pipeline(name: str, argv: list[str]) -> int:
         print(driver.describe_plan(p))
         if p.placeholder_stages():
             print(f"placeholder models (outputs marked, filters in audit mode): {', '.join(p.placeholder_stages())}")
+        if recipe.prices:
+            from jobs.core import cost, store
+            from udfs import io
+
+            out = (recipe.output or "").rstrip("/")
+            previous = store.load_manifest(out) if out and io.exists(io.join(out, "manifest.json")) else None
+            table = cost.dry_run_table(p, recipe, previous, recipe.limit)
+            if table:
+                print("cost (USD per 1M tokens from the recipe's prices):")
+                print(table)
         return 0
     if not recipe.input:
         raise ValueError("--input is required")

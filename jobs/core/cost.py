@@ -141,3 +141,51 @@ def format_cost(cost: dict[str, Any]) -> str:
     if cost.get("unpriced_models"):
         line += f"; no price for {', '.join(cost['unpriced_models'])} (recipe prices:)"
     return line
+
+
+def dry_run_table(plan, recipe: Recipe, previous: dict | None, rows: int | None) -> str:
+    """The ``--dry-run`` price table: one line per LLM stage (model, USD per 1M input/output
+    tokens) and, when ``previous`` (the manifest of an earlier run of this recipe, e.g. a
+    ``--limit 20`` sample in ``--output``) has token counts, the measured tokens per input row
+    and the projected USD for ``rows`` input rows (default: that run's input rows). Nothing is
+    guessed: without a previous run the estimate column says how to get one."""
+    measured: dict[str, dict] = {}
+    n_prev = 0
+    for r in (previous or {}).get("funnel", []):
+        if r["stage"] in ("ingest",) or r["stage"].endswith(":ingest"):
+            n_prev = n_prev or int(r.get("out") or 0)
+        elif "prompt_tokens" in r:
+            measured[r["stage"]] = r
+    rows = rows or n_prev
+    lines = [f"  {'stage':<22}{'model':<22}{'in $/1M':>9}{'out $/1M':>9}{'tok/row in':>11}{'tok/row out':>12}"
+             f"{'est. USD':>10}"]
+    total, unknown = 0.0, False
+    for sp in plan.stages:
+        model, price, batch = stage_price(recipe, sp)
+        if model is None:
+            continue
+        pin = pout = None
+        if price is not None:
+            pin, pout = (price.batch_input_per_1m, price.batch_output_per_1m) if batch else \
+                (price.input_per_1m, price.output_per_1m)
+        m = measured.get(sp.stage.name)
+        tin = tout = est = None
+        if m is not None and n_prev:
+            tin, tout = m["prompt_tokens"] / n_prev, m["completion_tokens"] / n_prev
+            if pin is not None and pout is not None and rows:
+                est = (tin * pin + tout * pout) * rows / 1e6
+        if est is None and price is not None:
+            unknown = True
+        total += est or 0.0
+        fmt = (lambda v, w, d: f"{'-' if v is None else f'{v:.{d}f}':>{w}}")
+        lines.append(f"  {sp.stage.name:<22}{model[:21]:<22}{fmt(pin, 9, 3)}{fmt(pout, 9, 3)}{fmt(tin, 11, 1)}"
+                     f"{fmt(tout, 12, 1)}{fmt(est, 10, 2)}")
+    if len(lines) == 1:
+        return ""
+    if measured and rows:
+        lines.append(f"  estimated total for {rows} input rows: {total:.2f} USD (token counts measured by the run "
+                     "in --output; prices from the recipe, as listed by the providers)")
+    if unknown or not measured:
+        lines.append("  no measured token counts for some stages: run a sample first (e.g. --limit 20 --output OUT), "
+                     "then --dry-run --output OUT [--limit N] projects its tokens per row to N rows")
+    return "\n".join(lines)

@@ -28,6 +28,18 @@ Other per-row failures (HTTP 400, retries exhausted, bad ``messages``) become
 ``rows.ROW_ERROR`` = ``"ExceptionType: message"``. One bad row never fails the batch; a
 transient failure of the whole engine call (timeout, replica restarting) is raised so the
 runtime retries the rows.
+
+Generation cache (``cache={"uri": ..., "cache_rejects": bool}``, ``actors.gen_cache``): every
+call of the re-ask loop is looked up by the hash of its model identity, messages (images by
+content hash), sampling and output format before it is sent; every reply the engine returns
+is stored (failures never are). A cached reply is validated like a fresh one. With
+``cache_rejects: false`` (the default) a cached reply that fails validation is not served: the
+call is sent again, so rows that were rejected (or repaired) re-ask; with ``true`` the whole
+re-ask chain, a final reject included, is replayed from the cache at no cost. Per row the stage
+counts ``llm_cache_hits`` (calls served from the cache), ``llm_cache_misses`` (calls looked up
+and sent) and the tokens of the hits (``llm_cached_prompt_tokens``/``llm_cached_completion_tokens``,
+included in ``prompt_tokens``/``completion_tokens``: billed tokens are the difference). The
+``openai_batch`` backend is never cached (its replies come from result files already).
 """
 from __future__ import annotations
 
@@ -38,6 +50,7 @@ from typing import Any
 import numpy as np
 
 from actors.batching import object_column
+from actors.gen_cache import cache_key, model_identity, open_cache
 from actors.llm_base import (
     OPTIONAL_INPUT_COLUMNS,
     OUTPUT_COLUMNS,
@@ -71,6 +84,10 @@ class _RowResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     attempts: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
     error: str | None = None
     reject: str | None = None
     skipped: bool = False  # no messages: the stage before decided there is nothing to ask
@@ -120,11 +137,14 @@ def _column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
 class LLMStage:
     """Ray Data actor: adds ``OUTPUT_COLUMNS`` (+ ``rows.ROW_ERROR``/``rows.ROW_REJECT``) to a batch.
 
-    ``__init__(model, params, engine=None)``: ``model`` is ``ResolvedModel.model_dump()`` (a
-    dict, so it pickles into actors), ``params`` a dict of ``LLMParams`` fields, ``engine``
-    a shared engine's address (``make_engine``). Loads the model / opens the client once (or
-    only gets the engine's handle). Raises ``pydantic.ValidationError``/``ValueError`` for bad
-    params and the backend's load errors.
+    ``__init__(model, params, engine=None, cache=None)``: ``model`` is
+    ``ResolvedModel.model_dump()`` (a dict, so it pickles into actors), ``params`` a dict of
+    ``LLMParams`` fields, ``engine`` a shared engine's address (``make_engine``), ``cache`` the
+    generation cache config ``{"uri", "cache_rejects"}`` (None: no cache; see the module
+    docstring), ``budget`` a spend meter config (``actors.budget.MeterClient``: every batch of
+    calls sent is admitted first and its billed tokens reported; a refusal raises
+    ``actors.budget.BudgetExceeded``, which stops the run). Loads the model / opens the client once (or only gets the engine's handle).
+    Raises ``pydantic.ValidationError``/``ValueError`` for bad params and the backend's load errors.
 
     ``__call__(batch)``: ``batch`` is ``dict[str, np.ndarray]`` (Ray Data
     ``batch_format="numpy"``; lists and pandas DataFrames are accepted too) with a
@@ -136,6 +156,8 @@ class LLMStage:
     ``prompt_tokens``/``completion_tokens`` (int64, summed over attempts), ``llm_backend``,
     ``llm_model`` (str), ``llm_attempts`` (int64, 1 + repairs; 0 for rows whose input was
     invalid and never sent), ``llm_repaired`` (bool: valid only after a repair),
+    ``llm_cache_hits``/``llm_cache_misses``/``llm_cached_prompt_tokens``/
+    ``llm_cached_completion_tokens`` (int64, all 0 without a cache),
     ``rows.ROW_ERROR`` and ``rows.ROW_REJECT`` (None for good rows). A row whose ``messages``
     is null or blank makes no call: its outputs are None, its counts 0, ``llm_backend`` and
     ``llm_model`` None, no error and no reject (MIRROR's record completion asks only for what
@@ -144,13 +166,25 @@ class LLMStage:
     """
 
     Params = LLMParams
+    #: the runtime passes a run's generation cache config (``cache=``) and spend meter (``budget=``)
+    supports_cache = True
+    supports_budget = True
 
-    def __init__(self, model: dict, params: dict | None = None, engine: dict | None = None):
+    def __init__(self, model: dict, params: dict | None = None, engine: dict | None = None,
+                 cache: dict | None = None, budget: dict | None = None):
         self.resolved = ResolvedModel.model_validate(model)
         self.params = LLMParams.model_validate(params or {})
         self.default_format = self.params.output_format()
         self.engine = make_engine(self.resolved, self.params, engine)
         self._formats: dict[str, OutputFormat] = {}
+        self.cache = open_cache(cache) if self.resolved.spec.backend != "openai_batch" else None
+        self.cache_rejects = bool((cache or {}).get("cache_rejects", False))
+        self._identity = model_identity(self.resolved)
+        self.meter = None
+        if budget:
+            from actors.budget import MeterClient
+
+            self.meter = MeterClient(budget)
 
     @classmethod
     def columns(cls, params: dict | None = None) -> tuple[list[str], list[str]]:
@@ -198,15 +232,82 @@ class LLMStage:
 
     # ------------------------------------------------------------------ generation loop
 
+    def _key(self, req: LLMRequest) -> str | None:
+        """The cache key of one call, or None when an image of its messages cannot be read
+        (the call is then sent uncached and fails or succeeds on its own)."""
+        from udfs.llm_output import map_image_urls
+
+        try:
+            messages = map_image_urls(req.messages, self.cache.content_hash)
+        except (OSError, ValueError):
+            return None
+        return cache_key({"kind": "llm", "model": self._identity, "messages": messages, "sampling": req.sampling,
+                          "format": {"kind": req.fmt.kind, "schema": req.fmt.schema, "grammar": req.fmt.grammar}})
+
+    def _cached(self, req: LLMRequest, key: str | None) -> LLMReply | None:
+        """The cached reply of a call when it may be served (see ``cache_rejects``)."""
+        entry = self.cache.get(key) if key else None
+        if entry is None or not isinstance(entry.get("text"), str):
+            return None
+        rep = LLMReply(text=entry["text"], finish_reason=entry.get("finish_reason"),
+                       prompt_tokens=int(entry.get("prompt_tokens") or 0),
+                       completion_tokens=int(entry.get("completion_tokens") or 0))
+        if not self.cache_rejects:
+            try:
+                req.fmt.validate(rep.text)
+            except OutputValidationError:
+                return None
+        return rep
+
+    def _send(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:
+        """The engine's replies; an engine-wide failure is re-raised when transient (the runtime
+        retries the rows), else it becomes every request's reply (each row errors). With a spend
+        meter the batch is admitted first (``BudgetExceeded`` otherwise) and its tokens reported."""
+        reserved = self.meter.admit(len(requests)) if self.meter is not None else 0.0
+        try:
+            replies = self.engine.generate(requests)
+        except Exception as e:  # noqa: BLE001 - see above
+            if getattr(self.engine, "is_transient", lambda _: False)(e):
+                if self.meter is not None:
+                    self.meter.add(0, 0, 0, reserved)  # release the projection
+                raise
+            replies = [e] * len(requests)
+        if self.meter is not None:
+            good = [r for r in replies if isinstance(r, LLMReply)]
+            self.meter.add(len(requests), sum(int(r.prompt_tokens or 0) for r in good),
+                           sum(int(r.completion_tokens or 0) for r in good), reserved)
+        return replies
+
+    def _generate(self, pending: list[LLMRequest], results: list[_RowResult]) -> list[LLMReply | BaseException]:
+        """Replies to ``pending``: from the cache where it may serve them, else from the engine
+        (whose good replies are then stored). Counts hits and misses per row."""
+        if self.cache is None:
+            return self._send(pending)
+        keys = [self._key(req) for req in pending]
+        replies: list[LLMReply | BaseException | None] = [self._cached(req, k) for req, k in zip(pending, keys)]
+        send = [j for j, rep in enumerate(replies) if rep is None]
+        fresh = self._send([pending[j] for j in send]) if send else []
+        for j, rep in zip(send, fresh):
+            replies[j] = rep
+            results[pending[j].index].cache_misses += 1
+            if keys[j] and isinstance(rep, LLMReply):  # failures are never stored
+                self.cache.put(keys[j], {"text": rep.text, "finish_reason": rep.finish_reason,
+                                         "prompt_tokens": int(rep.prompt_tokens or 0),
+                                         "completion_tokens": int(rep.completion_tokens or 0),
+                                         "model": self.resolved.spec.model})
+        sent = set(send)
+        for j, rep in enumerate(replies):
+            if j not in sent:
+                r = results[pending[j].index]
+                r.cache_hits += 1
+                r.cached_prompt_tokens += int(rep.prompt_tokens or 0)
+                r.cached_completion_tokens += int(rep.completion_tokens or 0)
+        return replies
+
     def _run(self, requests: list[LLMRequest], results: list[_RowResult]) -> None:
         pending, attempt = requests, 1
         while pending:
-            try:
-                replies = self.engine.generate(pending)
-            except Exception as e:  # engine-wide failure: retried by the runtime, else every pending row errors
-                if getattr(self.engine, "is_transient", lambda _: False)(e):
-                    raise
-                replies = [e] * len(pending)
+            replies = self._generate(pending, results)
             retry = []
             for req, rep in zip(pending, replies):
                 r = results[req.index]
@@ -250,6 +351,8 @@ class LLMStage:
         out["llm_attempts"] = np.array([r.attempts for r in results], dtype=np.int64)
         out["llm_repaired"] = np.array([r.attempts > 1 and r.error is None and r.reject is None
                                         for r in results], dtype=bool)
+        for name in ("cache_hits", "cache_misses", "cached_prompt_tokens", "cached_completion_tokens"):
+            out[f"llm_{name}"] = np.array([getattr(r, name) for r in results], dtype=np.int64)
         out[rows.ROW_ERROR] = object_column([r.error for r in results])
         out[rows.ROW_REJECT] = object_column([r.reject if r.error is None else None for r in results])
         return out

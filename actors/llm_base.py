@@ -20,7 +20,8 @@ from udfs.llm_output import (OutputFormat, normalize_messages, normalize_samplin
 
 #: columns every LLM backend adds (one entry per row)
 OUTPUT_COLUMNS = ["generated_text", "parsed", "finish_reason", "prompt_tokens", "completion_tokens",
-                  "llm_backend", "llm_model", "llm_attempts", "llm_repaired"]
+                  "llm_backend", "llm_model", "llm_attempts", "llm_repaired", "llm_cache_hits", "llm_cache_misses",
+                  "llm_cached_prompt_tokens", "llm_cached_completion_tokens"]
 #: optional per-row input columns
 OPTIONAL_INPUT_COLUMNS = ["sampling", "response_format"]
 

@@ -76,3 +76,9 @@ class InputError(ValueError):
     def __init__(self, row_id: str, field: str, problem: str):
         super().__init__(f"row {row_id!r} field {field!r}: {problem}")
         self.row_id, self.field, self.problem = row_id, field, problem
+
+
+class StopRun(Exception):
+    """Raised by a stage when the whole run must stop now (e.g. its spend budget is used up):
+    the runtime never turns it into a row error; it ends the Ray Data execution, and the rows
+    already committed stay (a rerun resumes after them)."""

@@ -22,6 +22,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threa
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # local clusters; a remote one sets its own
 
 
+#: exit status of a run stopped by --max-cost (committed rows kept; rerun to resume)
+BUDGET_EXIT = 3
+
+
 def _pipeline_parser(name: str, module) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=f"python -m jobs {name}", description=module.__doc__.splitlines()[0])
     ap.add_argument("--input", help="input path or s3:// URI")
@@ -35,6 +39,12 @@ def _pipeline_parser(name: str, module) -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true",
                     help="validate recipe, resolve models and check columns; load nothing")
     ap.add_argument("--address", help="Ray cluster address (default: $RAY_ADDRESS or a local cluster)")
+    cache = ap.add_mutually_exclusive_group()
+    cache.add_argument("--cache", metavar="URI", help="generation cache folder or s3:// URI (default: the "
+                       "recipe's cache); unchanged model calls are served from it")
+    cache.add_argument("--no-cache", action="store_true", help="send every model call (ignore the recipe's cache)")
+    ap.add_argument("--max-cost", type=float, metavar="USD", help="stop cleanly before the spend on priced models "
+                    "(recipe prices) would pass USD; rerun the same command to resume")
     if hasattr(module, "add_arguments"):
         module.add_arguments(ap)
     return ap
@@ -73,10 +83,15 @@ def run_pipeline(name: str, argv: list[str]) -> int:
     args = _pipeline_parser(name, module).parse_args(argv)
     if args.limit is not None and args.limit < 1:
         raise ValueError("--limit must be at least 1")
-    fields = {"input": args.input, "output": args.output, "limit": args.limit}
+    if args.max_cost is not None and args.max_cost <= 0:
+        raise ValueError("--max-cost must be a positive number of USD")
+    fields = {"input": args.input, "output": args.output, "limit": args.limit, "cache": args.cache,
+              "max_cost": args.max_cost}
     if hasattr(module, "recipe_fields"):
         fields.update(module.recipe_fields(args))
     recipe = load_recipe(module.RECIPE, name, args.profile, args.recipe, args.set, **fields)
+    if args.no_cache:
+        recipe = recipe.model_copy(update={"cache": None})
     if recipe.profile == "offline":  # the offline profile never reaches a model hub
         os.environ["HF_HUB_OFFLINE"] = "1"
     p = driver.plan(module, recipe)
@@ -85,13 +100,35 @@ def run_pipeline(name: str, argv: list[str]) -> int:
         print(driver.describe_plan(p))
         if p.placeholder_stages():
             print(f"placeholder models (outputs marked, filters in audit mode): {', '.join(p.placeholder_stages())}")
+        if recipe.prices:
+            from jobs.core import cost, store
+            from udfs import io
+
+            out = (recipe.output or "").rstrip("/")
+            previous = store.load_manifest(out) if out and io.exists(io.join(out, "manifest.json")) else None
+            table = cost.dry_run_table(p, recipe, previous, recipe.limit)
+            if table:
+                print("cost (USD per 1M tokens from the recipe's prices):")
+                print(table)
         return 0
     if not recipe.input:
         raise ValueError("--input is required")
     driver.check_inputs(recipe)  # before a cluster is started
-    manifest = driver.run(module, recipe, ["python", "-m", "jobs", name, *argv], address=args.address)
+    from jobs.core import cost, store
+
+    try:
+        manifest = driver.run(module, recipe, ["python", "-m", "jobs", name, *argv], address=args.address)
+    except cost.BudgetStop as e:
+        manifest = store.load_manifest(recipe.output.rstrip("/"))
+        print()
+        driver.print_funnel(manifest["funnel"])
+        print(cost.format_cost(manifest["cost"]))
+        print(f"\n{e}", file=sys.stderr)
+        return BUDGET_EXIT
     print()
     driver.print_funnel(manifest["funnel"])
+    if manifest["cost"]["stages"]:
+        print(cost.format_cost(manifest["cost"]))
     if manifest["placeholder_stages"]:
         audit = manifest.get("audit_stages") or []
         print(f"\nNOTE: placeholder models in {', '.join(manifest['placeholder_stages'])}: their outputs are not "

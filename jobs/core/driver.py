@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.models import ModelResolutionError, ResolvedModel, resolve
-from jobs.core import report, stats
+from jobs.core import cost, report, stats
 from jobs.core.engines import EngineConfigError, EnginePlan, EngineSet, check_runtime_env, is_llm_stage, plan_engines
 from jobs.core.recipe import Recipe, RecipeError
 from jobs.core.runtime import RAY_DATA_DEFAULTS, Stage, add_stage, forwarded_env
@@ -54,6 +54,11 @@ PACKAGES = ("ray", "torch", "transformers", "diffusers", "open_clip_torch", "sen
 IO_NUM_CPUS = 0.1  # CPU share of the Ray Data read and write tasks
 #: blocks of an automatically sized run (``block_rows_for``): small inputs get one row per block
 AUTO_BLOCKS, AUTO_MAX_BLOCK_ROWS = 16, 16
+
+
+#: per-row LLM stage columns (``actors.llm.LLMStage``) the funnel sums per stage
+LLM_SUMS = ("prompt_tokens", "completion_tokens", "cache_hits", "cache_misses", "cached_prompt_tokens",
+            "cached_completion_tokens")
 
 
 class PlanError(ValueError):
@@ -284,7 +289,8 @@ def block_rows_for(recipe: Recipe, n_rows: int) -> int:
 def fingerprint(recipe: Recipe) -> dict:
     """What decides a run's rows: input, limit, seed and the pipeline's own settings (stage
     settings may change between a run and its resume)."""
-    return recipe.model_dump(mode="json", exclude={"stages", "output", "profile", "block_rows"})
+    return recipe.model_dump(mode="json", exclude={"stages", "output", "profile", "block_rows", "cache",
+                                                   "cache_rejects", "prices", "max_cost"})
 
 
 def _ingest(phase: Phase, recipe: Recipe, out: str, state: str,
@@ -327,10 +333,15 @@ def _ray_path(uri: str) -> str:
 
 
 def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, phase: str = "rows",
-            state: str | None = None, engines: EngineSet | None = None) -> list[dict]:
+            state: str | None = None, engines: EngineSet | None = None, meter=None,
+            budgets: dict[str, dict] | None = None) -> list[dict]:
     """Run ``phase``'s stages on Ray Data over its rows not yet committed (state folder
     ``state``, default ``OUT/_work``), starting the shared LLM engines they use (``engines``,
-    kept running for later phases); returns the per-stage table (``jobs.core.stats.stage_table``)."""
+    kept running for later phases); returns the per-stage table (``jobs.core.stats.stage_table``).
+
+    ``meter``/``budgets``: the run's spend meter actor and the per-stage meter configs
+    (``jobs.core.cost``); when the meter refused a batch the execution stops and this raises
+    ``cost.BudgetStop`` (the blocks committed before stay)."""
     import ray.data
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
@@ -362,16 +373,23 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
     if needed:
         engines = engines or EngineSet(p.engines, R.content_id(out)[:8], forwarded_env())
         engines.start(needed)
+    cache = {"uri": recipe.cache, "cache_rejects": recipe.cache_rejects} if recipe.cache else None
     for sp in p.row_stages(phase):
         ref = engines.ref(sp.engine, sp.stage.name) if sp.engine else None
         ds = add_stage(ds, sp.stage, sp.cfg, sp.resolved, audit=sp.audit, block_rows=block_rows, engine=ref,
-                       engine_tasks=p.engines[sp.engine].config.batches_in_flight if sp.engine else 2)
+                       engine_tasks=p.engines[sp.engine].config.batches_in_flight if sp.engine else 2, cache=cache,
+                       budget=(budgets or {}).get(sp.stage.name))
     rows_uri = io.join(state, "rows")
     # min_bytes_per_file=1: every block is committed as soon as it is done (the resume unit),
     # instead of Ray combining small blocks into one file written at the end.
     try:
         ds.write_parquet(_ray_path(rows_uri), filesystem=fs, min_bytes_per_file=1,
                          ray_remote_args={"num_cpus": IO_NUM_CPUS})
+    except Exception:
+        state_now = cost.meter_state(meter) if meter is not None else None
+        if state_now and state_now["stopped"]:  # a stage was refused: a clean stop, not a failure
+            raise cost.BudgetStop(state_now["spent_usd"], state_now["limit_usd"], state_now["stage"]) from None
+        raise
     finally:
         ctx.checkpoint_config = None  # do not leak into later writes of this process
     return stats.stage_table(ds, [sp.stage.name for sp in p.row_stages(phase)])
@@ -392,7 +410,9 @@ def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selec
 
     The ingest row also counts ``not_selected`` (valid rows left out by ``--limit``). LLM
     stages add ``llm_attempts_total``, ``llm_repaired_total`` and ``llm_parse_failures``
-    (rows whose first reply did not validate); the image stage adds
+    (rows whose first reply did not validate), and the sums of their per-row token and cache
+    columns (``LLM_SUMS``: ``prompt_tokens``, ``completion_tokens``, ``cache_hits``,
+    ``cache_misses``, ``cached_prompt_tokens``, ``cached_completion_tokens``); the image stage adds
     ``prompt_weights_stripped`` (rows whose (object:w) weights the pipeline could not apply).
     """
     order = [sp.stage.name for sp in p.row_stages(phase)]
@@ -415,6 +435,11 @@ def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selec
                 if c == "llm_attempts":
                     row["llm_parse_failures"] = sum(1 for v in vals if int(v) > 1) + (
                         rej if not sp.cfg.params.get("max_repairs", 1) else 0)
+        for c in LLM_SUMS if is_llm_stage(sp.stage) else ():
+            raw = c if c.endswith("_tokens") and not c.startswith("cached") else f"llm_{c}"
+            col = sp.stage.rename.get(raw, raw)  # the stage's name for the LLM stage's column
+            if col in sp.outputs and col in rows.column_names:
+                row[c] = int(pc.sum(rows.column(col)).as_py() or 0)
         if "prompt_weights_stripped" in sp.outputs and "prompt_weights_stripped" in rows.column_names:
             row["prompt_weights_stripped"] = sum(1 for v in rows.column("prompt_weights_stripped").to_pylist() if v)
         if sp.audit:
@@ -426,11 +451,14 @@ def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selec
 
 def print_funnel(rows: list[dict], file=sys.stdout) -> None:
     """Print the funnel as an aligned table."""
-    print(f"{'stage':<24}{'in':>8}{'out':>8}{'rejected':>10}{'errored':>9}{'wall_s':>9}", file=file)
+    priced = any(r.get("usd") is not None for r in rows)
+    print(f"{'stage':<24}{'in':>8}{'out':>8}{'rejected':>10}{'errored':>9}{'wall_s':>9}"
+          + (f"{'usd':>11}" if priced else ""), file=file)
     for r in rows:
-        wall = r.get("wall_s")
+        wall, usd = r.get("wall_s"), r.get("usd")
         print(f"{r['stage']:<24}{r['in']:>8}{r['out']:>8}{r['rejected']:>10}{r['errored']:>9}"
-              f"{'' if wall is None else f'{wall:.2f}':>9}", file=file)
+              f"{'' if wall is None else f'{wall:.2f}':>9}"
+              + (f"{'' if usd is None else f'{usd:.4f}':>11}" if priced else ""), file=file)
 
 
 def _versions() -> dict[str, str]:
@@ -471,6 +499,9 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     out = recipe.output.rstrip("/")
     p = plan(pipeline, recipe)
     check_inputs(recipe)
+    if recipe.max_cost and not cost.budget_configs(p, recipe, "check"):
+        raise PlanError("--max-cost needs recipe prices (prices: MODEL: {input_per_1m, output_per_1m}) for the "
+                        "model of at least one LLM stage")
     started = datetime.now(timezone.utc)
     t0 = time.time()
     ray_init(address)
@@ -488,6 +519,10 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     by_phase: dict[str, pa.Table] = {}
     processed, resumed = 0, False
     engines = EngineSet(p.engines, R.content_id(out)[:8], forwarded_env())
+    meter, budgets, stopped = None, {}, None
+    if recipe.max_cost:
+        meter_name, meter = cost.start_meter(recipe.max_cost, R.content_id(out)[:8])
+        budgets = cost.budget_configs(p, recipe, meter_name)
     try:
         for ph in phases:
             state = work(out) if single else work(out, ph.name)
@@ -500,14 +535,18 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
             processed += len(todo)
             table: list[dict] = []
             if todo and input_table.num_rows:
-                table = [{"phase": ph.name, **r}
-                         for r in execute(pipeline, recipe, p, out, input_table, ph.name, state, engines)]
+                try:
+                    table = [{"phase": ph.name, **r} for r in
+                             execute(pipeline, recipe, p, out, input_table, ph.name, state, engines, meter, budgets)]
+                except cost.BudgetStop as e:
+                    stopped = e
             if not table:  # nothing ran now: keep the figures of the run that did the work
                 table = old_tables.get(ph.name, [])
             stage_stats.extend(table)
             per_stage = stats.by_stage(table)
             committed = read_table(io.join(state, "rows"))
-            rows = _exactly_once(committed if committed is not None else input_table.slice(0, 0), input_table)
+            rows = _exactly_once(committed if committed is not None else input_table.slice(0, 0), input_table,
+                                 partial=stopped is not None)
             ingest_rej = read_table(io.join(state, "ingest_rejects"))
             n_ingest_rej = ingest_rej.num_rows if ingest_rej is not None else 0
             phase_fun = funnel(p, rows, n_ingest_rej, input_table.num_rows, not_selected, ph.name)
@@ -518,14 +557,19 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
             fun.extend(phase_fun)
             _split_outputs(rows, out, ingest_rej, None if single else ph.name)
             by_phase[ph.name] = rows
+            if stopped:  # later phases need this one's rows complete
+                break
         engines.collect()
     finally:
         engines.stop()
-    exported = pipeline.export(by_phase["rows"] if single else by_phase, recipe, out)
+    # a run stopped by its budget exports nothing: its outputs would be partial (the rerun exports)
+    exported = {} if stopped else pipeline.export(by_phase["rows"] if single else by_phase, recipe, out)
     # a pipeline whose last step selects among sub-row units (MM-GEN's loss filter over
     # samples, MIRROR's whole-dialogue drop) reports it as extra funnel rows:
     # {"stage", "in", "out", "rejected", "errored", "unit"}
     fun.extend(exported.pop("funnel", []) if isinstance(exported, dict) else [])
+    last = list(by_phase.values())[-1] if by_phase else None
+    kept = sum(1 for st in last.column(R.STATUS).to_pylist() if st == R.OK) if last is not None else 0
     manifest = {
         "pipeline": recipe.pipeline,
         "command": argv,
@@ -544,6 +588,14 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         "runs": (previous or {}).get("runs", []) + [{"started": started.isoformat(), "rows_processed": processed,
                                                      "wall_s": round(time.time() - t0, 2), "command": argv}],
         "funnel": fun,
+        # "budget": --max-cost stopped the run before its spend passed the limit (rerun to resume)
+        "stopped": "budget" if stopped else None,
+        # USD per stage and per kept row from the recipe's prices (jobs.core.cost)
+        "cost": cost.cost_section(p, recipe, fun, kept),
+        "budget": None if meter is None else {"max_cost_usd": recipe.max_cost, **{
+            k: v for k, v in cost.meter_state(meter).items() if k in ("spent_usd", "stopped", "stage", "per_stage")}},
+        # generation cache: per LLM stage, calls served from it and calls sent (committed rows)
+        "cache": cache_section(recipe, fun),
         # the shared LLM engines: spec, replicas, stages served, requests and tokens (this run's,
         # or the last run that started them when nothing needed them now)
         "engines": _engine_section(engines, previous),
@@ -554,7 +606,24 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     }
     io.write_text(io.join(out, "manifest.json"), json.dumps(manifest, indent=2, default=str))
     report.write_quietly(out)
+    if stopped:
+        raise stopped
     return manifest
+
+
+def cache_section(recipe: Recipe, fun: list[dict]) -> dict:
+    """``manifest["cache"]``: ``uri`` (None: no cache), ``cache_rejects``, and per stage that
+    made model calls ``{"hits", "misses", "saved_prompt_tokens", "saved_completion_tokens"}``
+    summed over the committed rows of the output (funnel rows; a stage key is
+    ``phase:stage`` in multi-phase runs)."""
+    stages = {}
+    for r in fun:
+        if "cache_hits" in r:
+            key = f"{r['phase']}:{r['stage']}" if r.get("phase") else r["stage"]
+            stages[key] = {"hits": r["cache_hits"], "misses": r["cache_misses"],
+                           "saved_prompt_tokens": r.get("cached_prompt_tokens", 0),
+                           "saved_completion_tokens": r.get("cached_completion_tokens", 0)}
+    return {"uri": recipe.cache, "cache_rejects": recipe.cache_rejects, "stages": stages}
 
 
 def _engine_section(engines: EngineSet, previous: dict | None) -> list[dict]:
@@ -565,11 +634,12 @@ def _engine_section(engines: EngineSet, previous: dict | None) -> list[dict]:
             for e in engines.stats()]
 
 
-def _exactly_once(rows: pa.Table, input_table: pa.Table) -> pa.Table:
+def _exactly_once(rows: pa.Table, input_table: pa.Table, partial: bool = False) -> pa.Table:
     """Committed rows, one per input id. Ray Data commits each block once; a row could only
     appear twice if a block were recomputed after a crash between its write and its
     checkpoint record, and then the first copy is kept. Raises ``RuntimeError`` if an
-    input id has no committed row (a row would be lost)."""
+    input id has no committed row (a row would be lost), unless ``partial`` (a run stopped
+    by its budget: the rerun processes them)."""
     ids = rows.column(R.ID).to_pylist()
     first: dict[str, int] = {}
     for k, i in enumerate(ids):
@@ -577,7 +647,7 @@ def _exactly_once(rows: pa.Table, input_table: pa.Table) -> pa.Table:
     if len(first) != len(ids):
         rows = rows.take(pa.array(sorted(first.values()), pa.int64()))
     missing = set(input_table.column(R.ID).to_pylist()) - set(first)
-    if missing:
+    if missing and not partial:
         raise RuntimeError(f"{len(missing)} input rows have no committed result (e.g. {sorted(missing)[:3]}); "
                            "rerun the same command to process them")
     return rows

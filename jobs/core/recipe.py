@@ -124,6 +124,19 @@ class StageConfig(BaseModel):
         return lo, max(lo, self.max_actors or lo)
 
 
+class Price(BaseModel):
+    """A model's prices in USD per 1M tokens, as the provider lists them. Batch prices apply to
+    ``openai_batch`` stages; they are never derived (a missing batch price leaves such a stage's
+    cost unknown)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input_per_1m: float = Field(ge=0, description="USD per 1M prompt (input) tokens")
+    output_per_1m: float = Field(ge=0, description="USD per 1M completion (output) tokens")
+    batch_input_per_1m: float | None = Field(None, ge=0, description="USD per 1M input tokens through the Batch API")
+    batch_output_per_1m: float | None = Field(None, ge=0, description="USD per 1M output tokens through the Batch API")
+
+
 class Recipe(BaseModel):
     """Fields common to every pipeline's recipe; pipelines subclass it with their own settings."""
 
@@ -140,6 +153,20 @@ class Recipe(BaseModel):
                                    "(default): sized from the input (jobs.core.driver.block_rows_for): one row "
                                    "per block for small runs so every stage has work while the others run, up "
                                    "to 16 rows for large ones")
+    cache: str | None = Field(None, description="Generation cache: a local folder or s3:// URI shared by every "
+                              "worker and run (actors.gen_cache). Model calls whose model, request, sampling and "
+                              "output format are unchanged are served from it; --cache URI sets it, --no-cache "
+                              "turns it off. None: no cache")
+    cache_rejects: bool = Field(False, description="Serve cached replies that fail the stage's validation. False "
+                                "(default): such a call is sent again, so rows that were rejected or repaired "
+                                "re-ask; true: a rejected row's whole re-ask chain is replayed from the cache. "
+                                "Errors (HTTP, timeouts) are never cached")
+    prices: dict[str, Price] = Field(default_factory=dict, description="USD per 1M tokens by model name (the "
+                                       "model spec's `model`), for the cost in the progress output, manifest "
+                                       "and report and for --max-cost (jobs.core.cost)")
+    max_cost: float | None = Field(None, gt=0, description="Stop the run cleanly before its spend on priced "
+                                   "models would pass this many USD (--max-cost); committed rows stay and the "
+                                   "same command resumes. None: no limit")
     engines: dict[str, EngineConfig] = Field(default_factory=dict, description="Shared LLM engines by name "
                                              "(stages name them with `engine:`)")
     stages: dict[str, StageConfig] = Field(default_factory=dict)

@@ -134,6 +134,8 @@ def _call_isolated(call: Callable, table: pa.Table, run: StageRun) -> tuple[dict
         part = table.slice(lo, hi - lo)
         try:
             out = call(_numpy_batch(part))
+        except R.StopRun:  # the run stops (budget): not a row failure
+            raise
         except Exception as exc:  # noqa: BLE001 - every row failure is recorded, none kills the job
             if hi - lo > 1:
                 mid = (lo + hi) // 2
@@ -217,9 +219,11 @@ def apply_stage(table: pa.Table, call: Callable, run: StageRun) -> pa.Table:
 class StageActor:
     """Actor wrapper: loads the stage's model actor once, applies it per block with isolation."""
 
-    def __init__(self, target: str, model: dict | None, params: dict, run: StageRun):
+    def __init__(self, target: str, model: dict | None, params: dict, run: StageRun, cache: dict | None = None,
+                 budget: dict | None = None):
         module, _, cls = target.partition(":")
-        self.inner = getattr(importlib.import_module(module), cls)(model=model, params=params)
+        extra = {k: v for k, v in (("cache", cache), ("budget", budget)) if v}
+        self.inner = getattr(importlib.import_module(module), cls)(model=model, params=params, **extra)
         self.run = run
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -256,15 +260,18 @@ ENGINE_CLIENT_NUM_CPUS = 0.05
 
 
 @functools.lru_cache(maxsize=32)
-def _engine_client(target: str, model_json: str, params_json: str, engine_json: str):
+def _engine_client(target: str, model_json: str, params_json: str, engine_json: str, cache_json: str = "null",
+                   budget_json: str = "null"):
     """The stage object of an engine-backed LLM stage, made once per worker process."""
     module, _, cls = target.partition(":")
     return getattr(importlib.import_module(module), cls)(model=json.loads(model_json), params=json.loads(params_json),
-                                                          engine=json.loads(engine_json))
+                                                          engine=json.loads(engine_json), cache=json.loads(cache_json),
+                                                          budget=json.loads(budget_json))
 
 
 def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_rows: int | None = None,
-              engine: dict | None = None, engine_tasks: int = 2):
+              engine: dict | None = None, engine_tasks: int = 2, cache: dict | None = None,
+              budget: dict | None = None):
     """Append ``stage`` to the Ray dataset ``ds`` with the recipe's ``cfg`` (a StageConfig).
 
     Task stages become a task ``map_batches``; actor stages an actor pool
@@ -275,7 +282,11 @@ def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_r
     otherwise merge blocks into one batch, and a small run would stop streaming). The
     operator carries the stage's name, so Ray Data's progress and statistics show it.
     ``resolved`` is the stage's ``ResolvedModel`` (placeholder flag, load path); the stage's
-    ``runtime_env`` is passed to Ray with the forwarded environment variables.
+    ``runtime_env`` is passed to Ray with the forwarded environment variables. ``cache``: the
+    run's generation cache config (``{"uri", "cache_rejects"}``, ``actors.gen_cache``), given to
+    model actor classes that declare ``supports_cache = True``; ``budget``: the stage's spend
+    meter config (``jobs.core.cost.budget_configs``), given to classes that declare
+    ``supports_budget = True``.
     """
     import ray.data
 
@@ -290,9 +301,14 @@ def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_r
     env = ray_runtime_env(cfg.runtime_env, forwarded_env())
     if env:
         common["runtime_env"] = env
+    if not (stage.is_actor and getattr(stage.actor_class(), "supports_cache", False)):
+        cache = None
+    if not (stage.is_actor and getattr(stage.actor_class(), "supports_budget", False)):
+        budget = None
     if engine is not None:
         client = (stage.target, json.dumps(resolved.model_dump(mode="json")),
-                  json.dumps(stage.merged(cfg.params), default=str), json.dumps(engine))
+                  json.dumps(stage.merged(cfg.params), default=str), json.dumps(engine), json.dumps(cache),
+                  json.dumps(budget))
 
         def call(table: pa.Table) -> pa.Table:
             return apply_stage(table, _engine_client(*client), run)
@@ -307,7 +323,8 @@ def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_r
             num_gpus=cfg.num_gpus or None,
             fn_constructor_kwargs=dict(target=stage.target,
                                        model=resolved.model_dump() if resolved else None,
-                                       params=stage.merged(cfg.params), run=run),
+                                       params=stage.merged(cfg.params), run=run, cache=cache,
+                                       budget=budget),
             **common)
     params = stage.validated_params(cfg.params)
     target = stage.target
@@ -321,7 +338,9 @@ def add_stage(ds, stage: Stage, cfg, resolved=None, audit: bool = False, block_r
 LLM_OUTPUTS = {"generated_text": "text", "parsed": "parsed", "finish_reason": "finish_reason",
                "prompt_tokens": "prompt_tokens", "completion_tokens": "completion_tokens",
                "llm_backend": "backend", "llm_model": "model", "llm_attempts": "llm_attempts",
-               "llm_repaired": "llm_repaired"}
+               "llm_repaired": "llm_repaired", "llm_cache_hits": "cache_hits", "llm_cache_misses": "cache_misses",
+               "llm_cached_prompt_tokens": "cached_prompt_tokens",
+               "llm_cached_completion_tokens": "cached_completion_tokens"}
 
 
 def llm_stage(name: str, schema: str | None = None, filter: bool = True, **defaults: Any) -> Stage:

@@ -40,6 +40,18 @@ counts ``llm_cache_hits`` (calls served from the cache), ``llm_cache_misses`` (c
 and sent) and the tokens of the hits (``llm_cached_prompt_tokens``/``llm_cached_completion_tokens``,
 included in ``prompt_tokens``/``completion_tokens``: billed tokens are the difference). The
 ``openai_batch`` backend is never cached (its replies come from result files already).
+
+Batch API mode (``--batch``; ``cache["batch"] = {"spool", "batch_ids", "failures"}``, only for the
+``openai`` backend; see ``jobs.core.batches``): nothing is sent. Each call is looked up in the
+cache; a hit is served as above, except that a reply ingested from one of this output's own
+batches (entry ``batch_id`` in ``batch_ids``) is always served, valid or not (it is the answer
+to this very call, and a re-ask follows from it), and counts as a miss: it was paid for, at the
+batch price, not saved. A call whose key the provider failed (``failures``: the folder of
+``{"key", "message"}`` lines ``jobs.core.batches`` writes) makes the row an error
+``BatchRequestError: <provider's message>``. Any other call is spooled (``actors.llm_batch.
+BatchSpool``) and its row is returned with ``rows.ROW_WAITING`` set: the runtime marks it
+``waiting``, the driver does not commit it, and the next run asks again (a hit once the batch
+is ingested). A re-ask is spooled the same way, so it becomes the next batch.
 """
 from __future__ import annotations
 
@@ -63,7 +75,7 @@ from actors.llm_base import (
     describe_error,
     row_inputs,
 )
-from actors.llm_batch import read_batch_results, write_batch_requests
+from actors.llm_batch import BatchSpool, read_batch_results, read_failures, write_batch_requests
 from actors.models import ResolvedModel
 from udfs import rows
 from udfs.llm_output import (
@@ -74,6 +86,17 @@ from udfs.llm_output import (
     repair_messages,
     to_python,
 )
+
+
+class BatchRequestError(RuntimeError):
+    """The Batch API reported an error for this call (an error line or a non-200 response)."""
+
+
+class _Spooled:
+    """The reply placeholder of a call spooled for the Batch API."""
+
+
+SPOOLED = _Spooled()
 
 
 @dataclass
@@ -91,6 +114,21 @@ class _RowResult:
     error: str | None = None
     reject: str | None = None
     skipped: bool = False  # no messages: the stage before decided there is nothing to ask
+    waiting: bool = False  # a call of this row was spooled for the Batch API
+
+
+class _SpoolOnly:
+    """The engine of a batch-mode stage: it sends nothing (calls go to the spool)."""
+
+    can_repair = True
+
+    def describe_error(self, exc: BaseException) -> str:
+        """``"ExceptionType: message"``."""
+        return describe_error(exc)
+
+    def generate(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:
+        """Never called in batch mode (``LLMStage._spool_or_serve`` answers every call)."""
+        raise RuntimeError("a batch-mode LLM stage sends no calls")
 
 
 def make_engine(resolved: ResolvedModel, params: LLMParams, engine: dict | None = None) -> LLMEngine:
@@ -175,10 +213,18 @@ class LLMStage:
         self.resolved = ResolvedModel.model_validate(model)
         self.params = LLMParams.model_validate(params or {})
         self.default_format = self.params.output_format()
-        self.engine = make_engine(self.resolved, self.params, engine)
         self._formats: dict[str, OutputFormat] = {}
         self.cache = open_cache(cache) if self.resolved.spec.backend != "openai_batch" else None
         self.cache_rejects = bool((cache or {}).get("cache_rejects", False))
+        self.spool, self._own_batches, self._failures = None, set(), {}
+        batch = (cache or {}).get("batch")
+        if batch and self.resolved.spec.backend == "openai" and self.cache is not None:
+            self.spool = BatchSpool(batch["spool"], batch.get("stage") or "", self.resolved.spec.options)
+            self._own_batches = set(batch.get("batch_ids") or ())
+            self._failures = read_failures(batch.get("failures"))
+            self.engine = _SpoolOnly()
+        else:
+            self.engine = make_engine(self.resolved, self.params, engine)
         self._identity = model_identity(self.resolved)
         self.meter = None
         if budget:
@@ -259,6 +305,44 @@ class LLMStage:
                 return None
         return rep
 
+    def _spool_or_serve(self, pending: list[LLMRequest], keys: list[str | None],
+                        results: list[_RowResult]) -> list[LLMReply | BaseException | _Spooled]:
+        """Batch mode: each call from the cache, a provider failure, or the spool (see the
+        module docstring)."""
+        replies: list[Any] = []
+        spooled = []
+        for req, key in zip(pending, keys):
+            r = results[req.index]
+            if key is None:
+                replies.append(rows.InputError(req.row_id or "?", "messages", "an image of the request cannot be read"))
+                continue
+            if key in self._failures:
+                replies.append(BatchRequestError(self._failures[key]))
+                continue
+            entry = self.cache.get(key)
+            if entry is not None and isinstance(entry.get("text"), str) and entry.get("batch_id") in self._own_batches:
+                r.cache_misses += 1  # sent (in this output's batch) and paid for: not a saving
+                replies.append(LLMReply(text=entry["text"], finish_reason=entry.get("finish_reason"),
+                                        prompt_tokens=int(entry.get("prompt_tokens") or 0),
+                                        completion_tokens=int(entry.get("completion_tokens") or 0)))
+                continue
+            rep = self._cached(req, key)
+            if rep is not None:
+                r.cache_hits += 1
+                r.cached_prompt_tokens += int(rep.prompt_tokens or 0)
+                r.cached_completion_tokens += int(rep.completion_tokens or 0)
+                replies.append(rep)
+                continue
+            try:
+                line = self.spool.request(key, self.resolved.spec.model, req)
+            except Exception as e:  # noqa: BLE001 - an unreadable image is this row's input error
+                replies.append(e)
+                continue
+            spooled.append((key, req.row_id, line))
+            replies.append(SPOOLED)
+        self.spool.write(spooled)
+        return replies
+
     def _send(self, requests: list[LLMRequest]) -> list[LLMReply | BaseException]:
         """The engine's replies; an engine-wide failure is re-raised when transient (the runtime
         retries the rows), else it becomes every request's reply (each row errors). With a spend
@@ -284,6 +368,8 @@ class LLMStage:
         if self.cache is None:
             return self._send(pending)
         keys = [self._key(req) for req in pending]
+        if self.spool is not None:
+            return self._spool_or_serve(pending, keys, results)
         replies: list[LLMReply | BaseException | None] = [self._cached(req, k) for req, k in zip(pending, keys)]
         send = [j for j, rep in enumerate(replies) if rep is None]
         fresh = self._send([pending[j] for j in send]) if send else []
@@ -312,6 +398,9 @@ class LLMStage:
             for req, rep in zip(pending, replies):
                 r = results[req.index]
                 r.attempts = attempt
+                if rep is SPOOLED:
+                    r.waiting = True
+                    continue
                 if isinstance(rep, PromptTooLongError):  # a filter's verdict, before any generation
                     r.prompt_tokens += rep.tokens
                     r.reject = f"PromptTooLong: {rep}"
@@ -355,6 +444,9 @@ class LLMStage:
             out[f"llm_{name}"] = np.array([getattr(r, name) for r in results], dtype=np.int64)
         out[rows.ROW_ERROR] = object_column([r.error for r in results])
         out[rows.ROW_REJECT] = object_column([r.reject if r.error is None else None for r in results])
+        if self.spool is not None:
+            out[rows.ROW_WAITING] = object_column([f"waiting for Batch API call {r.attempts}" if r.waiting else None
+                                                   for r in results])
         return out
 
 

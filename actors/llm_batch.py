@@ -1,6 +1,13 @@
-"""OpenAI Batch API mode (MIRROR's original way of running its screenplay generation).
+"""OpenAI Batch API request and result files (MIRROR's original way of running its screenplays).
 
-Two invocations:
+Two ways to use them:
+
+- **Round trip** (``--batch``, ``jobs.core.batches``): an ``LLMStage`` in batch mode spools each
+  call that the generation cache cannot answer with ``BatchSpool`` (one request line per call,
+  ``custom_id`` = the call's cache key, body = ``chat_body``); the driver uploads the spooled
+  lines and creates the batches; ``result_entries`` turns the provider's output/error lines into
+  cache entries and failures, so the next run answers those calls from the cache.
+- **Manual files** (backend ``openai_batch``, kept for existing recipes), two invocations:
 
 1. ``write_batch_requests(rows, model, params, out_uri)`` writes request files
    (``requests-00000.jsonl``, ...; each line ``{"custom_id": <row id>, "method": "POST",
@@ -17,6 +24,7 @@ Files are read/written through ``udfs.io`` (local paths or ``s3://``).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -134,6 +142,69 @@ def _result_record(line: dict[str, Any]) -> dict[str, Any]:
                prompt_tokens=int(usage.get("prompt_tokens") or 0),
                completion_tokens=int(usage.get("completion_tokens") or 0))
     return rec
+
+
+def result_entries(line: dict[str, Any], model: str, batch_id: str) -> tuple[str, dict[str, Any] | None, str | None]:
+    """One provider result line (output or error file) as ``(custom_id, cache entry, failure)``.
+
+    A success gives the entry ``LLMStage`` stores for a reply (``text``, ``finish_reason``,
+    ``prompt_tokens``, ``completion_tokens``, ``model``) plus ``batch_id``, and failure None; an
+    error line or a non-200 response gives entry None and the provider's message
+    (``"code: message"`` / ``"HTTP <status>: message"``). Raises ``ValueError`` without
+    ``custom_id``."""
+    cid = line.get("custom_id") if isinstance(line, dict) else None
+    if cid is None:
+        raise ValueError("result line has no custom_id")
+    rec = _result_record(line)
+    if rec["error"] is not None:
+        return str(cid), None, rec["error"]
+    return str(cid), {"text": rec["generated_text"], "finish_reason": rec["finish_reason"],
+                      "prompt_tokens": rec["prompt_tokens"], "completion_tokens": rec["completion_tokens"],
+                      "model": model, "batch_id": batch_id}, None
+
+
+def read_failures(uri: str | None) -> dict[str, str]:
+    """``{custom_id: provider message}`` from the ``*.jsonl`` files (lines ``{"key", "message"}``)
+    under ``uri`` (a folder; None or absent: empty)."""
+    out: dict[str, str] = {}
+    if not uri or not io.exists(uri):
+        return out
+    for f in io.list_files(uri, ".jsonl"):
+        for raw in io.read_text(f).splitlines():
+            if raw.strip():
+                rec = json.loads(raw)
+                out[str(rec["key"])] = str(rec["message"])
+    return out
+
+
+class BatchSpool:
+    """Where a batch-mode ``LLMStage`` puts the calls it does not send.
+
+    ``BatchSpool(uri, stage, options)``: ``uri`` is the stage's spool folder
+    (``OUT/_work/batches/spool/<stage>``), ``options`` the model spec's options (``chat_body``
+    settings and ``ImageInliner`` limits). ``request(key, model, req)`` returns the Batch API
+    request line of a call (``custom_id`` = ``key``; raises what ``ImageInliner`` raises for an
+    unreadable image); ``write(entries)`` writes one JSONL file of ``{"key", "row_id", "stage",
+    "request"}`` records under a unique name (one file per stage batch, so workers never share a
+    file) and returns its URI (None for no entries)."""
+
+    def __init__(self, uri: str, stage: str, options: dict[str, Any]):
+        self.uri, self.stage, self.options = uri, stage, dict(options)
+        self.inline = ImageInliner.from_options(self.options)
+
+    def request(self, key: str, model: str, req: LLMRequest) -> dict[str, Any]:
+        """The request line of one call (see the class docstring)."""
+        body = chat_body(model, self.inline(req.messages, req.row_id), req.sampling, req.fmt, self.options)
+        return {"custom_id": key, "method": "POST", "url": CHAT_URL, "body": body}
+
+    def write(self, entries: list[tuple[str, str | None, dict[str, Any]]]) -> str | None:
+        """Write ``(key, row id, request line)`` entries as one spool file; returns its URI."""
+        if not entries:
+            return None
+        uri = io.join(self.uri, f"{uuid.uuid4().hex}.jsonl")
+        io.write_text(uri, "".join(json.dumps({"key": k, "row_id": rid, "stage": self.stage, "request": r},
+                                              ensure_ascii=False) + "\n" for k, rid, r in entries))
+        return uri
 
 
 def _expand(uris: str | Iterable[str]) -> list[str]:

@@ -11,6 +11,9 @@ A stage function (task UDF or model actor) receives a batch ``dict[str, np.ndarr
 without raising, it may add the optional columns ``ROW_ERROR`` / ``ROW_REJECT``: one entry
 per row, ``None`` for rows that are fine, otherwise the message. Exceptions raised for a
 whole batch are isolated to the offending rows by the runtime (``jobs.core.runtime``).
+An LLM stage in Batch API mode may add ``ROW_WAITING`` (a note, None for rows it answered): such
+a row gets ``_status`` ``waiting``; it is not final, so the driver never commits it and the next
+run processes it again (``jobs.core.batches``).
 """
 from __future__ import annotations
 
@@ -21,12 +24,16 @@ import traceback
 ID = "id"
 STATUS = "_status"
 OK, REJECTED, ERROR = "ok", "rejected", "error"
+#: a row whose model call was put into a Batch API request file and has no reply yet: not final,
+#: never committed (the next run computes it again), passed through later stages like an error
+WAITING = "waiting"
 STAGE = "_stage"          # name of the stage that rejected or failed the row
 REASON = "_reason"        # reject reason, or the JSON error record for errors
 PLACEHOLDER = "_placeholder"  # comma-separated stage names whose model was a placeholder
 AUDIT = "_audit"          # comma-separated "stage:reason" verdicts a filter in audit mode did not apply
 ROW_ERROR = "__row_error__"    # optional per-row error messages returned by a stage function
 ROW_REJECT = "__row_reject__"  # optional per-row reject reasons returned by a stage function
+ROW_WAITING = "__row_waiting__"  # optional per-row "call spooled for the Batch API" notes (``WAITING``)
 
 CONTROL_COLUMNS = (STATUS, STAGE, REASON, PLACEHOLDER, AUDIT)
 

@@ -45,6 +45,10 @@ def _pipeline_parser(name: str, module) -> argparse.ArgumentParser:
     cache.add_argument("--no-cache", action="store_true", help="send every model call (ignore the recipe's cache)")
     ap.add_argument("--max-cost", type=float, metavar="USD", help="stop cleanly before the spend on priced models "
                     "(recipe prices) would pass USD; rerun the same command to resume")
+    ap.add_argument("--batch", action="store_true", default=None,
+                    help="send the LLM calls of OpenAI-compatible stages through the Batch API (half price, "
+                         "results within 24 h): the run submits them and ends; `python -m jobs status OUT` "
+                         "polls; rerunning the same command ingests the results and goes on")
     if hasattr(module, "add_arguments"):
         module.add_arguments(ap)
     return ap
@@ -86,7 +90,7 @@ def run_pipeline(name: str, argv: list[str]) -> int:
     if args.max_cost is not None and args.max_cost <= 0:
         raise ValueError("--max-cost must be a positive number of USD")
     fields = {"input": args.input, "output": args.output, "limit": args.limit, "cache": args.cache,
-              "max_cost": args.max_cost}
+              "max_cost": args.max_cost, "batch": args.batch}
     if hasattr(module, "recipe_fields"):
         fields.update(module.recipe_fields(args))
     recipe = load_recipe(module.RECIPE, name, args.profile, args.recipe, args.set, **fields)
@@ -95,8 +99,12 @@ def run_pipeline(name: str, argv: list[str]) -> int:
     if recipe.profile == "offline":  # the offline profile never reaches a model hub
         os.environ["HF_HUB_OFFLINE"] = "1"
     p = driver.plan(module, recipe)
+    driver.check_batch(p, recipe)
     if args.dry_run:
         print(f"recipe ok: {name}, profile {recipe.profile}, {len(p.stages)} stages")
+        if recipe.batch:
+            print("batch mode: the calls of " + ", ".join(sp.stage.name for sp in p.stages if driver.batched(sp))
+                  + " go through the Batch API (batch prices)")
         print(driver.describe_plan(p))
         if p.placeholder_stages():
             print(f"placeholder models (outputs marked, filters in audit mode): {', '.join(p.placeholder_stages())}")
@@ -134,8 +142,23 @@ def run_pipeline(name: str, argv: list[str]) -> int:
         print(f"\nNOTE: placeholder models in {', '.join(manifest['placeholder_stages'])}: their outputs are not "
               "meaningful" + (f"; filters in audit mode (verdicts recorded, not applied): {', '.join(audit)}."
                               if audit else "."))
+    if manifest.get("waiting"):
+        _print_waiting(manifest, recipe.output, ["python", "-m", "jobs", name, *argv])
+        return 0
     print(f"\noutputs in {recipe.output} (manifest.json, rejects/, errors/)")
     return 0
+
+
+def _print_waiting(manifest: dict, out: str, command: list[str]) -> None:
+    """What a ``--batch`` run left waiting and how to go on."""
+    from jobs.core import batches
+
+    pending = batches.pending(manifest.get("batches") or [])
+    rows = ", ".join(f"{n} at {stage}" for stage, n in manifest["waiting"].items())
+    print(f"\nwaiting for the Batch API: {rows} (rows not committed yet); {len(pending)} batch(es) pending:")
+    print(batches.describe(pending))
+    print(f"check them with: python -m jobs status {out}\n"
+          f"when they completed, rerun the same command: {' '.join(shlex.quote(a) for a in command)}")
 
 
 def submit(argv: list[str]) -> int:
@@ -186,8 +209,10 @@ def submit(argv: list[str]) -> int:
 
 
 def status(argv: list[str]) -> int:
-    """Print the per-stage funnel of a finished run from its manifest."""
-    from jobs.core import driver, store
+    """Print the per-stage funnel of a run from its manifest; for a ``--batch`` run, poll its
+    Batch API batches, print each one's state and ingest the finished ones
+    (``jobs.core.batches.poll``)."""
+    from jobs.core import batches, driver, store
 
     ap = argparse.ArgumentParser(prog="python -m jobs status")
     ap.add_argument("output")
@@ -197,6 +222,16 @@ def status(argv: list[str]) -> int:
     driver.print_funnel(m["funnel"])
     if m.get("placeholder_stages"):
         print(f"placeholder models: {', '.join(m['placeholder_stages'])}")
+    if batches.records(args.output):
+        recs = batches.poll(args.output)
+        print("\nBatch API batches:")
+        print(batches.describe(recs))
+        if m.get("waiting"):
+            rows = ", ".join(f"{n} at {stage}" for stage, n in m["waiting"].items())
+            todo = batches.pending(recs)
+            print(f"rows waiting: {rows}; " + (f"{len(todo)} batch(es) still running" if todo else
+                                               "every batch is ingested: rerun the command to go on: "
+                                               + " ".join(shlex.quote(a) for a in m["command"])))
     return 0
 
 

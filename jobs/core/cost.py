@@ -8,6 +8,14 @@ generation cache, which cost nothing and are reported as saved. ``openai_batch``
 batch prices; a missing price is never guessed: the stage's cost is then ``None`` and its model
 is listed as unpriced.
 
+Batch API round trip (``--batch``, ``jobs.core.batches``): the ``openai`` stages of such a run are
+priced at the batch prices. A reply ingested from one of the output's own batches is counted by
+the LLM stage as a call sent (a miss, billed tokens), not as a cache hit: it was paid for, at the
+batch price, by this output. The cost is computed over the committed rows, so it is the cost of
+the output, whichever run ingested the batch; rows still waiting are not counted yet. A resumed
+output whose earlier runs sent calls directly is priced by the mode of the run that writes the
+manifest (the per-call mode is not kept).
+
 Budget (``--max-cost USD``, recipe ``max_cost``): the driver starts a ``actors.budget.SpendMeter``
 actor; every priced LLM stage asks it before each batch of calls whether the projected spend
 (this run's spend so far + the stage's average cost per call so far x the batch's calls) stays
@@ -54,7 +62,8 @@ def stage_price(recipe: Recipe, stage_plan) -> tuple[str | None, Price | None, b
     if not is_llm_stage(stage_plan.stage) or stage_plan.resolved is None:
         return None, None, False
     spec = stage_plan.resolved.spec
-    return spec.model, recipe.prices.get(spec.model), spec.backend == "openai_batch"
+    batch = spec.backend == "openai_batch" or (recipe.batch and spec.backend == "openai")
+    return spec.model, recipe.prices.get(spec.model), batch
 
 
 def cost_section(plan, recipe: Recipe, fun: list[dict], kept_rows: int) -> dict[str, Any]:

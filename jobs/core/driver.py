@@ -20,6 +20,14 @@ Resume: rerunning the same command continues where the previous run stopped. Ray
 checkpointing (``CheckpointConfig`` on ``id``) skips rows already committed to
 ``_work/rows``; when every input id is committed the Ray pipeline is not started at all (no
 model is loaded) and only the export runs again.
+
+Batch API mode (``--batch``, ``jobs.core.batches``): rows whose LLM call went into a Batch API
+request file come out of the stages ``waiting``; they are dropped before the write (never
+committed, never checkpointed), so the next run processes them again. After a phase's
+execution the spooled calls are submitted as batches, the funnel counts those rows as
+``waiting`` at their stage, later phases and the export wait, and the manifest lists the
+batches (``batches``) and the waiting rows per stage (``waiting``). A ``--batch`` run first
+polls and ingests the batches that finished.
 """
 from __future__ import annotations
 
@@ -39,10 +47,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.models import ModelResolutionError, ResolvedModel, resolve
-from jobs.core import cost, report, stats
+from jobs.core import batches, cost, report, stats
 from jobs.core.engines import EngineConfigError, EnginePlan, EngineSet, check_runtime_env, is_llm_stage, plan_engines
 from jobs.core.recipe import Recipe, RecipeError
-from jobs.core.runtime import RAY_DATA_DEFAULTS, Stage, add_stage, forwarded_env
+from jobs.core.runtime import RAY_DATA_DEFAULTS, Stage, add_stage, drop_waiting, forwarded_env
 from jobs.core.store import load_manifest, read_table, work, write_jsonl, write_table
 from udfs import io
 from udfs import rows as R
@@ -290,7 +298,7 @@ def fingerprint(recipe: Recipe) -> dict:
     """What decides a run's rows: input, limit, seed and the pipeline's own settings (stage
     settings may change between a run and its resume)."""
     return recipe.model_dump(mode="json", exclude={"stages", "output", "profile", "block_rows", "cache",
-                                                   "cache_rejects", "prices", "max_cost"})
+                                                   "cache_rejects", "prices", "max_cost", "batch"})
 
 
 def _ingest(phase: Phase, recipe: Recipe, out: str, state: str,
@@ -334,14 +342,15 @@ def _ray_path(uri: str) -> str:
 
 def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, phase: str = "rows",
             state: str | None = None, engines: EngineSet | None = None, meter=None,
-            budgets: dict[str, dict] | None = None) -> list[dict]:
+            budgets: dict[str, dict] | None = None, batch: bool = False) -> list[dict]:
     """Run ``phase``'s stages on Ray Data over its rows not yet committed (state folder
     ``state``, default ``OUT/_work``), starting the shared LLM engines they use (``engines``,
     kept running for later phases); returns the per-stage table (``jobs.core.stats.stage_table``).
 
     ``meter``/``budgets``: the run's spend meter actor and the per-stage meter configs
     (``jobs.core.cost``); when the meter refused a batch the execution stops and this raises
-    ``cost.BudgetStop`` (the blocks committed before stay)."""
+    ``cost.BudgetStop`` (the blocks committed before stay). ``batch``: Batch API mode (the
+    ``openai`` LLM stages spool their uncached calls; waiting rows are not written)."""
     import ray.data
     from ray.data import DataContext
     from ray.data.checkpoint import CheckpointConfig
@@ -376,9 +385,14 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
     cache = {"uri": recipe.cache, "cache_rejects": recipe.cache_rejects} if recipe.cache else None
     for sp in p.row_stages(phase):
         ref = engines.ref(sp.engine, sp.stage.name) if sp.engine else None
+        stage_cache = cache
+        if batch and cache and batched(sp):
+            stage_cache = {**cache, "batch": batches.stage_config(out, phase, sp.stage.name)}
         ds = add_stage(ds, sp.stage, sp.cfg, sp.resolved, audit=sp.audit, block_rows=block_rows, engine=ref,
-                       engine_tasks=p.engines[sp.engine].config.batches_in_flight if sp.engine else 2, cache=cache,
-                       budget=(budgets or {}).get(sp.stage.name))
+                       engine_tasks=p.engines[sp.engine].config.batches_in_flight if sp.engine else 2,
+                       cache=stage_cache, budget=(budgets or {}).get(sp.stage.name))
+    if batch:  # waiting rows are not final: never committed (the next run computes them again)
+        ds = ds.map_batches(drop_waiting, batch_format="pyarrow", num_cpus=IO_NUM_CPUS, zero_copy_batch=True)
     rows_uri = io.join(state, "rows")
     # min_bytes_per_file=1: every block is committed as soon as it is done (the resume unit),
     # instead of Ray combining small blocks into one file written at the end.
@@ -395,9 +409,26 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
     return stats.stage_table(ds, [sp.stage.name for sp in p.row_stages(phase)])
 
 
+def batched(sp: StagePlan) -> bool:
+    """Does this stage's work go through the Batch API in a ``--batch`` run? (an LLM stage on an
+    OpenAI-compatible API, backend ``openai``)"""
+    return is_llm_stage(sp.stage) and sp.resolved is not None and sp.resolved.spec.backend == "openai"
+
+
+def check_batch(p: Plan, recipe: Recipe) -> None:
+    """Raise ``PlanError`` when ``--batch`` cannot apply: no LLM stage on an OpenAI-compatible
+    API, or ``--max-cost`` (a batch's spend is known only after the provider ran it)."""
+    if not recipe.batch:
+        return
+    if not any(batched(sp) for sp in p.stages if not sp.ingest):
+        raise PlanError("--batch needs at least one LLM stage on an OpenAI-compatible API (backend openai)")
+    if recipe.max_cost:
+        raise PlanError("--max-cost cannot be combined with --batch (a batch's spend is known only after it ran)")
+
+
 def reached(rows: pa.Table, order: list[str], stage: str, through: bool = False) -> list[bool]:
     """Per row: did it enter ``stage`` (``through=True``: get through it)? A row is ok, or
-    stopped (rejected/errored) at a stage of ``order``; rows stopped at ingest never enter."""
+    stopped (rejected/errored/waiting) at a stage of ``order``; rows stopped at ingest never enter."""
     pos = {s: k for k, s in enumerate(order)}
     k = pos[stage]
     return [st == R.OK or (pos.get(sg, -1) > k if through else pos.get(sg, -1) >= k)
@@ -406,7 +437,9 @@ def reached(rows: pa.Table, order: list[str], stage: str, through: bool = False)
 
 def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selected: int = 0,
            phase: str = "rows") -> list[dict]:
-    """Per-stage counts: rows in = out + rejected + errored (computed from the committed rows).
+    """Per-stage counts: rows in = out + rejected + errored (+ ``waiting``: rows of a ``--batch``
+    run whose call at this stage waits for a batch; only when ``rows`` holds waiting rows), computed
+    from the committed rows (and the waiting rows the driver adds).
 
     The ingest row also counts ``not_selected`` (valid rows left out by ``--limit``). LLM
     stages add ``llm_attempts_total``, ``llm_repaired_total`` and ``llm_parse_failures``
@@ -425,8 +458,11 @@ def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selec
         entered = sum(reached(rows, order, sp.stage.name))
         rej = sum(1 for s, st in zip(status, stage) if st == sp.stage.name and s == R.REJECTED)
         err = sum(1 for s, st in zip(status, stage) if st == sp.stage.name and s == R.ERROR)
-        row = {"stage": sp.stage.name, "in": entered, "out": entered - rej - err,
+        wait = sum(1 for s, st in zip(status, stage) if st == sp.stage.name and s == R.WAITING)
+        row = {"stage": sp.stage.name, "in": entered, "out": entered - rej - err - wait,
                "rejected": rej, "errored": err}
+        if wait or R.WAITING in status:
+            row["waiting"] = wait
         for c in ("llm_attempts", "llm_repaired"):
             col = f"{sp.stage.name}_{c}"
             if col in rows.column_names:
@@ -499,6 +535,9 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     out = recipe.output.rstrip("/")
     p = plan(pipeline, recipe)
     check_inputs(recipe)
+    check_batch(p, recipe)
+    if recipe.batch and not recipe.cache:
+        recipe = recipe.model_copy(update={"cache": batches.default_cache(out)})
     if recipe.max_cost and not cost.budget_configs(p, recipe, "check"):
         raise PlanError("--max-cost needs recipe prices (prices: MODEL: {input_per_1m, output_per_1m}) for the "
                         "model of at least one LLM stage")
@@ -520,6 +559,10 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
     processed, resumed = 0, False
     engines = EngineSet(p.engines, R.content_id(out)[:8], forwarded_env())
     meter, budgets, stopped = None, {}, None
+    waiting: dict[str, int] = {}  # stage key -> rows waiting for a batch (--batch)
+    if recipe.batch:  # ingest what finished; this run spools afresh
+        batches.poll(out)
+        batches.clear_spool(out)
     if recipe.max_cost:
         meter_name, meter = cost.start_meter(recipe.max_cost, R.content_id(out)[:8])
         budgets = cost.budget_configs(p, recipe, meter_name)
@@ -537,7 +580,8 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
             if todo and input_table.num_rows:
                 try:
                     table = [{"phase": ph.name, **r} for r in
-                             execute(pipeline, recipe, p, out, input_table, ph.name, state, engines, meter, budgets)]
+                             execute(pipeline, recipe, p, out, input_table, ph.name, state, engines, meter, budgets,
+                                     batch=recipe.batch)]
                 except cost.BudgetStop as e:
                     stopped = e
             if not table:  # nothing ran now: keep the figures of the run that did the work
@@ -545,11 +589,20 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
             stage_stats.extend(table)
             per_stage = stats.by_stage(table)
             committed = read_table(io.join(state, "rows"))
+            spool = batches.read_spool(out, ph.name) if recipe.batch else []
+            if spool:
+                batches.submit(out, ph.name, spool, {sp.stage.name: sp.resolved for sp in p.row_stages(ph.name)
+                                                     if batched(sp)}, recipe.cache)
+            waiting_ids = batches.waiting_rows(spool)
+            for stage_name in waiting_ids.values():
+                key = stage_name if single else f"{ph.name}:{stage_name}"
+                waiting[key] = waiting.get(key, 0) + 1
             rows = _exactly_once(committed if committed is not None else input_table.slice(0, 0), input_table,
-                                 partial=stopped is not None)
+                                 partial=stopped is not None, waiting=set(waiting_ids))
             ingest_rej = read_table(io.join(state, "ingest_rejects"))
             n_ingest_rej = ingest_rej.num_rows if ingest_rej is not None else 0
-            phase_fun = funnel(p, rows, n_ingest_rej, input_table.num_rows, not_selected, ph.name)
+            phase_fun = funnel(p, _with_waiting(rows, waiting_ids), n_ingest_rej, input_table.num_rows, not_selected,
+                               ph.name)
             for r in phase_fun:
                 r.update(per_stage.get(r["stage"], {}))
                 if not single:
@@ -557,13 +610,14 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
             fun.extend(phase_fun)
             _split_outputs(rows, out, ingest_rej, None if single else ph.name)
             by_phase[ph.name] = rows
-            if stopped:  # later phases need this one's rows complete
+            if stopped or waiting_ids:  # later phases need this one's rows complete
                 break
         engines.collect()
     finally:
         engines.stop()
     # a run stopped by its budget exports nothing: its outputs would be partial (the rerun exports)
-    exported = {} if stopped else pipeline.export(by_phase["rows"] if single else by_phase, recipe, out)
+    # nor does a run with rows waiting for batches (the run that gets their results exports)
+    exported = {} if stopped or waiting else pipeline.export(by_phase["rows"] if single else by_phase, recipe, out)
     # a pipeline whose last step selects among sub-row units (MM-GEN's loss filter over
     # samples, MIRROR's whole-dialogue drop) reports it as extra funnel rows:
     # {"stage", "in", "out", "rejected", "errored", "unit"}
@@ -596,6 +650,10 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
             k: v for k, v in cost.meter_state(meter).items() if k in ("spent_usd", "stopped", "stage", "per_stage")}},
         # generation cache: per LLM stage, calls served from it and calls sent (committed rows)
         "cache": cache_section(recipe, fun),
+        # --batch: every Batch API batch of this output (jobs.core.batches.summary) and the rows
+        # waiting for one, per stage (not committed; rerun the same command after they finished)
+        "batches": batches.summary(batches.records(out)),
+        "waiting": waiting,
         # the shared LLM engines: spec, replicas, stages served, requests and tokens (this run's,
         # or the last run that started them when nothing needed them now)
         "engines": _engine_section(engines, previous),
@@ -634,19 +692,30 @@ def _engine_section(engines: EngineSet, previous: dict | None) -> list[dict]:
             for e in engines.stats()]
 
 
-def _exactly_once(rows: pa.Table, input_table: pa.Table, partial: bool = False) -> pa.Table:
+def _with_waiting(rows: pa.Table, waiting: dict[str, str]) -> pa.Table:
+    """``rows`` plus one row per waiting id (``_status`` waiting, ``_stage`` its stage), for the funnel."""
+    if not waiting:
+        return rows
+    ids = sorted(waiting)
+    extra = pa.table({R.ID: pa.array(ids, rows.schema.field(R.ID).type if R.ID in rows.column_names else None),
+                      R.STATUS: [R.WAITING] * len(ids), R.STAGE: [waiting[i] for i in ids]})
+    return pa.concat_tables([rows, extra], promote_options="default")
+
+
+def _exactly_once(rows: pa.Table, input_table: pa.Table, partial: bool = False,
+                  waiting: set[str] | None = None) -> pa.Table:
     """Committed rows, one per input id. Ray Data commits each block once; a row could only
     appear twice if a block were recomputed after a crash between its write and its
     checkpoint record, and then the first copy is kept. Raises ``RuntimeError`` if an
     input id has no committed row (a row would be lost), unless ``partial`` (a run stopped
-    by its budget: the rerun processes them)."""
+    by its budget: the rerun processes them) or the id is ``waiting`` for a Batch API batch."""
     ids = rows.column(R.ID).to_pylist()
     first: dict[str, int] = {}
     for k, i in enumerate(ids):
         first.setdefault(i, k)
     if len(first) != len(ids):
         rows = rows.take(pa.array(sorted(first.values()), pa.int64()))
-    missing = set(input_table.column(R.ID).to_pylist()) - set(first)
+    missing = set(input_table.column(R.ID).to_pylist()) - set(first) - (waiting or set())
     if missing and not partial:
         raise RuntimeError(f"{len(missing)} input rows have no committed result (e.g. {sorted(missing)[:3]}); "
                            "rerun the same command to process them")

@@ -126,7 +126,7 @@ class StageConfig(BaseModel):
 
 class Price(BaseModel):
     """A model's prices in USD per 1M tokens, as the provider lists them. Batch prices apply to
-    ``openai_batch`` stages; they are never derived (a missing batch price leaves such a stage's
+    ``openai_batch`` stages and to ``openai`` stages of a ``--batch`` run; they are never derived (a missing batch price leaves such a stage's
     cost unknown)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -167,6 +167,11 @@ class Recipe(BaseModel):
     max_cost: float | None = Field(None, gt=0, description="Stop the run cleanly before its spend on priced "
                                    "models would pass this many USD (--max-cost); committed rows stay and the "
                                    "same command resumes. None: no limit")
+    batch: bool = Field(False, description="Batch API round trip (--batch; jobs.core.batches): the calls of LLM "
+                        "stages on an OpenAI-compatible API (backend openai) that the generation cache cannot "
+                        "answer go into Batch API request files, which the run uploads and submits; their rows "
+                        "wait (not committed) until `python -m jobs status OUT` or a rerun ingests the results. "
+                        "Needs a cache (default OUT/_work/batch-cache)")
     engines: dict[str, EngineConfig] = Field(default_factory=dict, description="Shared LLM engines by name "
                                              "(stages name them with `engine:`)")
     stages: dict[str, StageConfig] = Field(default_factory=dict)

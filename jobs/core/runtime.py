@@ -5,7 +5,8 @@ converted, so nested values survive any number of stages unchanged. The stage fu
 gets a dict of numpy arrays holding only the rows that are still ``ok`` (list cells are
 Python lists) and returns the columns it declared as outputs; the helper writes them back
 (``None`` for rows that did not reach the stage) and turns the optional ``ROW_ERROR`` /
-``ROW_REJECT`` columns into row statuses. A batch that raises is split in halves until the
+``ROW_REJECT`` / ``ROW_WAITING`` columns into row statuses (``waiting`` rows, whose call is in a
+Batch API batch, pass later stages untouched like errors and are never committed). A batch that raises is split in halves until the
 failing rows are isolated (this also halves the batch after an out-of-memory error);
 transient errors are retried ``max_retries`` times per row. Nothing is ever dropped: a
 failed row becomes an error record, a rejected row keeps its scores and reason.
@@ -157,7 +158,7 @@ def _call_isolated(call: Callable, table: pa.Table, run: StageRun) -> tuple[dict
             return
         for j in range(hi - lo):
             results[lo + j] = {c: to_python(out[c][j]) for c in
-                               (*run.outputs, R.ROW_ERROR, R.ROW_REJECT) if c in out}
+                               (*run.outputs, R.ROW_ERROR, R.ROW_REJECT, R.ROW_WAITING) if c in out}
 
     if table.num_rows:
         go(0, table.num_rows)
@@ -199,6 +200,8 @@ def apply_stage(table: pa.Table, call: Callable, run: StageRun) -> pa.Table:
         if res.get(R.ROW_ERROR) is not None:  # a verdict is its presence, not its text
             status[i], stage_col[i] = R.ERROR, run.name
             reason[i] = R.error_record(run.name, _message(res[R.ROW_ERROR]))
+        elif res.get(R.ROW_WAITING) is not None:  # its call waits in a Batch API batch: not final
+            status[i], stage_col[i], reason[i] = R.WAITING, run.name, _message(res[R.ROW_WAITING])
         elif res.get(R.ROW_REJECT) is not None:
             if run.audit or not run.filter:  # recorded, not applied
                 audit[i] = _append(audit[i], f"{run.name}: {_message(res[R.ROW_REJECT])}")
@@ -214,6 +217,14 @@ def apply_stage(table: pa.Table, call: Callable, run: StageRun) -> pa.Table:
         else:
             out = out.append_column(name, arr)
     return out
+
+
+def drop_waiting(table: pa.Table) -> pa.Table:
+    """The rows of an Arrow block that are not ``waiting`` (the last map of a ``--batch`` run:
+    waiting rows are never written, so never committed)."""
+    import pyarrow.compute as pc
+
+    return table.filter(pc.not_equal(table.column(R.STATUS), R.WAITING))
 
 
 class StageActor:

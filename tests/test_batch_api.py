@@ -1,0 +1,125 @@
+"""Batch API round trip (``--batch``, jobs.core.batches) on the toy pipeline of two LLM stages.
+
+A fake Files + Batch API on loopback (tests/batch_api_server.py) stores the uploaded JSONL and
+answers the client's real calls; the test decides when and how each batch finishes. Every run
+goes through the real driver and Ray Data.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.batch_api_server import FakeBatchAPI
+from tests.helpers import LoopbackServer
+from tests.test_gen_cache import toy_input, toy_respond
+
+PRICES = {"input_per_1m": 2.0, "output_per_1m": 4.0, "batch_input_per_1m": 1.0, "batch_output_per_1m": 2.0}
+
+
+def _recipe(folder, url: str) -> str:
+    folder.mkdir(exist_ok=True)
+    model = f'{{backend: openai, model: toy-model, options: {{base_url: "{url}/v1", api_key_env: null, ' \
+            f'max_retries: 1, timeout_s: 20}}}}'
+    path = folder / "toy_llm.yaml"
+    path.write_text(f"""pipeline: toy_llm
+prices: {{toy-model: {json.dumps(PRICES)}}}
+stages:
+  colour_prompts: {{num_cpus: 0.1}}
+  ask_colour: {{model: {model}, num_cpus: 0.2, params: {{temperature: 0.0, max_tokens: 16, max_repairs: 1}}}}
+  name_prompts: {{num_cpus: 0.1}}
+  ask_name: {{model: {model}, num_cpus: 0.2, params: {{temperature: 0.0, max_tokens: 8}}}}
+  slow: {{num_cpus: 0.1}}
+""")
+    return str(path)
+
+
+def _respond(line: dict):
+    status, body, _ = toy_respond({"body": line["body"]})
+    return status, body
+
+
+def _stage(line: dict) -> str:
+    return "ask_colour" if "Name one colour" in json.dumps(line["body"]) else "ask_name"
+
+
+def _run(tmp_path, url: str, out: str, batch: bool = True, cache=None):
+    from jobs.core import driver
+    from jobs.core.recipe import load_recipe
+    from tests import toy_llm
+
+    r = load_recipe(toy_llm.RECIPE, "toy_llm", recipe_file=_recipe(tmp_path / f"r-{out}", url),
+                    input=toy_input(tmp_path), output=str(tmp_path / out), batch=batch or None, cache=cache)
+    return driver.run(toy_llm, r, ["toy_llm"])
+
+
+def _rows(tmp_path, out: str) -> dict[str, dict]:
+    from jobs.core import store
+
+    t = store.read_table(store.work(str(tmp_path / out), "rows"))
+    return {} if t is None else {x["id"]: x for x in t.to_pylist()}
+
+
+def _funnel(m) -> dict[str, dict]:
+    return {r["stage"]: r for r in m["funnel"]}
+
+
+def test_round_trip_matches_a_direct_run(ray_local, tmp_path, capsys):
+    from jobs.core import cli
+
+    with LoopbackServer(toy_respond) as direct:
+        _run(tmp_path, direct.url, "direct", batch=False)
+    expected = _rows(tmp_path, "direct")
+    assert len(expected) == 3
+
+    with FakeBatchAPI() as api:
+        m1 = _run(tmp_path, api.url, "out")
+        assert api.requests_per_batch() == [3]
+        assert {_stage(x) for x in api.lines("batch_1")} == {"ask_colour"}
+        assert m1["waiting"] == {"ask_colour": 3}
+        assert _rows(tmp_path, "out") == {}  # nothing committed as final
+        f1 = _funnel(m1)
+        assert f1["ask_colour"]["waiting"] == 3 and f1["ask_colour"]["errored"] == 0
+        assert f1["ask_colour"]["rejected"] == 0 and f1["ask_colour"]["out"] == 0
+        assert [b["id"] for b in m1["batches"]] == ["batch_1"] and m1["batches"][0]["requests"] == 3
+        assert m1["outputs"] == {}
+        rec_file = tmp_path / "out" / "_work" / "batches" / "batch_1.json"
+        rec = json.loads(rec_file.read_text())
+        assert rec["stage"] == "ask_colour" and rec["input_file_id"] == "file-1" and len(rec["custom_ids"]) == 3
+        assert rec["status"] == "in_progress" and not rec["ingested"]
+
+        # still running: status polls, ingests nothing; a rerun resubmits nothing
+        assert cli.status([str(tmp_path / "out")]) == 0
+        assert "in_progress" in capsys.readouterr().out
+        m_again = _run(tmp_path, api.url, "out")
+        assert api.requests_per_batch() == [3] and m_again["waiting"] == {"ask_colour": 3}
+
+        api.finish("batch_1", _respond)
+        assert cli.status([str(tmp_path / "out")]) == 0
+        printed = capsys.readouterr().out
+        assert "completed" in printed and "ingested: 3 answers" in printed
+        rec = json.loads(rec_file.read_text())
+        assert rec["ingested"] and rec["succeeded"] == 3 and rec["missing"] == 0
+
+        m2 = _run(tmp_path, api.url, "out")
+        assert api.requests_per_batch() == [3, 3]
+        assert {_stage(x) for x in api.lines("batch_2")} == {"ask_name"}
+        assert m2["waiting"] == {"ask_name": 3} and _rows(tmp_path, "out") == {}
+        assert _funnel(m2)["ask_colour"]["out"] == 3 and _funnel(m2)["ask_name"]["waiting"] == 3
+
+        api.finish("batch_2", _respond)
+        m3 = _run(tmp_path, api.url, "out")  # the rerun ingests by itself
+        assert api.requests_per_batch() == [3, 3]
+        assert m3["waiting"] == {} and m3["outputs"] == {"rows": 3}
+    got = _rows(tmp_path, "out")
+    assert set(got) == set(expected)
+    for i, row in expected.items():
+        for col in ("_status", "ask_colour_parsed", "ask_colour_text", "ask_name_text", "ask_name_prompt_tokens",
+                    "ask_colour_completion_tokens"):
+            assert got[i][col] == row[col], (i, col)
+    # batch replies are paid for (at the batch price), not counted as cache savings
+    cost = m3["cost"]
+    assert cost["saved_usd"] == 0
+    assert cost["stages"]["ask_colour"]["billed_prompt_tokens"] == 60
+    assert cost["total_usd"] == pytest.approx(3 * (20 * 1 + 4 * 2) / 1e6 + 3 * (12 * 1 + 3 * 2) / 1e6)
+    assert m3["cache"]["stages"]["ask_colour"]["hits"] == 0 and m3["cache"]["stages"]["ask_colour"]["misses"] == 3

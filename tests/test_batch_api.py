@@ -123,3 +123,98 @@ def test_round_trip_matches_a_direct_run(ray_local, tmp_path, capsys):
     assert cost["stages"]["ask_colour"]["billed_prompt_tokens"] == 60
     assert cost["total_usd"] == pytest.approx(3 * (20 * 1 + 4 * 2) / 1e6 + 3 * (12 * 1 + 3 * 2) / 1e6)
     assert m3["cache"]["stages"]["ask_colour"]["hits"] == 0 and m3["cache"]["stages"]["ask_colour"]["misses"] == 3
+
+
+def _is(topic: str):
+    return lambda line: topic in json.dumps(line["body"])
+
+
+def test_expired_batch_keeps_its_answers_and_sends_the_rest_again(ray_local, tmp_path):
+    with FakeBatchAPI() as api:
+        _run(tmp_path, api.url, "out")
+        assert api.requests_per_batch() == [3]
+        api.finish("batch_1", _respond, status="expired", drop=_is("the sea"))  # one request never ran
+        m2 = _run(tmp_path, api.url, "out")
+        rec = next(b for b in m2["batches"] if b["id"] == "batch_1")
+        assert rec["status"] == "expired" and (rec["succeeded"], rec["failed"], rec["missing"]) == (2, 0, 1)
+        # the unanswered call is spooled again (its own new batch); the answered rows go on
+        assert api.requests_per_batch() == [3, 1, 2]
+        assert [_stage(x) for x in api.lines("batch_2")] == ["ask_colour"] and _is("the sea")(api.lines("batch_2")[0])
+        assert {_stage(x) for x in api.lines("batch_3")} == {"ask_name"}
+        assert m2["waiting"] == {"ask_colour": 1, "ask_name": 2}
+        api.finish("batch_2", _respond)
+        api.finish("batch_3", _respond)
+        m3 = _run(tmp_path, api.url, "out")
+        assert api.requests_per_batch() == [3, 1, 2, 1] and m3["waiting"] == {"ask_name": 1}
+        assert len(_rows(tmp_path, "out")) == 2
+        api.finish("batch_4", _respond)
+        m4 = _run(tmp_path, api.url, "out")
+        assert api.requests_per_batch() == [3, 1, 2, 1] and m4["waiting"] == {}
+    rows = _rows(tmp_path, "out")
+    assert sorted(rows) == ["t0", "t1", "t2"] and all(r["_status"] == "ok" for r in rows.values())
+    assert json.loads(rows["t1"]["ask_colour_parsed"]) == {"colour": "blue"}
+    assert _funnel(m4)["ask_name"]["out"] == 3
+
+
+def test_partially_failed_batch_turns_its_failed_calls_into_row_errors(ray_local, tmp_path):
+    def respond(line):
+        if _is("grass")(line):  # a non-200 response line
+            return 400, {"error": {"message": "prompt flagged by the moderation", "type": "invalid_request_error"}}
+        return _respond(line)
+
+    with FakeBatchAPI() as api:
+        _run(tmp_path, api.url, "out")
+        api.finish("batch_1", respond, error_line=lambda line: "model overloaded" if _is("apples")(line) else None)
+        m2 = _run(tmp_path, api.url, "out")
+        rec = next(b for b in m2["batches"] if b["id"] == "batch_1")
+        assert (rec["succeeded"], rec["failed"], rec["missing"]) == (1, 2, 0)
+        assert api.requests_per_batch() == [3, 1]  # only the answered row goes on
+        assert _is("blue")(api.lines("batch_2")[0])
+        rows = _rows(tmp_path, "out")
+        assert sorted(rows) == ["t0", "t2"] and all(r["_status"] == "error" for r in rows.values())
+        reasons = {i: json.loads(r["_reason"]) for i, r in rows.items()}
+        assert reasons["t0"]["type"] == "BatchRequestError" and "model overloaded" in reasons["t0"]["message"]
+        assert "HTTP 400" in reasons["t2"]["message"] and "moderation" in reasons["t2"]["message"]
+        assert m2["waiting"] == {"ask_name": 1} and _funnel(m2)["ask_colour"]["errored"] == 2
+        api.finish("batch_2", _respond)
+        m3 = _run(tmp_path, api.url, "out")
+        assert api.requests_per_batch() == [3, 1] and m3["waiting"] == {}
+    rows = _rows(tmp_path, "out")
+    assert rows["t1"]["_status"] == "ok" and rows["t1"]["ask_name_text"] == "Tom the blue"
+    errors = [json.loads(x) for x in (tmp_path / "out" / "errors" / "errors.jsonl").read_text().splitlines()]
+    assert sorted(e["id"] for e in errors) == ["t0", "t2"]
+
+
+def test_reask_becomes_a_second_batch(ray_local, tmp_path):
+    def respond(line):
+        body = line["body"]
+        repair = any(m["role"] == "assistant" for m in body["messages"])
+        if _is("the sea")(line) and _stage(line) == "ask_colour" and not repair:
+            from tests.helpers import chat_completion
+
+            return 200, chat_completion(body["model"], json.dumps({"colour": "BLUE!!"}), 20, 4)
+        return _respond(line)
+
+    with FakeBatchAPI() as api:
+        _run(tmp_path, api.url, "out")
+        api.finish("batch_1", respond)
+        m2 = _run(tmp_path, api.url, "out")
+        # the invalid reply's repair call is the next ask_colour batch; the valid rows go on
+        assert api.requests_per_batch() == [3, 1, 2]
+        repair = api.lines("batch_2")[0]["body"]["messages"]
+        assert _stage(api.lines("batch_2")[0]) == "ask_colour" and repair[-2]["role"] == "assistant"
+        assert "BLUE!!" in repair[-2]["content"]
+        assert m2["waiting"] == {"ask_colour": 1, "ask_name": 2}
+        api.finish("batch_2", respond)
+        api.finish("batch_3", respond)
+        m3 = _run(tmp_path, api.url, "out")
+        assert api.requests_per_batch() == [3, 1, 2, 1] and m3["waiting"] == {"ask_name": 1}
+        api.finish("batch_4", respond)
+        m4 = _run(tmp_path, api.url, "out")
+        assert api.requests_per_batch() == [3, 1, 2, 1] and m4["waiting"] == {}
+    rows = _rows(tmp_path, "out")
+    assert all(r["_status"] == "ok" for r in rows.values())
+    assert rows["t1"]["ask_colour_llm_attempts"] == 2 and rows["t1"]["ask_colour_llm_repaired"]
+    assert rows["t0"]["ask_colour_llm_attempts"] == 1
+    # both calls of the repaired row were paid for: 4 ask_colour calls of 20 prompt tokens
+    assert m4["cost"]["stages"]["ask_colour"]["billed_prompt_tokens"] == 80

@@ -54,12 +54,19 @@ def cache_key(doc: dict[str, Any]) -> str:
 def model_identity(resolved: Any) -> dict[str, Any]:
     """What identifies a model's answers: backend, model id, revision, dtype, the options that
     are not transport settings (``TRANSPORT_OPTIONS``), and the resolved location with its
-    version where one is known (package file and package version, local folder, hub id).
+    version where one is known (package file and package version, local folder, hub id; for
+    package models and placeholders nothing machine-specific, so workers whose venvs or model
+    caches live in other folders share entries).
     ``resolved`` is an ``actors.models.ResolvedModel``."""
     spec = resolved.spec
+    path = resolved.path
+    if resolved.source == "package":  # the package's version and file name it; its folder is per venv
+        path = None
+    elif resolved.source == "placeholder" and path:  # the build's versioned name, not this machine's cache dir
+        path = os.path.basename(path.rstrip("/"))
     return {"backend": spec.backend, "model": spec.model, "revision": spec.revision, "dtype": spec.dtype,
             "options": {k: v for k, v in sorted(spec.options.items()) if k not in TRANSPORT_OPTIONS},
-            "source": resolved.source, "path": resolved.path, "file": resolved.file,
+            "source": resolved.source, "path": path, "file": resolved.file,
             "package_version": resolved.package_version}
 
 

@@ -13,6 +13,13 @@ features at the borders, so a batched row would score differently from the same 
 alone (and from the original, which ran one image at a time). Generated images all have
 one size, so an Antidote batch is one pass per phrase column.
 
+Generation cache (``cache={"uri": ...}``, ``actors.gen_cache``): the raw detections of one
+image and one phrase column are stored under a key of the model identity, the image's bytes
+(hashed), the caption and the thresholds and sizes; the name matching runs again on a hit, so a
+change of ``match``/``partial`` reuses the detections. The model loads on the first miss only.
+Per row ``det_cache_hits``/``det_cache_misses`` count the phrase columns served from the cache /
+looked up, detected and stored.
+
 Prompt per row and column: the names lower-cased, ``"."`` removed from each name,
 joined as ``"cat. hot dog."`` (the transformers processor's format; the original's
 ``" . ".join(names)`` tokenizes the same). Tokens beyond the model's ``max_text_len``
@@ -29,9 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from actors.batching import (batch_len, cell_strings, error_text, group_by, object_column, row_ids,
                              run_halving_on_oom, set_threads)
+from actors.gen_cache import cache_key, digest, model_identity, open_cache
 from actors.models import load_spec
 from udfs import rows
-from udfs.images import load_image
+from udfs.images import decode_image, image_bytes
 from udfs.phrases import match_phrases
 
 __all__ = ["GroundingDINO", "build_caption"]
@@ -64,9 +72,13 @@ class GroundingDINO:
     - ``{c}_raw`` (str, JSON list of ``{"label", "score", "box"}``): every detection above
       ``box_threshold`` with Grounding DINO's own label text.
 
-    plus ``rows.ROW_ERROR`` (``None`` or ``"InputError: row 'x' field 'image': image file not
-    found: /data/x.jpg"`` for a missing/corrupt image or a malformed phrase list).
+    plus ``det_cache_hits``/``det_cache_misses`` (int: phrase columns of the row served from the
+    generation cache / detected and stored there; 0 without a cache) and ``rows.ROW_ERROR`` (``None`` or ``"InputError: row 'x' field 'image':
+    image file not found: /data/x.jpg"`` for a missing/corrupt image or a malformed phrase list).
     """
+
+    #: the runtime passes the run's generation cache config (``cache=``)
+    supports_cache = True
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -97,21 +109,31 @@ class GroundingDINO:
         """(required input columns, output columns)."""
         p = cls.Params.model_validate(params)
         outs = [f"{c}_{suffix}" for c in p.phrase_columns for suffix in ("detected", "scores", "boxes", "raw")]
-        return [rows.ID, p.image_column, *p.phrase_columns], outs
+        return [rows.ID, p.image_column, *p.phrase_columns], [*outs, "det_cache_hits", "det_cache_misses"]
 
-    def __init__(self, model: dict, params: dict):
+    def __init__(self, model: dict, params: dict, cache: dict | None = None):
+        self.params = self.Params.model_validate(params)
+        set_threads(self.params.num_threads)
+        self.resolved, self.device, self.dtype, self._path = load_spec(model, ("grounding_dino", "transformers"),
+                                                                       "GroundingDINO")
+        self.placeholder = self.resolved.placeholder
+        self.cache = open_cache(cache)
+        self._identity = model_identity(self.resolved)
+        self.model = None
+        if self.cache is None:
+            self._load()
+
+    def _load(self) -> None:
+        """Load the processor and the model (once; with a cache, at the first miss)."""
+        if self.model is not None:
+            return
         import torch
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
-        self.params = self.Params.model_validate(params)
-        set_threads(self.params.num_threads)
-        self.resolved, self.device, self.dtype, path = load_spec(model, ("grounding_dino", "transformers"),
-                                                                 "GroundingDINO")
-        self.placeholder = self.resolved.placeholder
         spec = self.resolved.spec
         kwargs = {"revision": spec.revision} if spec.revision else {}
-        self.processor = AutoProcessor.from_pretrained(path, **kwargs)
-        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path, dtype=self.dtype, **kwargs)
+        self.processor = AutoProcessor.from_pretrained(self._path, **kwargs)
+        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(self._path, dtype=self.dtype, **kwargs)
         self.model.to(self.device).eval()
         ip = self.processor.image_processor
         if self.params.image_size:
@@ -119,6 +141,12 @@ class GroundingDINO:
             ip.size = {"shortest_edge": self.params.image_size, "longest_edge": longest}
         self.max_text_len = int(getattr(self.model.config, "max_text_len", 256))
         self._torch = torch
+
+    def _key(self, image_digest: str, caption: str) -> str:
+        p = self.params
+        return cache_key({"kind": "detection", "model": self._identity, "image": image_digest, "caption": caption,
+                          "box_threshold": p.box_threshold, "text_threshold": p.text_threshold,
+                          "image_size": p.image_size, "max_size": p.max_size})
 
     # -- model calls ---------------------------------------------------------------------
 
@@ -158,14 +186,14 @@ class GroundingDINO:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         """Detect every phrase column of the batch (see the class docstring for columns)."""
-        torch = self._torch
         p = self.params
         n = batch_len(batch)
         ids = row_ids(batch)
         errors: list[str | None] = [None] * n
         names: dict[str, list[list[str]]] = {c: [[] for _ in range(n)] for c in p.phrase_columns}
-        pixels: list[Any] = [None] * n
-        sizes: list[tuple[int, int] | None] = [None] * n
+        data: list[tuple[bytes, str] | None] = [None] * n  # (encoded image, its source for messages)
+        keys: dict[tuple[int, str], str] = {}
+        found: dict[tuple[int, str], list[dict]] = {}  # (row, column) -> detections from the cache
         for i, rid in enumerate(ids):
             try:
                 for c in p.phrase_columns:
@@ -174,25 +202,52 @@ class GroundingDINO:
                     names[c][i] = cell_strings(batch[c][i], rid, c)
                 if not any(names[c][i] for c in p.phrase_columns):
                     continue  # nothing to detect: no image needed
-                img = load_image(batch[p.image_column][i], rid, p.image_column)
-                pixels[i] = self.processor.image_processor(images=img, return_tensors="pt")["pixel_values"]
-                sizes[i] = (img.height, img.width)
+                data[i] = image_bytes(batch[p.image_column][i], rid, p.image_column)
             except rows.InputError as exc:
                 errors[i] = error_text(exc)
+                continue
+            if self.cache is not None:
+                image_digest = digest(data[i][0])
+                for c in p.phrase_columns:
+                    if names[c][i]:
+                        keys[i, c] = self._key(image_digest, build_caption(names[c][i]))
+                        entry = self.cache.get(keys[i, c])
+                        if entry is not None and isinstance(entry.get("detections"), list):
+                            # stored with sorted keys: back in the fresh order, so outputs are equal
+                            found[i, c] = [{"label": d["label"], "score": d["score"], "box": d["box"]}
+                                           for d in entry["detections"]]
+        hits = [sum(1 for c in p.phrase_columns if (i, c) in found) for i in range(n)]
+        misses = [0] * n
+        pixels: list[Any] = [None] * n
+        sizes: list[tuple[int, int] | None] = [None] * n
+        for i, rid in enumerate(ids):  # decode and preprocess only the images some column still needs
+            if data[i] is None or all((i, c) in found for c in p.phrase_columns if names[c][i]):
+                continue
+            try:
+                img = decode_image(*data[i], rid, p.image_column)
+            except rows.InputError as exc:
+                errors[i] = error_text(exc)
+                continue
+            self._load()
+            pixels[i] = self.processor.image_processor(images=img, return_tensors="pt")["pixel_values"]
+            sizes[i] = (img.height, img.width)
         out = dict(batch)
         for c in p.phrase_columns:
-            todo = [i for i in range(n) if errors[i] is None and names[c][i]]
-            per_row: dict[int, list[dict] | BaseException] = {}
+            todo = [i for i in range(n) if errors[i] is None and names[c][i] and (i, c) not in found]
+            per_row: dict[int, list[dict] | BaseException] = {i: found[i, c] for i in range(n) if (i, c) in found}
             # one forward pass per group of equally sized images (never pad images together)
             for _shape, members in group_by([tuple(pixels[i].shape[-2:]) for i in todo]).items():
                 rows_in = [todo[j] for j in members]
 
                 def run(chunk: list[int]) -> list[list[dict]]:
-                    pv = torch.cat([pixels[i] for i in chunk])
+                    pv = self._torch.cat([pixels[i] for i in chunk])
                     return self._detect(pv, [build_caption(names[c][i]) for i in chunk], [sizes[i] for i in chunk])
 
                 for i, res in zip(rows_in, run_halving_on_oom(run, rows_in)):
                     per_row[i] = res
+                    if self.cache is not None and not isinstance(res, BaseException):
+                        self.cache.put(keys[i, c], {"detections": res})
+                        misses[i] += 1
             detected, scores, boxes, raw = ([None] * n for _ in range(4))
             for i in range(n):
                 if errors[i] is not None:
@@ -213,5 +268,7 @@ class GroundingDINO:
                 for i in range(n):
                     if errors[i] is not None:
                         col[i] = None
+        out["det_cache_hits"] = np.array(hits, dtype=np.int64)
+        out["det_cache_misses"] = np.array(misses, dtype=np.int64)
         out[rows.ROW_ERROR] = object_column(errors)
         return out

@@ -54,12 +54,19 @@ def cache_key(doc: dict[str, Any]) -> str:
 def model_identity(resolved: Any) -> dict[str, Any]:
     """What identifies a model's answers: backend, model id, revision, dtype, the options that
     are not transport settings (``TRANSPORT_OPTIONS``), and the resolved location with its
-    version where one is known (package file and package version, local folder, hub id).
+    version where one is known (package file and package version, local folder, hub id; for
+    package models and placeholders nothing machine-specific, so workers whose venvs or model
+    caches live in other folders share entries).
     ``resolved`` is an ``actors.models.ResolvedModel``."""
     spec = resolved.spec
+    path = resolved.path
+    if resolved.source == "package":  # the package's version and file name it; its folder is per venv
+        path = None
+    elif resolved.source == "placeholder" and path:  # the build's versioned name, not this machine's cache dir
+        path = os.path.basename(path.rstrip("/"))
     return {"backend": spec.backend, "model": spec.model, "revision": spec.revision, "dtype": spec.dtype,
             "options": {k: v for k, v in sorted(spec.options.items()) if k not in TRANSPORT_OPTIONS},
-            "source": resolved.source, "path": resolved.path, "file": resolved.file,
+            "source": resolved.source, "path": path, "file": resolved.file,
             "package_version": resolved.package_version}
 
 
@@ -103,13 +110,31 @@ class GenerationCache:
 
     def put(self, key: str, value: dict[str, Any]) -> None:
         """Store ``value`` (a JSON-able dict) under ``key``, replacing any older entry atomically."""
-        data = canonical_json({**value, "key": key}).encode("utf-8")
-        uri = self.path(key)
+        self._write(self.path(key), canonical_json({**value, "key": key}).encode("utf-8"))
+
+    def blob_path(self, key: str, suffix: str) -> str:
+        """The URI of a binary entry beside the JSON one: ``<uri>/<key[:2]>/<key><suffix>``."""
+        return self.path(key)[: -len(".json")] + suffix
+
+    def get_blob(self, key: str, suffix: str) -> bytes | None:
+        """The bytes stored by ``put_blob(key, ..., suffix)``, or None when there are none."""
+        try:
+            return io.read_bytes(self.blob_path(key, suffix))
+        except (FileNotFoundError, OSError):
+            return None
+
+    def put_blob(self, key: str, data: bytes, suffix: str) -> None:
+        """Store ``data`` (e.g. a PNG, ``suffix=".png"``) under ``key``, atomically like ``put``.
+        Write the blob before the JSON entry that refers to it: a reader that finds the entry
+        then finds its blob."""
+        self._write(self.blob_path(key, suffix), data)
+
+    def _write(self, uri: str, data: bytes) -> None:
         fs, path = io.filesystem(uri)
         if isinstance(fs, pafs.LocalFileSystem):
             parent = os.path.dirname(path)
             os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key[:16]}-", suffix=".tmp", dir=parent)
+            fd, tmp = tempfile.mkstemp(prefix=".entry-", suffix=".tmp", dir=parent)
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
@@ -126,17 +151,22 @@ class GenerationCache:
         references hash their own text. Raises ``FileNotFoundError``/``OSError`` when the file
         cannot be read."""
         if ref.startswith(("data:", "http://", "https://")):
-            return "sha256:" + hashlib.sha256(ref.encode("utf-8")).hexdigest()
+            return digest(ref.encode("utf-8"))
         with self._lock:
             if ref in self._hashes:
                 self._hashes.move_to_end(ref)
                 return self._hashes[ref]
-        digest = "sha256:" + hashlib.sha256(io.read_bytes(ref)).hexdigest()
+        value = digest(io.read_bytes(ref))
         with self._lock:
-            self._hashes[ref] = digest
+            self._hashes[ref] = value
             while len(self._hashes) > self._hash_cache_size:
                 self._hashes.popitem(last=False)
-        return digest
+        return value
+
+
+def digest(data: bytes) -> str:
+    """``"sha256:<hex>"`` of ``data``: how images enter cache keys (by content, not by name)."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def open_cache(config: dict[str, Any] | None) -> GenerationCache | None:
@@ -147,5 +177,5 @@ def open_cache(config: dict[str, Any] | None) -> GenerationCache | None:
     return GenerationCache(config["uri"])
 
 
-__all__ = ["GenerationCache", "open_cache", "cache_key", "canonical_json", "model_identity", "CACHE_FORMAT",
+__all__ = ["GenerationCache", "open_cache", "digest", "cache_key", "canonical_json", "model_identity", "CACHE_FORMAT",
            "TRANSPORT_OPTIONS"]

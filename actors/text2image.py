@@ -13,6 +13,12 @@ PNG bytes. A different batch size can change low-order float bits in the batched
 (NOTES identity-generation §5: <= 1/255 per pixel); tests compare across batch sizes with
 that tolerance.
 
+Generation cache (``cache={"uri": ...}``, ``actors.gen_cache``): a row's PNG is stored under a
+key of the model identity, the row's prompt, negative prompt and seed, and every parameter that
+changes the picture (steps, guidance, size, quality negatives, weighting, T5 length, extra call
+arguments); a hit is written out like a fresh image without loading the pipeline, which loads
+on the first miss only. Per row ``gen_cache_hits``/``gen_cache_misses`` (0 or 1) say which.
+
 Weighted prompts: Antidote's LLM writes A1111-style weights ``(object:1.3)``. Where the
 pipeline accepts prompt embeddings *and* ``compel`` supports its text encoders (Stable
 Diffusion 1.x/2.x: ``CompelForSD``; SDXL: ``CompelForSDXL``), the weights are applied with
@@ -33,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from actors.batching import (batch_len, error_text, is_missing, object_column, row_ids, run_halving_on_oom,
                              set_threads)
+from actors.gen_cache import cache_key, model_identity, open_cache
 from actors.models import load_spec
 from udfs import io as uio
 from udfs import rows
@@ -194,6 +201,8 @@ class Text2Image:
       generated image;
     - ``prompt_weights_stripped`` (bool): the row's prompt or negative prompt had
       ``(object:w)`` weights that this pipeline could not apply and were removed;
+    - ``gen_cache_hits`` / ``gen_cache_misses`` (int, 0 or 1): the image came from the
+      generation cache / was looked up there, generated and stored (both 0 without a cache);
     - ``rows.ROW_ERROR``: ``None``, or ``"InputError: row 'x' field 'prompt': ..."`` (missing
       prompt, bad seed), ``"OutOfMemoryError: ..."`` (did not fit even alone), or the write
       error for the output file.
@@ -223,16 +232,31 @@ class Text2Image:
         image_col = "image" if p.output_dir else "image_png"
         return ([rows.ID, p.prompt_column],
                 [image_col, "seed", "gen_steps", "gen_guidance_scale", "gen_height", "gen_width",
-                 "prompt_weights_stripped"])
+                 "prompt_weights_stripped", "gen_cache_hits", "gen_cache_misses"])
 
-    def __init__(self, model: dict, params: dict):
+    #: the runtime passes the run's generation cache config (``cache=``)
+    supports_cache = True
+
+    def __init__(self, model: dict, params: dict, cache: dict | None = None):
+        self.params = self.Params.model_validate(params)
+        set_threads(self.params.num_threads)
+        self.resolved, self.device, self.dtype, self._path = load_spec(model, ("diffusers",), "Text2Image")
+        self.placeholder = self.resolved.placeholder
+        self.cache = open_cache(cache)
+        self._identity = model_identity(self.resolved)
+        self.pipe = None
+        if self.cache is None:
+            self._load()
+
+    def _load(self) -> None:
+        """Load the diffusers pipeline (and compel where it applies); once, at the first miss
+        when a cache is on."""
+        if self.pipe is not None:
+            return
         import torch
         from diffusers import DiffusionPipeline
 
-        self.params = self.Params.model_validate(params)
-        set_threads(self.params.num_threads)
-        self.resolved, self.device, self.dtype, path = load_spec(model, ("diffusers",), "Text2Image")
-        self.placeholder = self.resolved.placeholder
+        path = self._path
         spec = self.resolved.spec
         opts = dict(spec.options)
         load_kwargs: dict[str, Any] = {"dtype": self.dtype}
@@ -260,8 +284,16 @@ class Text2Image:
 
     # -- per-row inputs ------------------------------------------------------------------
 
-    def _row_inputs(self, batch: dict, i: int, row_id: str) -> tuple[str, str, int, bool]:
-        prompt, negative, seed = row_prompt_seed(batch, i, row_id, self.params)
+    def _key(self, prompt: str, negative: str, seed: int) -> str:
+        p = self.params
+        settings = p.model_dump(include={"num_inference_steps", "guidance_scale", "height", "width",
+                                         "negative_suffix", "weighted_prompts", "max_sequence_length",
+                                         "extra_call_kwargs"})
+        return cache_key({"kind": "text2image", "model": self._identity, "prompt": prompt, "negative": negative,
+                          "seed": seed, "settings": settings})
+
+    def _render(self, prompt: str, negative: str, seed: int) -> tuple[str, str, int, bool]:
+        """The prompts as this pipeline takes them: compel syntax, or weights stripped (flagged)."""
         weighted = has_weights(prompt) or has_weights(negative)
         if self._compel is not None:
             return to_compel_syntax(prompt), to_compel_syntax(negative), seed, False
@@ -298,48 +330,72 @@ class Text2Image:
         return list(out.images)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Generate the batch's images (one pipeline call; halved on out-of-memory)."""
+        """Generate the batch's images (one pipeline call for the cache misses; halved on
+        out-of-memory)."""
         p = self.params
         n = batch_len(batch)
         ids = row_ids(batch)
         errors: list[str | None] = [None] * n
         seeds: list[int | None] = [None] * n
         stripped = [False] * n
+        hit = [False] * n
+        pngs: list[bytes | None] = [None] * n
+        sizes: list[tuple[int, int] | None] = [None] * n  # (width, height)
+        keys: dict[int, str] = {}
         items: dict[int, tuple[str, str, int]] = {}
         for i, rid in enumerate(ids):
             try:
-                prompt, negative, seed, was_stripped = self._row_inputs(batch, i, rid)
+                prompt, negative, seed = row_prompt_seed(batch, i, rid, p)
             except rows.InputError as exc:
                 errors[i] = error_text(exc)
                 continue
-            seeds[i], stripped[i] = seed, was_stripped
+            seeds[i] = seed
+            if self.cache is not None:
+                keys[i] = self._key(prompt, negative, seed)
+                entry = self.cache.get(keys[i])
+                png = self.cache.get_blob(keys[i], ".png") if entry is not None else None
+                if png is not None:
+                    pngs[i], hit[i] = png, True
+                    sizes[i] = (int(entry["width"]), int(entry["height"]))
+                    stripped[i] = bool(entry.get("weights_stripped"))
+                    continue
             items[i] = (prompt, negative, seed)
+        if items:
+            self._load()
         order = list(items)
-        images = run_halving_on_oom(self._generate, [items[i] for i in order])
-        out_image: list[Any] = [None] * n
-        heights: list[int | None] = [None] * n
-        widths: list[int | None] = [None] * n
+        rendered = {i: self._render(*items[i]) for i in order}
+        images = run_halving_on_oom(self._generate, [rendered[i][:3] for i in order])
         for i, img in zip(order, images):
             if isinstance(img, BaseException):
                 errors[i] = f"{type(img).__name__}: row {ids[i]!r}: out of memory even with batch size 1: {img}"
                 continue
-            png = encode_png(img)
-            widths[i], heights[i] = img.size
+            pngs[i], sizes[i], stripped[i] = encode_png(img), img.size, rendered[i][3]
+            if self.cache is not None:
+                self.cache.put_blob(keys[i], pngs[i], ".png")  # the blob first: an entry always has its PNG
+                self.cache.put(keys[i], {"width": img.size[0], "height": img.size[1],
+                                         "weights_stripped": rendered[i][3]})
+        out_image: list[Any] = [None] * n
+        for i in range(n):
+            if pngs[i] is None:
+                continue
             if p.output_dir:
                 uri = uio.join(p.output_dir, image_file_name(ids[i]))
                 try:
-                    out_image[i] = uio.write_bytes(uri, png)
+                    out_image[i] = uio.write_bytes(uri, pngs[i])
                 except (OSError, ValueError) as exc:
                     errors[i] = f"{type(exc).__name__}: row {ids[i]!r} field 'image': cannot write {uri}: {exc}"
             else:
-                out_image[i] = png
+                out_image[i] = pngs[i]
         out = dict(batch)
         out["image" if p.output_dir else "image_png"] = object_column(out_image)
         out["seed"] = object_column(seeds)
         out["gen_steps"] = np.full(n, p.num_inference_steps, dtype=np.int64)
         out["gen_guidance_scale"] = np.full(n, p.guidance_scale, dtype=np.float64)
-        out["gen_height"] = object_column(heights)
-        out["gen_width"] = object_column(widths)
+        out["gen_height"] = object_column([None if sz is None else sz[1] for sz in sizes])
+        out["gen_width"] = object_column([None if sz is None else sz[0] for sz in sizes])
         out["prompt_weights_stripped"] = np.asarray(stripped, dtype=bool)
+        out["gen_cache_hits"] = np.asarray(hit, dtype=np.int64)
+        out["gen_cache_misses"] = np.asarray([int(i in keys and not hit[i] and pngs[i] is not None) for i in range(n)],
+                                             dtype=np.int64)
         out[rows.ROW_ERROR] = object_column(errors)
         return out

@@ -95,10 +95,6 @@ class DPOTrainConfig(LoraBase):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     save_steps: int = Field(500, ge=1, description="Checkpoint every N steps and at the end.")
     keep_checkpoints: int = Field(1, ge=1, description="Checkpoints Ray Train keeps (save_total_limit 1).")
-    seed: int = Field(0, description="Seed of LoRA init and data order (Antidote: 0).")
-    num_threads: int | None = Field(None, ge=1, description="torch threads per worker (Ray sets 1).")
-    verify_reload: bool = Field(True, description="After training, reload the checkpoint on the driver and "
-                                "compare the probe's logits with the worker's (fp32 runs).")
 
 
 #: offline: the tiny LLaVA placeholder (outputs meaningless; a larger learning rate than the

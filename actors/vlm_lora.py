@@ -78,6 +78,11 @@ class LoraBase(BaseModel):
                                     "every linear layer of the language model (upstream LLaVA's LoRA; the paper "
                                     "profile). The vision tower and projector are never wrapped.")
 
+    seed: int = Field(0, description="Seed of LoRA init and data order (MIRROR-LLaVA and Antidote: 0).")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per worker (Ray sets 1).")
+    verify_reload: bool = Field(True, description="After training, reload the checkpoint over the base on the "
+                                "driver and compare the logits with the worker's (fp32 runs).")
+
     @field_validator("lora_targets")
     @classmethod
     def _all_linear_alone(cls, v: list[str]) -> list[str]:
@@ -107,10 +112,6 @@ class TrainConfig(LoraBase):
     save_steps: int = Field(500, ge=1, description="Checkpoint every N steps and at the end (MIRROR: 500).")
     keep_checkpoints: int = Field(1, ge=1, description="Checkpoints kept (save_total_limit 1).")
     shuffle: bool = Field(True, description="Shuffle records per epoch (seeded, per worker buffer).")
-    seed: int = Field(0, description="Seed of LoRA init and shuffling.")
-    num_threads: int | None = Field(None, ge=1, description="torch threads per worker (Ray sets 1).")
-    verify_reload: bool = Field(True, description="After training, reload the checkpoint over the base on the "
-                                "driver and compare logits with the worker's (fp32 runs).")
 
 #: profile -> defaults. offline: the placeholder tiny LLaVA (meaningless outputs, for tests and
 #: smoke runs); local: a small real LLaVA-style model from the hub; paper: MIRROR's 7B recipe.

@@ -3,6 +3,7 @@ photos, a private placeholder cache, one run of an actor class as a Ray Data act
 loopback HTTP server with an OpenAI chat-completion body for client tests."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -280,3 +281,31 @@ def antidote_output(root, n: int = 4, size: int = 96, copies: int = 1) -> str:
         with open(os.path.join(root, "queries", f"{t}_list.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in sorted(recs, key=lambda r: r["id"]))
     return root
+
+
+@contextlib.contextmanager
+def moto_s3(monkeypatch, *buckets: str):
+    """A real S3 API (moto's server on 127.0.0.1, random port) with ``buckets`` created; the
+    ``AWS_*`` variables point at it (through ``monkeypatch``) and ``udfs.io``'s S3 filesystem
+    cache is cleared. Yields those variables (for subprocesses). Stops the server on exit."""
+    from moto.server import ThreadedMotoServer
+
+    from udfs import io
+
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    try:
+        host, port = srv.get_host_and_port()
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-west-2",
+               "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-west-2")
+        for bucket in buckets:
+            s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+        io._s3.cache_clear()
+        yield env
+    finally:
+        srv.stop()

@@ -14,7 +14,7 @@ import pytest
 
 
 from jobs.core import store
-from tests.helpers import check_report_in_chromium
+from tests.helpers import check_report_in_chromium, moto_s3
 from udfs import io
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,22 +33,8 @@ def _run(out, *extra, env=None, limit=6):
 
 @pytest.fixture
 def s3(monkeypatch):
-    from moto.server import ThreadedMotoServer
-
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    host, port = srv.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-west-2",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    import boto3
-
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-west-2").create_bucket(
-        Bucket="antidote-e2e", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
-    io._s3.cache_clear()
-    yield env
-    srv.stop()
+    with moto_s3(monkeypatch, "antidote-e2e") as env:
+        yield env
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pyarrow as pa
 import pytest
@@ -223,11 +222,14 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(export.ExportError, match="has not finished"):
         export.export_hf(out)
     io.write_text(os.path.join(out, "manifest.json"), json.dumps(m))
-    later = time.time() + 60  # a resumed run committed rows after this manifest, then stopped
-    os.utime(os.path.join(out, "_work", "rows", "part-0.parquet"), (later, later))
-    with pytest.raises(export.ExportError, match="resumed run has not finished"):
+    store.mark_running(out, {"started": "2026-12-06T10:00:00+00:00", "command": ["antidote"]})  # a resumed run
+    with pytest.raises(export.ExportError, match="started at 2026-12-06T10:00:00.*has not finished"):
         export.export_hf(out)
-    os.utime(os.path.join(out, "_work", "rows", "part-0.parquet"), (later - 7200, later - 7200))
+    store.clear_running(out)
+    io.write_text(os.path.join(out, "manifest.json"), json.dumps({**m, "stopped": "budget"}))
+    with pytest.raises(export.ExportError, match=r"stopped early \(budget\)"):
+        export.export_hf(out)
+    io.write_text(os.path.join(out, "manifest.json"), json.dumps(m))
     os.remove(os.path.join(out, "images", "coco-b.png"))
     with pytest.raises(export.ExportError, match=r"captions_final.parquet: row coco-b, column 'image'.*not found"):
         export.export_hf(out, exclude=["steps/*"])

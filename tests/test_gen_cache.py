@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from actors.gen_cache import GenerationCache, cache_key
-from tests.helpers import LoopbackServer, chat_completion
+from tests.helpers import LoopbackServer, chat_completion, moto_s3
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -237,23 +237,9 @@ def test_two_writers_one_key_leave_one_complete_entry(tmp_path):
 
 def test_s3_store_through_moto(monkeypatch):
     pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
+    from udfs import io
 
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    try:
-        host, port = srv.get_host_and_port()
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-west-2",
-               "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        import boto3
-
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-west-2").create_bucket(
-            Bucket="gencache", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
-        from udfs import io
-
-        io._s3.cache_clear()
+    with moto_s3(monkeypatch, "gencache"):
         cache = GenerationCache("s3://gencache/llm")
         key = cache_key({"kind": "llm", "messages": [{"role": "user", "content": "hi"}]})
         assert cache.get(key) is None
@@ -261,8 +247,6 @@ def test_s3_store_through_moto(monkeypatch):
         assert io.exists(f"s3://gencache/llm/{key[:2]}/{key}.json")
         again = GenerationCache("s3://gencache/llm").get(key)
         assert again["text"] == "hello" and again["prompt_tokens"] == 3
-    finally:
-        srv.stop()
 
 
 def test_image_parts_are_keyed_by_content(tmp_path):

@@ -14,6 +14,7 @@ from jobs.core import driver, store
 from jobs.core.recipe import RecipeError, load_recipe
 from jobs.core.runtime import Stage
 from tests import toy_pipeline as toy
+from tests.helpers import moto_s3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -211,23 +212,9 @@ def test_resume_after_interrupt(tmp_path):
 
 def test_s3_round_trip(tmp_path, ray_local, monkeypatch):
     pytest.importorskip("moto")
-    from moto.server import ThreadedMotoServer
+    from udfs import io
 
-    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    srv.start()
-    try:
-        host, port = srv.get_host_and_port()
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-               "AWS_REGION": "us-west-2", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-        for k, v in env.items():
-            monkeypatch.setenv(k, v)
-        import boto3
-
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-west-2").create_bucket(
-            Bucket="runtime-s3", CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
-        from udfs import io
-
-        io._s3.cache_clear()
+    with moto_s3(monkeypatch, "runtime-s3"):
         io.write_text("s3://runtime-s3/in/in.jsonl", open(_input(tmp_path, n=10, bad=(2,), short=())).read())
         r = load_recipe(toy.RECIPE, "toy", recipe_file=_recipe_file(tmp_path), input="s3://runtime-s3/in/in.jsonl",
                         output="s3://runtime-s3/out")
@@ -238,8 +225,6 @@ def test_s3_round_trip(tmp_path, ray_local, monkeypatch):
         errs = io.read_text("s3://runtime-s3/out/errors/errors.jsonl").splitlines()
         assert [json.loads(e)["id"] for e in errs] == ["bad-2"]
         assert store.load_manifest("s3://runtime-s3/out")["funnel"][1]["errored"] == 1
-    finally:
-        srv.stop()
 
 
 def test_two_phase_pipeline_funnel_outputs_and_resume(ray_local, tmp_path):

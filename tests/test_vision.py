@@ -149,7 +149,8 @@ def test_text2image_columns():
     from actors.text2image import Text2Image
 
     assert Text2Image.columns({}) == (["id", "prompt"], ["image_png", "seed", "gen_steps", "gen_guidance_scale",
-                                                          "gen_height", "gen_width", "prompt_weights_stripped"])
+                                                          "gen_height", "gen_width", "prompt_weights_stripped",
+                                                          "gen_cache_hits", "gen_cache_misses"])
     ins, outs = Text2Image.columns({"output_dir": "s3://b/x", "prompt_column": "caption"})
     assert ins == ["id", "caption"] and outs[0] == "image"
     defaults = Text2Image.Params()
@@ -331,7 +332,8 @@ def test_grounding_dino_columns():
 
     ins, outs = GroundingDINO.columns({"phrase_columns": ["present", "no_exist"]})
     assert ins == ["id", "image", "present", "no_exist"]
-    assert outs[:4] == ["present_detected", "present_scores", "present_boxes", "present_raw"] and len(outs) == 8
+    assert outs[:4] == ["present_detected", "present_scores", "present_boxes", "present_raw"] and len(outs) == 10
+    assert outs[-2:] == ["det_cache_hits", "det_cache_misses"]
     p = GroundingDINO.Params()
     assert (p.box_threshold, p.text_threshold, p.image_size, p.max_size, p.match) == (0.25, 0.35, 800, 1333, "robust")
     assert build_caption(["Cat", "hot  dog", "St. Bernard"]) == "cat. hot dog. st bernard."

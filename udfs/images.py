@@ -33,6 +33,13 @@ def describe_source(value) -> str:
     return str(value)
 
 
+def image_bytes(value, row_id: str, field: str = "image") -> tuple[bytes, str]:
+    """``(encoded bytes, source)`` of an image cell (the forms ``load_image`` accepts, PIL
+    images excepted), read once; ``source`` names the file (or ``<N bytes>``) for messages.
+    Raises ``InputError`` naming the row and field like ``load_image``."""
+    return _raw_bytes(value, row_id, field)
+
+
 def _raw_bytes(value, row_id: str, field: str) -> tuple[bytes, str]:
     if isinstance(value, dict):  # HF datasets {"bytes", "path"}
         if value.get("bytes") is not None:
@@ -82,7 +89,11 @@ def load_image(value, row_id: str, field: str = "image") -> Image.Image:
     """
     if isinstance(value, Image.Image):
         return value.convert("RGB")
-    data, source = _raw_bytes(value, row_id, field)
+    return decode_image(*_raw_bytes(value, row_id, field), row_id, field)
+
+
+def decode_image(data: bytes, source: str, row_id: str, field: str = "image") -> Image.Image:
+    """``load_image`` for bytes already read (``image_bytes``): the message names ``source``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -135,7 +135,7 @@ def run_pipeline(name: str, argv: list[str]) -> int:
         return BUDGET_EXIT
     print()
     driver.print_funnel(manifest["funnel"])
-    if manifest["cost"]["stages"]:
+    if recipe.prices:  # local models cost nothing per token: no cost line without a price table
         print(cost.format_cost(manifest["cost"]))
     if manifest["placeholder_stages"]:
         audit = manifest.get("audit_stages") or []

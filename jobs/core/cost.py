@@ -148,7 +148,7 @@ def format_cost(cost: dict[str, Any]) -> str:
     line = (f"cost: {cost['total_usd']:.4f} USD (saved by the cache: {cost['saved_usd']:.4f} USD)"
             + (f", {per:.6f} USD per kept row ({cost['kept_rows']} rows)" if per is not None else ""))
     if cost.get("unpriced_models"):
-        line += f"; no price for {', '.join(cost['unpriced_models'])} (recipe prices:)"
+        line += f"; not counted: no price in the recipe's prices: for {', '.join(cost['unpriced_models'])}"
     return line
 
 
@@ -156,15 +156,20 @@ def dry_run_table(plan, recipe: Recipe, previous: dict | None, rows: int | None)
     """The ``--dry-run`` price table: one line per LLM stage (model, USD per 1M input/output
     tokens) and, when ``previous`` (the manifest of an earlier run of this recipe, e.g. a
     ``--limit 20`` sample in ``--output``) has token counts, the measured tokens per input row
-    and the projected USD for ``rows`` input rows (default: that run's input rows). Nothing is
+    and the projected USD for ``rows`` input rows (default: that run's input rows). Rows are
+    ``--limit`` units: for MIRROR a client (its dialogues and turns scale with it). Nothing is
     guessed: without a previous run the estimate column says how to get one."""
     measured: dict[str, dict] = {}
-    n_prev = 0
+    ingested = []
     for r in (previous or {}).get("funnel", []):
         if r["stage"] in ("ingest",) or r["stage"].endswith(":ingest"):
-            n_prev = n_prev or int(r.get("out") or 0)
+            ingested.append(int(r.get("out") or 0))
         elif "prompt_tokens" in r:
             measured[r["stage"]] = r
+    # the sample's size in --limit units (an input row; MIRROR: a client, whose dialogues and turns
+    # are later phases): its --limit where it had one, else its first phase's input rows
+    limit = ((previous or {}).get("recipe") or {}).get("limit")
+    n_prev = min(int(limit), max(ingested)) if limit and ingested else (ingested[0] if ingested else 0)
     rows = rows or n_prev
     lines = [f"  {'stage':<22}{'model':<22}{'in $/1M':>9}{'out $/1M':>9}{'tok/row in':>11}{'tok/row out':>12}"
              f"{'est. USD':>10}"]
@@ -192,7 +197,7 @@ def dry_run_table(plan, recipe: Recipe, previous: dict | None, rows: int | None)
     if len(lines) == 1:
         return ""
     if measured and rows:
-        lines.append(f"  estimated total for {rows} input rows: {total:.2f} USD (token counts measured by the run "
+        lines.append(f"  estimated total for {rows} input rows (--limit units): {total:.2f} USD (token counts measured by the run "
                      "in --output; prices from the recipe, as listed by the providers)")
     if unknown or not measured:
         lines.append("  no measured token counts for some stages: run a sample first (e.g. --limit 20 --output OUT), "

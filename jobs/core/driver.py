@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors.models import ModelResolutionError, ResolvedModel, resolve
-from jobs.core import batches, cost, report, stats
+from jobs.core import batches, cost, report, stats, store
 from jobs.core.engines import EngineConfigError, EnginePlan, EngineSet, check_runtime_env, is_llm_stage, plan_engines
 from jobs.core.recipe import Recipe, RecipeError
 from jobs.core.runtime import RAY_DATA_DEFAULTS, Stage, add_stage, drop_waiting, forwarded_env
@@ -446,7 +446,9 @@ def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selec
     (rows whose first reply did not validate), and the sums of their per-row token and cache
     columns (``LLM_SUMS``: ``prompt_tokens``, ``completion_tokens``, ``cache_hits``,
     ``cache_misses``, ``cached_prompt_tokens``, ``cached_completion_tokens``); the image stage adds
-    ``prompt_weights_stripped`` (rows whose (object:w) weights the pipeline could not apply).
+    ``prompt_weights_stripped`` (rows whose (object:w) weights the pipeline could not apply). Other
+    model stages with a generation cache add ``cache_hits``/``cache_misses`` from their per-row
+    ``*_cache_hits``/``*_cache_misses`` columns (images; detections per phrase column).
     """
     order = [sp.stage.name for sp in p.row_stages(phase)]
     result = [{"stage": "ingest" if phase == "rows" else f"{phase}:ingest",
@@ -476,6 +478,11 @@ def funnel(p: Plan, rows: pa.Table, ingest_rejects: int, n_input: int, not_selec
             col = sp.stage.rename.get(raw, raw)  # the stage's name for the LLM stage's column
             if col in sp.outputs and col in rows.column_names:
                 row[c] = int(pc.sum(rows.column(col)).as_py() or 0)
+        for c in ("cache_hits", "cache_misses") if not is_llm_stage(sp.stage) else ():
+            # model stages with a generation cache (text-to-image gen_*, detection det_*)
+            for col in sp.outputs:  # the stage's output names, renamed
+                if col.endswith(f"_{c}") and col in rows.column_names:
+                    row[c] = row.get(c, 0) + int(pc.sum(rows.column(col)).as_py() or 0)
         if "prompt_weights_stripped" in sp.outputs and "prompt_weights_stripped" in rows.column_names:
             row["prompt_weights_stripped"] = sum(1 for v in rows.column("prompt_weights_stripped").to_pylist() if v)
         if sp.audit:
@@ -543,6 +550,7 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
                         "model of at least one LLM stage")
     started = datetime.now(timezone.utc)
     t0 = time.time()
+    store.mark_running(out, {"started": started.isoformat(), "command": argv})
     ray_init(address)
     import ray
 
@@ -663,6 +671,7 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
     }
     io.write_text(io.join(out, "manifest.json"), json.dumps(manifest, indent=2, default=str))
+    store.clear_running(out)
     report.write_quietly(out)
     if stopped:
         raise stopped

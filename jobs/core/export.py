@@ -40,9 +40,9 @@ uploads DIR as a dataset repository with ``huggingface_hub`` (token: ``$HF_TOKEN
 cached login).
 
 Errors (``ExportError``, a ``ValueError``: the CLI prints one line and exits 2): OUT without
-``manifest.json``, a run that has not finished (a pipeline manifest without ``finished``, or
-committed rows under ``_work/`` newer than the manifest: a resumed run stopped before its end),
-no exportable file, a missing image.
+``manifest.json``, a run that has not finished (a pipeline manifest without ``finished``, or the running marker of
+a run that started after it: ``jobs.core.store.running``), a run that stopped early
+(``manifest["stopped"]``), no exportable file, a missing image.
 """
 from __future__ import annotations
 
@@ -57,7 +57,6 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from jobs.core import card as C
@@ -99,27 +98,23 @@ class SourceFile:
 
 # ------------------------------------------------------------------------- run folder
 
-def _mtime(fs: pafs.FileSystem, path: str) -> float:
-    info = fs.get_file_info(path)
-    return info.mtime.timestamp() if info.mtime is not None else 0.0
-
-
 def check_finished(out: str) -> dict:
     """The run's manifest; raises ``ExportError`` when OUT has no ``manifest.json``, when a
-    pipeline manifest has no ``finished`` time, or when ``_work/`` holds committed rows newer
-    than the manifest (a later run of the same command stopped before writing its manifest)."""
+    pipeline manifest has no ``finished`` time, when a run of OUT started and has not written
+    its manifest (``store.running``: still going, or killed), or when the run stopped early
+    (``manifest["stopped"]``, e.g. at its ``--max-cost`` budget: its outputs are partial)."""
     if not io.exists(io.join(out, "manifest.json")):
         raise ExportError(f"{out}: no manifest.json — the run has not finished (or this is not a run folder)")
     manifest = store.load_manifest(out)
     if "recipe" in manifest and not manifest.get("finished"):
         raise ExportError(f"{out}: manifest.json has no 'finished' time — the run has not finished")
-    fs, root = io.filesystem(out)
-    written = _mtime(fs, io.filesystem(io.join(out, "manifest.json"))[1])
-    newer = [f for f in io.list_files(store.work(out), ".parquet")
-             if "/rows/" in f and _mtime(fs, io.filesystem(f)[1]) > written + 1.0]
-    if newer:
-        raise ExportError(f"{out}: {len(newer)} committed row files under _work/ are newer than manifest.json "
-                          f"(e.g. {newer[0]}): a resumed run has not finished; rerun its command to finish it")
+    marker = store.running(out)
+    if marker is not None:
+        raise ExportError(f"{out}: a run started at {marker.get('started')} has not finished (still running, or "
+                          "stopped before its manifest); rerun its command to finish it")
+    if manifest.get("stopped"):
+        raise ExportError(f"{out}: the run stopped early ({manifest['stopped']}) and its outputs are partial; "
+                          "rerun its command to finish it")
     return manifest
 
 

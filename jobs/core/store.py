@@ -64,3 +64,26 @@ def load_manifest(out: str) -> dict:
     if not io.exists(uri):
         raise FileNotFoundError(f"no manifest.json in {out} (has the run finished?)")
     return json.loads(io.read_text(uri))
+
+
+def running_marker(out: str) -> str:
+    """URI of ``OUT/_work/running.json``: present from the start of a run until its manifest is
+    written, so a run that was killed or is still going is never taken for a finished one."""
+    return work(out, "running.json")
+
+
+def mark_running(out: str, info: dict) -> None:
+    """Write the running marker (``info``: when the run started, its command)."""
+    io.write_text(running_marker(out), json.dumps(info, default=str))
+
+
+def clear_running(out: str) -> None:
+    """Remove the running marker once the manifest is written."""
+    if io.exists(running_marker(out)):
+        io.delete(running_marker(out))
+
+
+def running(out: str) -> dict | None:
+    """The running marker's content when a run of OUT has started and not written its manifest."""
+    uri = running_marker(out)
+    return json.loads(io.read_text(uri)) if io.exists(uri) else None

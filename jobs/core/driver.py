@@ -3,8 +3,8 @@
 Layout of an output folder (local or ``s3://``)::
 
     OUT/_work/input/      normalized input rows (written once; a rerun reuses them)
-    OUT/_work/rows/       every processed row with its status (Ray Data parquet sink)
-    OUT/_work/checkpoint/ Ray Data checkpoint keyed on ``id`` (kept after success)
+    OUT/_work/rows/       every processed row with its status (Ray Data parquet sink): the
+                          committed rows, one file per block, written as each block finishes
     OUT/rejects/          rejects.parquet (full rows) + rejects.jsonl (id, stage, reason)
     OUT/errors/           errors.parquet + errors.jsonl (id, stage, error record)
     OUT/manifest.json     recipe, models, versions, funnel, stage wall times
@@ -12,18 +12,21 @@ Layout of an output folder (local or ``s3://``)::
 
 A pipeline whose rows change granularity (MIRROR: face images, client records, dialogues,
 client turns) declares ``PHASES``, a list of ``Phase``: each phase has its own input rows
-(built by its ingest from the committed rows of the earlier phases), stages, checkpoint and
+(built by its ingest from the committed rows of the earlier phases), stages, committed rows and
 funnel, in ``OUT/_work/<phase>/`` and ``OUT/rejects|errors/<phase>.*``; ``export`` then gets
 ``{phase: rows}``.
 
-Resume: rerunning the same command continues where the previous run stopped. Ray Data's
-checkpointing (``CheckpointConfig`` on ``id``) skips rows already committed to
-``_work/rows``; when every input id is committed the Ray pipeline is not started at all (no
-model is loaded) and only the export runs again.
+Resume: rerunning the same command continues where the previous run stopped: the ids already
+committed to ``_work/rows`` are skipped (skip-existing by id; a file cut short by a killed
+writer is unreadable, so its rows count as not committed and are computed again); when every
+input id is committed the Ray pipeline is not started at all (no model is loaded) and only the
+export runs again. Ray Data's own ``CheckpointConfig`` is not used: on resume it adds a
+``CheckpointFilter`` actor pool of whole-CPU actors, and on a 2-CPU box with model actors
+holding CPU shares it and Ray's 1-CPU repartition tasks can wait on each other forever.
 
 Batch API mode (``--batch``, ``jobs.core.batches``): rows whose LLM call went into a Batch API
 request file come out of the stages ``waiting``; they are dropped before the write (never
-committed, never checkpointed), so the next run processes them again. After a phase's
+committed), so the next run processes them again. After a phase's
 execution the spooled calls are submitted as batches, the funnel counts those rows as
 ``waiting`` at their stage, later phases and the export wait, and the manifest lists the
 batches (``batches``) and the waiting rows per stage (``waiting``). A ``--batch`` run first
@@ -353,29 +356,19 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
     ``openai`` LLM stages spool their uncached calls; waiting rows are not written)."""
     import ray.data
     from ray.data import DataContext
-    from ray.data.checkpoint import CheckpointConfig
 
     fs, _ = io.filesystem(out)
     state = state or work(out)
     ctx = DataContext.get_current()
-    ctx.checkpoint_config = CheckpointConfig(
-        id_column=R.ID, checkpoint_path=_ray_path(io.join(state, "checkpoint")),
-        delete_checkpoint_on_success=False, override_filesystem=fs if io.is_remote(out) else None)
     ctx.per_stage_map_timing = True  # split fused operators' time per stage (jobs.core.stats)
-    # Ray Data 2.60's DataSourceV2 parquet read starts with a ListFiles task that asks for a whole
-    # CPU whatever the read's num_cpus; a resumed run also starts a 1-CPU CheckpointFilter actor.
-    # On a 2-CPU box with an engine or model actors holding a share, the two never fit together
-    # and the run waits forever (seen on the first resume with an engine). The V1 read takes
-    # the read's own num_cpus and supports checkpointing the same way.
-    ctx.use_datasource_v2 = False
-    block_rows = block_rows_for(recipe, input_table.num_rows)
-    n_blocks = max(1, math.ceil(input_table.num_rows / block_rows))
-    in_uri = io.join(state, "input")
-    # Split into blocks of block_rows rows: a block is the unit of progress a resumed run keeps
-    # (the parquet reader would otherwise coalesce small files into one block).
-    # Read/write tasks take a small CPU share: model actors hold most CPUs of a small box, and
-    # a 1-CPU read task would then wait forever behind them.
-    ds = ray.data.read_parquet(_ray_path(in_uri), filesystem=fs, num_cpus=IO_NUM_CPUS).repartition(n_blocks)
+    block_rows = block_rows_for(recipe, input_table.num_rows)  # from the whole input: stable across resumes
+    done = read_table(io.join(state, "rows"), columns=[R.ID])
+    todo = input_table if done is None else input_table.filter(
+        pc.invert(pc.is_in(input_table.column(R.ID), value_set=done.column(R.ID).cast(input_table.schema.field(R.ID).type))))
+    # One Ray Data block per block_rows rows of the rows not committed yet: a block is the unit
+    # of progress a resumed run keeps. The blocks are cut here, so no repartition (whose tasks
+    # ask for a whole CPU each) runs between the input and the stages.
+    ds = ray.data.from_arrow([todo.slice(k, block_rows) for k in range(0, max(todo.num_rows, 1), block_rows)])
     if hasattr(pipeline, "before_run"):
         pipeline.before_run(recipe, out)
     needed = [sp.engine for sp in p.row_stages(phase) if sp.engine]
@@ -404,8 +397,6 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
         if state_now and state_now["stopped"]:  # a stage was refused: a clean stop, not a failure
             raise cost.BudgetStop(state_now["spent_usd"], state_now["limit_usd"], state_now["stage"]) from None
         raise
-    finally:
-        ctx.checkpoint_config = None  # do not leak into later writes of this process
     return stats.stage_table(ds, [sp.stage.name for sp in p.row_stages(phase)])
 
 

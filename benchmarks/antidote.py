@@ -34,7 +34,7 @@ from bench_env import ROOT  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from jobs import antidote as pipeline  # noqa: E402
-from jobs.core import driver, store  # noqa: E402
+from jobs.core import driver, funnel, store  # noqa: E402
 from jobs.core.recipe import load_recipe  # noqa: E402
 from jobs.core.engines import EngineSet  # noqa: E402
 from jobs.core.runtime import StageRun, add_stage, apply_stage, forwarded_env  # noqa: E402
@@ -44,7 +44,7 @@ from udfs import rows as R  # noqa: E402
 
 def _reached(rows: pa.Table, order: list[str], stage: str) -> pa.Table:
     """Rows that entered ``stage`` in the end-to-end run, with their status reset to ok."""
-    t = rows.filter(pa.array(driver.reached(rows, order, stage)))
+    t = rows.filter(pa.array(funnel.reached(rows, order, stage)))
     for c in (R.STATUS, R.STAGE, R.REASON):
         t = t.set_column(t.column_names.index(c), c, pa.array([R.OK if c == R.STATUS else ""] * t.num_rows))
     return t

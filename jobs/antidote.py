@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
 
-from jobs.core.driver import reached
+from jobs.core.funnel import reached
 from jobs.core.recipe import Recipe
 from jobs.core.report import Gallery
 from jobs.core.runtime import Stage, llm_stage

@@ -48,7 +48,7 @@ import tempfile
 import pyarrow as pa
 from pydantic import Field, model_validator
 
-from jobs.core.driver import reached
+from jobs.core.funnel import reached
 from jobs.core.recipe import Recipe
 from jobs.core.report import Gallery
 from jobs.core.runtime import Stage, llm_stage

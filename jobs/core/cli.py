@@ -80,7 +80,7 @@ def usage() -> str:
 
 def run_pipeline(name: str, argv: list[str]) -> int:
     """``python -m jobs <pipeline> ...``: plan (and stop there with ``--dry-run``) or run."""
-    from jobs.core import driver
+    from jobs.core import driver, funnel
     from jobs.core.recipe import load_recipe
 
     module = _load(name)
@@ -129,12 +129,12 @@ def run_pipeline(name: str, argv: list[str]) -> int:
     except cost.BudgetStop as e:
         manifest = store.load_manifest(recipe.output.rstrip("/"))
         print()
-        driver.print_funnel(manifest["funnel"])
+        funnel.print_funnel(manifest["funnel"])
         print(cost.format_cost(manifest["cost"]))
         print(f"\n{e}", file=sys.stderr)
         return BUDGET_EXIT
     print()
-    driver.print_funnel(manifest["funnel"])
+    funnel.print_funnel(manifest["funnel"])
     if recipe.prices:  # local models cost nothing per token: no cost line without a price table
         print(cost.format_cost(manifest["cost"]))
     if manifest["placeholder_stages"]:
@@ -212,14 +212,14 @@ def status(argv: list[str]) -> int:
     """Print the per-stage funnel of a run from its manifest; for a ``--batch`` run, poll its
     Batch API batches, print each one's state and ingest the finished ones
     (``jobs.core.batches.poll``)."""
-    from jobs.core import batches, driver, store
+    from jobs.core import batches, funnel, store
 
     ap = argparse.ArgumentParser(prog="python -m jobs status")
     ap.add_argument("output")
     args = ap.parse_args(argv)
     m = store.load_manifest(args.output)
     print(f"{m['pipeline']} run finished {m['finished']} ({m['wall_s']} s), profile {m['recipe']['profile']}")
-    driver.print_funnel(m["funnel"])
+    funnel.print_funnel(m["funnel"])
     if m.get("placeholder_stages"):
         print(f"placeholder models: {', '.join(m['placeholder_stages'])}")
     if batches.records(args.output):

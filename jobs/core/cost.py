@@ -3,7 +3,7 @@
 Prices come from the recipe (``prices:``: model name -> ``recipe.Price``, USD per 1M tokens, as
 the provider lists them). A stage's cost is computed from its funnel row's token sums (the per-
 row ``*_prompt_tokens``/``*_completion_tokens`` columns of the LLM stage, summed by
-``driver.funnel``): billed tokens are the row tokens minus the tokens of replies served by the
+``jobs.core.funnel.funnel``): billed tokens are the row tokens minus the tokens of replies served by the
 generation cache, which cost nothing and are reported as saved. ``openai_batch`` stages use the
 batch prices; a missing price is never guessed: the stage's cost is then ``None`` and its model
 is listed as unpriced.

@@ -12,26 +12,9 @@ import pytest
 
 from tests.batch_api_server import FakeBatchAPI
 from tests.helpers import LoopbackServer
-from tests.test_gen_cache import toy_input, toy_respond
+from tests.test_gen_cache import toy_input, toy_recipe, toy_respond
 
 PRICES = {"input_per_1m": 2.0, "output_per_1m": 4.0, "batch_input_per_1m": 1.0, "batch_output_per_1m": 2.0}
-
-
-def _recipe(folder, url: str) -> str:
-    folder.mkdir(exist_ok=True)
-    model = f'{{backend: openai, model: toy-model, options: {{base_url: "{url}/v1", api_key_env: null, ' \
-            f'max_retries: 1, timeout_s: 20}}}}'
-    path = folder / "toy_llm.yaml"
-    path.write_text(f"""pipeline: toy_llm
-prices: {{toy-model: {json.dumps(PRICES)}}}
-stages:
-  colour_prompts: {{num_cpus: 0.1}}
-  ask_colour: {{model: {model}, num_cpus: 0.2, params: {{temperature: 0.0, max_tokens: 16, max_repairs: 1}}}}
-  name_prompts: {{num_cpus: 0.1}}
-  ask_name: {{model: {model}, num_cpus: 0.2, params: {{temperature: 0.0, max_tokens: 8}}}}
-  slow: {{num_cpus: 0.1}}
-""")
-    return str(path)
 
 
 def _respond(line: dict):
@@ -48,7 +31,7 @@ def _run(tmp_path, url: str, out: str, batch: bool = True, cache=None):
     from jobs.core.recipe import load_recipe
     from tests import toy_llm
 
-    r = load_recipe(toy_llm.RECIPE, "toy_llm", recipe_file=_recipe(tmp_path / f"r-{out}", url),
+    r = load_recipe(toy_llm.RECIPE, "toy_llm", recipe_file=toy_recipe(tmp_path / f"r-{out}", url, PRICES),
                     input=toy_input(tmp_path), output=str(tmp_path / out), batch=batch or None, cache=cache)
     return driver.run(toy_llm, r, ["toy_llm"])
 

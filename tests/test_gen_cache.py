@@ -56,12 +56,16 @@ def _counts(srv: LoopbackServer, start: int = 0) -> dict[str, int]:
     return out
 
 
-def toy_recipe(tmp_path, url: str) -> str:
+def toy_recipe(tmp_path, url: str, prices: dict | None = None) -> str:
+    """The toy pipeline's recipe with both LLM stages on the loopback API at ``url`` (``prices``:
+    the recipe's price of ``toy-model``)."""
     model = f'{{backend: openai, model: toy-model, options: {{base_url: "{url}/v1", api_key_env: null, ' \
             f'max_retries: 1, timeout_s: 20}}}}'
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "toy_llm.yaml"
+    price = f"prices: {{toy-model: {json.dumps(prices)}}}\n" if prices else ""
     path.write_text(f"""pipeline: toy_llm
-stages:
+{price}stages:
   colour_prompts: {{num_cpus: 0.1}}
   ask_colour: {{model: {model}, num_cpus: 0.2, params: {{temperature: 0.0, max_tokens: 16, max_repairs: 1}}}}
   name_prompts: {{num_cpus: 0.1}}

@@ -49,11 +49,7 @@ def antidote_run(root) -> str:
                [{"id": i, "image": f"images/{i}.png", "text": f"{name} q {i}?", "text_hint": "hint"} for i in ids])
     _jsonl(os.path.join(out, "steps", "generated_captions.jsonl"), [{"idx": 0, "caption": "x"}])
     store.write_table(pa.table({"id": ["coco-d"], "_status": ["rejected"]}), os.path.join(out, "rejects", "rejects.parquet"))
-    store.write_table(pa.table({"id": ids + ["coco-d"], "_status": ["ok"] * 3 + ["rejected"],
-                                "caption_parse_prompt_tokens": [100, 110, 120, 90],
-                                "caption_parse_completion_tokens": [20, 21, 22, None],
-                                "cpq_generate_prompt_tokens": [50, 50, 50, None],
-                                "cpq_generate_completion_tokens": [5, 6, 7, None]}),
+    store.write_table(pa.table({"id": ids + ["coco-d"], "_status": ["ok"] * 3 + ["rejected"]}),
                       os.path.join(out, "_work", "rows", "part-0.parquet"))
     _manifest(out, pipeline="antidote", command=["python", "-m", "jobs", "antidote", "--limit", "4"],
               recipe={"pipeline": "antidote", "profile": "offline", "input": "data/captions/coco2017_mini.jsonl",
@@ -64,7 +60,11 @@ def antidote_run(root) -> str:
                       "detect_objects": {"backend": "grounding_dino", "model": "some-org/detector-x", "placeholder": False}},
               placeholder_stages=["generate_images"], audit_stages=["factual_filter"],
               funnel=[{"stage": "ingest", "in": 795, "out": 4, "rejected": 0, "errored": 0, "not_selected": 791},
-                      {"stage": "caption_parse", "in": 4, "out": 3, "rejected": 1, "errored": 0},
+                      {"stage": "caption_parse", "in": 4, "out": 3, "rejected": 1, "errored": 0,
+                       "prompt_tokens": 420, "completion_tokens": 63, "cache_hits": 1, "cache_misses": 3,
+                       "cached_prompt_tokens": 100, "cached_completion_tokens": 20},
+                      {"stage": "cpq_generate", "in": 3, "out": 3, "rejected": 0, "errored": 0,
+                       "prompt_tokens": 150, "completion_tokens": 18},
                       {"stage": "factual_filter", "in": 3, "out": 3, "rejected": 0, "errored": 0,
                        "audit_would_reject": 2}])
     return out
@@ -100,8 +100,9 @@ def test_antidote_export_loads_back_with_images_and_card(tmp_path):
     assert "WARNING: placeholder models" in card and "generate_images" in card
     assert "WARNING: audit mode" in card and "factual_filter" in card
     assert "| caption_parse | 4 | 3 | 1 | 0 |" in card and "| factual_filter | 3 | 3 | 0 | 0 |  | 2 |" in card
-    # tokens summed over the committed rows; no cost section in this manifest
+    # tokens: the funnel's sums over the committed rows (cache counters are no stages); no cost section
     assert "| caption_parse | 4 | 420 | 63 |" in card and "| cpq_generate | 3 | 150 | 18 |" in card
+    assert "caption_parse_cached" not in card
     assert "no `cost` section" in card
     assert "Apache-2.0 (SmolLM2" in card and "`some-org/detector-x` |  | unknown — check" in card
     assert "COCO 2017 captions" in card and "CC BY 4.0" in card
@@ -126,16 +127,16 @@ def mirror_run(root) -> str:
     store.write_table(pa.table({"id": ["d1-1", "d1-2"], "dialogue_id": ["d1", "d1"], "turn": [1, 2],
                                 "image": ["images/d1/turn1.png", None]}), os.path.join(out, "expressions.parquet"))
     _jsonl(os.path.join(out, "rejects", "dialogues.jsonl"), [{"id": "d2", "reason": "unsafe"}])
-    for phase in ("dialogues", "turns"):
-        store.write_table(pa.table({"id": ["x"], "screenplay_prompt_tokens": [10], "screenplay_completion_tokens": [30]})
-                          if phase == "dialogues" else pa.table({"id": ["y"]}),
-                          os.path.join(out, "_work", phase, "rows", "p.parquet"))
+    for phase, rid in (("dialogues", "x"), ("turns", "y")):
+        store.write_table(pa.table({"id": [rid]}), os.path.join(out, "_work", phase, "rows", "p.parquet"))
     _manifest(out, pipeline="mirror", command=["python", "-m", "jobs", "mirror"],
               recipe={"pipeline": "mirror", "profile": "paper", "input": "data/counseling/cactus_eval_intake.jsonl",
                       "faces": str(faces), "stages": {}},
               models={"screenplay": {"backend": "openai", "model": "gpt-4o-mini", "placeholder": False}},
               placeholder_stages=[], audit_stages=[],
               funnel=[{"phase": "dialogues", "stage": "dialogues:ingest", "in": 1, "out": 1, "rejected": 0, "errored": 0},
+                      {"phase": "dialogues", "stage": "screenplay", "in": 1, "out": 1, "rejected": 0, "errored": 0,
+                       "prompt_tokens": 10, "completion_tokens": 30},
                       {"stage": "dialogue_complete", "unit": "dialogues", "in": 2, "out": 1, "rejected": 1, "errored": 0}],
               cost={"currency": "USD", "total_usd": 0.0123,
                     "stages": [{"stage": "screenplay", "input_tokens": 10, "output_tokens": 30, "usd": 0.0123}]})
@@ -161,7 +162,7 @@ def test_mirror_export_phases_csv_duplicate_null_images_gpl_and_cost(tmp_path):
     assert "@inproceedings{kim2025mirror" in card and "2504.13211" in card
     assert "WARNING" not in card
     assert "| dialogues: dialogues:ingest | 1 | 1 |" in card and "| dialogue_complete (dialogues) | 2 | 1 | 1 |" in card
-    assert "| screenplay | 1 | 10 | 30 |" in card  # tokens from the dialogues phase's rows
+    assert "| screenplay | 1 | 10 | 30 |" in card  # tokens from the dialogues phase's funnel row
     assert "**total_usd**: 0.0123" in card and "| screenplay | 10 | 30 | 0.0123 |" in card
     assert "OpenAI API" in card
 
@@ -228,6 +229,9 @@ def test_errors_name_the_problem(tmp_path):
     store.clear_running(out)
     io.write_text(os.path.join(out, "manifest.json"), json.dumps({**m, "stopped": "budget"}))
     with pytest.raises(export.ExportError, match=r"stopped early \(budget\)"):
+        export.export_hf(out)
+    io.write_text(os.path.join(out, "manifest.json"), json.dumps({**m, "waiting": {"cpq_generate": 2}}))
+    with pytest.raises(export.ExportError, match="rows still wait for Batch API batches"):
         export.export_hf(out)
     io.write_text(os.path.join(out, "manifest.json"), json.dumps(m))
     os.remove(os.path.join(out, "images", "coco-b.png"))

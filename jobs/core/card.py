@@ -224,12 +224,15 @@ def _size_category(n: int) -> str:
     return "n>10M"
 
 
-def _stage_tokens(token_rows: dict[str, dict[str, int]], manifest: dict) -> list[dict]:
-    """Tokens per stage: the committed rows' ``<stage>_prompt_tokens``/``_completion_tokens``
-    sums (``token_rows``), else the engines' served counters of the manifest."""
-    if token_rows:
-        return [{"stage": s, **c} for s, c in token_rows.items()]
-    rows = []
+def _stage_tokens(manifest: dict) -> list[dict]:
+    """Tokens per LLM stage: the funnel's sums over the committed rows (``rows`` = rows that
+    entered the stage; ``jobs.core.funnel.funnel``), else the engines' served counters of the
+    manifest (runs written before the funnel had token sums)."""
+    rows = [{"stage": r["stage"], "rows": r["in"], "prompt_tokens": r["prompt_tokens"],
+             "completion_tokens": r.get("completion_tokens", 0)}
+            for r in manifest.get("funnel") or [] if "prompt_tokens" in r]
+    if rows:
+        return rows
     for e in manifest.get("engines") or []:
         for stage, c in (e.get("served") or {}).items():
             rows.append({"stage": stage, "requests": c.get("requests"), "prompt_tokens": c.get("prompt_tokens", 0),
@@ -265,14 +268,12 @@ def _fmt(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def render(manifest: dict, configs: list[dict], infos, token_rows: dict[str, dict[str, int]],
-           source: str, skipped: list[dict] = (), dropped: list[dict] = (), pretty_name: str | None = None):
+def render(manifest: dict, configs: list[dict], infos, source: str, skipped: list[dict] = (), dropped: list[dict] = (), pretty_name: str | None = None):
     """The ``huggingface_hub.DatasetCard`` of an export.
 
     ``configs``: ``[{"name", "splits": [{"name", "rows", "source", "files": [relative paths]}],
     "image_columns": [...]}]`` (``jobs.core.export``); ``infos``: a ``datasets.DatasetInfosDict``
-    (features and split sizes per config, written as ``dataset_info``); ``token_rows``:
-    ``{stage: {"rows", "prompt_tokens", "completion_tokens"}}``; ``source``: the run folder;
+    (features and split sizes per config, written as ``dataset_info``); ``source``: the run folder;
     ``skipped``: files not exported (``{"file", "reason"}``); ``dropped``: rows left out for a
     missing image (``{"file", "id", "column", "error"}``).
     """
@@ -311,7 +312,7 @@ def render(manifest: dict, configs: list[dict], infos, token_rows: dict[str, dic
         "audit_stages": manifest.get("audit_stages") or [],
         "configs": configs, "total": total, "models": models,
         "funnel": manifest.get("funnel") or [],
-        "tokens": _stage_tokens(token_rows, manifest), "cost_facts": facts, "cost_tables": tables,
+        "tokens": _stage_tokens(manifest), "cost_facts": facts, "cost_tables": tables,
         "has_cost": manifest.get("cost") is not None,
         "inputs": inputs, "paper_inputs": PAPER_INPUTS.get(name, []),
         "recipe_yaml": yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True) if recipe else None,

@@ -42,7 +42,7 @@ cached login).
 Errors (``ExportError``, a ``ValueError``: the CLI prints one line and exits 2): OUT without
 ``manifest.json``, a run that has not finished (a pipeline manifest without ``finished``, or the running marker of
 a run that started after it: ``jobs.core.store.running``), a run that stopped early
-(``manifest["stopped"]``), no exportable file, a missing image.
+(``manifest["stopped"]``) or has rows waiting for Batch API batches, no exportable file, a missing image.
 """
 from __future__ import annotations
 
@@ -101,8 +101,9 @@ class SourceFile:
 def check_finished(out: str) -> dict:
     """The run's manifest; raises ``ExportError`` when OUT has no ``manifest.json``, when a
     pipeline manifest has no ``finished`` time, when a run of OUT started and has not written
-    its manifest (``store.running``: still going, or killed), or when the run stopped early
-    (``manifest["stopped"]``, e.g. at its ``--max-cost`` budget: its outputs are partial)."""
+    its manifest (``store.running``: still going, or killed), when the run stopped early
+    (``manifest["stopped"]``, e.g. at its ``--max-cost`` budget: its outputs are partial), or
+    when rows still wait for Batch API batches (``manifest["waiting"]``)."""
     if not io.exists(io.join(out, "manifest.json")):
         raise ExportError(f"{out}: no manifest.json — the run has not finished (or this is not a run folder)")
     manifest = store.load_manifest(out)
@@ -115,6 +116,9 @@ def check_finished(out: str) -> dict:
     if manifest.get("stopped"):
         raise ExportError(f"{out}: the run stopped early ({manifest['stopped']}) and its outputs are partial; "
                           "rerun its command to finish it")
+    if manifest.get("waiting"):
+        raise ExportError(f"{out}: rows still wait for Batch API batches ({manifest['waiting']}); check them with "
+                          "`python -m jobs status OUT` and rerun the command when they completed")
     return manifest
 
 
@@ -350,28 +354,6 @@ def _prepare(dest: str) -> None:
         json.dump({"status": "writing"}, f)
 
 
-def _token_rows(out: str) -> dict[str, dict[str, int]]:
-    """Per LLM stage: rows with a reply and the sums of ``<stage>_prompt_tokens`` and
-    ``<stage>_completion_tokens`` over the committed rows of every phase (``_work/**/rows``)."""
-    folders = sorted({f.rsplit("/rows/", 1)[0] + "/rows" for f in io.list_files(store.work(out), ".parquet")
-                      if "/rows/" in f})
-    result: dict[str, dict[str, int]] = {}
-    for folder in folders:
-        table = store.read_table(folder)
-        if table is None:
-            continue
-        for name in table.column_names:
-            if name.endswith("_prompt_tokens") and name[:-14] + "_completion_tokens" in table.column_names:
-                stage = name[:-14]
-                p = [v for v in table.column(name).to_pylist() if v is not None]
-                c = [v for v in table.column(stage + "_completion_tokens").to_pylist() if v is not None]
-                acc = result.setdefault(stage, {"rows": 0, "prompt_tokens": 0, "completion_tokens": 0})
-                acc["rows"] += len(p)
-                acc["prompt_tokens"] += int(sum(p))
-                acc["completion_tokens"] += int(sum(c))
-    return result
-
-
 def export_hf(out: str, to: str | None = None, max_shard_rows: int = DEFAULT_SHARD_ROWS,
               max_shard_mb: float = DEFAULT_SHARD_MB, exclude: list[str] = (), missing_images: str = "fail") -> dict:
     """Export the finished run in OUT to ``to`` (default ``OUT/hf``) and return the summary
@@ -436,7 +418,7 @@ def export_hf(out: str, to: str | None = None, max_shard_rows: int = DEFAULT_SHA
         configs.append({"name": cfg["name"], "image_columns": cfg["image_columns"], "splits": splits})
     summary = {"source": out, "to": to, "pipeline": manifest.get("pipeline") or manifest.get("command"),
                "configs": configs, "skipped": skipped, "dropped_rows": dropped}
-    card = C.render(manifest, configs, infos, _token_rows(out), out, skipped=skipped, dropped=dropped)
+    card = C.render(manifest, configs, infos, out, skipped=skipped, dropped=dropped)
     card.save(os.path.join(to, "README.md"))
     with open(os.path.join(to, MARKER), "w") as f:
         json.dump(summary, f, indent=2)

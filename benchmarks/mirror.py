@@ -54,10 +54,10 @@ def timed_execute(walls: dict[str, float]):
     """``driver.execute`` that records each phase's Ray wall time in ``walls``."""
     inner = driver.execute
 
-    def execute(pipeline, recipe, p, out, input_table, phase="rows", state=None):
+    def execute(pipeline, recipe, p, out, input_table, phase="rows", *args, **kwargs):
         t0 = time.time()
         try:
-            return inner(pipeline, recipe, p, out, input_table, phase, state)
+            return inner(pipeline, recipe, p, out, input_table, phase, *args, **kwargs)
         finally:
             walls[phase] = time.time() - t0
     return execute

@@ -340,9 +340,9 @@ def _ray_path(uri: str) -> str:
 
 def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, phase: str = "rows",
             state: str | None = None, engines: EngineSet | None = None, meter=None,
-            budgets: dict[str, dict] | None = None, batch: bool = False) -> list[dict]:
-    """Run ``phase``'s stages on Ray Data over its rows not yet committed (state folder
-    ``state``, default ``OUT/_work``), starting the shared LLM engines they use (``engines``,
+            budgets: dict[str, dict] | None = None, batch: bool = False, todo: pa.Table | None = None) -> list[dict]:
+    """Run ``phase``'s stages on Ray Data over its rows not yet committed (``todo``, default
+    ``uncommitted(input_table, state)``; state folder ``state``, default ``OUT/_work``), starting the shared LLM engines they use (``engines``,
     kept running for later phases); returns the per-stage table (``jobs.core.stats.stage_table``).
 
     ``meter``/``budgets``: the run's spend meter actor and the per-stage meter configs
@@ -357,9 +357,7 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
     ctx = DataContext.get_current()
     ctx.per_stage_map_timing = True  # split fused operators' time per stage (jobs.core.stats)
     block_rows = block_rows_for(recipe, input_table.num_rows)  # from the whole input: stable across resumes
-    done = read_table(io.join(state, "rows"), columns=[R.ID])
-    todo = input_table if done is None else input_table.filter(
-        pc.invert(pc.is_in(input_table.column(R.ID), value_set=done.column(R.ID).cast(input_table.schema.field(R.ID).type))))
+    todo = uncommitted(input_table, state) if todo is None else todo
     # One Ray Data block per block_rows rows of the rows not committed yet: a block is the unit
     # of progress a resumed run keeps. The blocks are cut here, so no repartition (whose tasks
     # ask for a whole CPU each) runs between the input and the stages.
@@ -393,6 +391,16 @@ def execute(pipeline, recipe: Recipe, p: Plan, out: str, input_table: pa.Table, 
             raise cost.BudgetStop(state_now["spent_usd"], state_now["limit_usd"], state_now["stage"]) from None
         raise
     return stats.stage_table(ds, [sp.stage.name for sp in p.row_stages(phase)])
+
+
+def uncommitted(input_table: pa.Table, state: str) -> pa.Table:
+    """The rows of ``input_table`` whose ids are not committed to ``state``'s ``rows`` yet
+    (all of them when nothing is)."""
+    done = read_table(io.join(state, "rows"), columns=[R.ID])
+    if done is None:
+        return input_table
+    ids = input_table.column(R.ID)
+    return input_table.filter(pc.invert(pc.is_in(ids, value_set=done.column(R.ID).cast(ids.type))))
 
 
 def batched(sp: StagePlan) -> bool:
@@ -487,17 +495,15 @@ def run(pipeline, recipe: Recipe, argv: list[str], address: str | None = None) -
             state = work(out) if single else work(out, ph.name)
             input_table, not_selected, ingest_stats = _ingest(ph, recipe, out, state, by_phase)
             stage_stats.extend({"phase": ph.name, "ingest": True, **r} for r in ingest_stats)
-            done = read_table(io.join(state, "rows"), columns=[R.ID])
-            done_ids = set(done.column(R.ID).to_pylist()) if done is not None else set()
-            todo = [i for i in input_table.column(R.ID).to_pylist() if i not in done_ids]
-            resumed = resumed or bool(done_ids)
-            processed += len(todo)
+            todo = uncommitted(input_table, state)
+            resumed = resumed or todo.num_rows < input_table.num_rows
+            processed += todo.num_rows
             table: list[dict] = []
-            if todo and input_table.num_rows:
+            if todo.num_rows:
                 try:
                     table = [{"phase": ph.name, **r} for r in
                              execute(pipeline, recipe, p, out, input_table, ph.name, state, engines, meter, budgets,
-                                     batch=recipe.batch)]
+                                     batch=recipe.batch, todo=todo)]
                 except cost.BudgetStop as e:
                     stopped = e
             if not table:  # nothing ran now: keep the figures of the run that did the work
@@ -597,8 +603,8 @@ def _engine_section(engines: EngineSet, previous: dict | None) -> list[dict]:
 def _exactly_once(rows: pa.Table, input_table: pa.Table, partial: bool = False,
                   waiting: set[str] | None = None) -> pa.Table:
     """Committed rows, one per input id. Ray Data commits each block once; a row could only
-    appear twice if a block were recomputed after a crash between its write and its
-    checkpoint record, and then the first copy is kept. Raises ``RuntimeError`` if an
+    appear twice if a block were written twice (a task retried after its file was written),
+    and then the first copy is kept. Raises ``RuntimeError`` if an
     input id has no committed row (a row would be lost), unless ``partial`` (a run stopped
     by its budget: the rerun processes them) or the id is ``waiting`` for a Batch API batch."""
     ids = rows.column(R.ID).to_pylist()

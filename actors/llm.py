@@ -175,7 +175,7 @@ def _column(batch: dict[str, Any], name: str, n: int) -> list[Any]:
 class LLMStage:
     """Ray Data actor: adds ``OUTPUT_COLUMNS`` (+ ``rows.ROW_ERROR``/``rows.ROW_REJECT``) to a batch.
 
-    ``__init__(model, params, engine=None, cache=None)``: ``model`` is
+    ``__init__(model, params, engine=None, cache=None, budget=None)``: ``model`` is
     ``ResolvedModel.model_dump()`` (a dict, so it pickles into actors), ``params`` a dict of
     ``LLMParams`` fields, ``engine`` a shared engine's address (``make_engine``), ``cache`` the
     generation cache config ``{"uri", "cache_rejects"}`` (None: no cache; see the module
@@ -290,14 +290,26 @@ class LLMStage:
         return cache_key({"kind": "llm", "model": self._identity, "messages": messages, "sampling": req.sampling,
                           "format": {"kind": req.fmt.kind, "schema": req.fmt.schema, "grammar": req.fmt.grammar}})
 
-    def _cached(self, req: LLMRequest, key: str | None) -> LLMReply | None:
-        """The cached reply of a call when it may be served (see ``cache_rejects``)."""
-        entry = self.cache.get(key) if key else None
+    @staticmethod
+    def _entry_reply(entry: dict | None) -> LLMReply | None:
+        """The reply a cache entry holds (None for no entry or one without text)."""
         if entry is None or not isinstance(entry.get("text"), str):
             return None
-        rep = LLMReply(text=entry["text"], finish_reason=entry.get("finish_reason"),
-                       prompt_tokens=int(entry.get("prompt_tokens") or 0),
-                       completion_tokens=int(entry.get("completion_tokens") or 0))
+        return LLMReply(text=entry["text"], finish_reason=entry.get("finish_reason"),
+                        prompt_tokens=int(entry.get("prompt_tokens") or 0),
+                        completion_tokens=int(entry.get("completion_tokens") or 0))
+
+    @staticmethod
+    def _count_hit(r: _RowResult, rep: LLMReply) -> None:
+        r.cache_hits += 1
+        r.cached_prompt_tokens += int(rep.prompt_tokens or 0)
+        r.cached_completion_tokens += int(rep.completion_tokens or 0)
+
+    def _cached(self, req: LLMRequest, entry: dict | None) -> LLMReply | None:
+        """The reply of a call's cache ``entry`` when it may be served (see ``cache_rejects``)."""
+        rep = self._entry_reply(entry)
+        if rep is None:
+            return None
         if not self.cache_rejects:
             try:
                 req.fmt.validate(rep.text)
@@ -320,17 +332,14 @@ class LLMStage:
                 replies.append(BatchRequestError(self._failures[key]))
                 continue
             entry = self.cache.get(key)
-            if entry is not None and isinstance(entry.get("text"), str) and entry.get("batch_id") in self._own_batches:
+            own = self._entry_reply(entry)
+            if own is not None and entry.get("batch_id") in self._own_batches:
                 r.cache_misses += 1  # sent (in this output's batch) and paid for: not a saving
-                replies.append(LLMReply(text=entry["text"], finish_reason=entry.get("finish_reason"),
-                                        prompt_tokens=int(entry.get("prompt_tokens") or 0),
-                                        completion_tokens=int(entry.get("completion_tokens") or 0)))
+                replies.append(own)
                 continue
-            rep = self._cached(req, key)
+            rep = self._cached(req, entry)
             if rep is not None:
-                r.cache_hits += 1
-                r.cached_prompt_tokens += int(rep.prompt_tokens or 0)
-                r.cached_completion_tokens += int(rep.completion_tokens or 0)
+                self._count_hit(r, rep)
                 replies.append(rep)
                 continue
             try:
@@ -370,7 +379,8 @@ class LLMStage:
         keys = [self._key(req) for req in pending]
         if self.spool is not None:
             return self._spool_or_serve(pending, keys, results)
-        replies: list[LLMReply | BaseException | None] = [self._cached(req, k) for req, k in zip(pending, keys)]
+        replies: list[LLMReply | BaseException | None] = [self._cached(req, self.cache.get(k) if k else None)
+                                                          for req, k in zip(pending, keys)]
         send = [j for j, rep in enumerate(replies) if rep is None]
         fresh = self._send([pending[j] for j in send]) if send else []
         for j, rep in zip(send, fresh):
@@ -384,10 +394,7 @@ class LLMStage:
         sent = set(send)
         for j, rep in enumerate(replies):
             if j not in sent:
-                r = results[pending[j].index]
-                r.cache_hits += 1
-                r.cached_prompt_tokens += int(rep.prompt_tokens or 0)
-                r.cached_completion_tokens += int(rep.completion_tokens or 0)
+                self._count_hit(results[pending[j].index], rep)
         return replies
 
     def _run(self, requests: list[LLMRequest], results: list[_RowResult]) -> None:

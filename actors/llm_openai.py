@@ -164,6 +164,28 @@ def azure_client(opts: dict[str, Any], timeout_s: float):
     return client, key or token
 
 
+def api_client(opts: dict[str, Any], timeout_s: float, max_retries: int = 0):
+    """``(client, secret)`` for a model spec's ``options``: ``openai.OpenAI`` (``base_url``, the
+    key in the variable ``api_key_env``, default ``OPENAI_API_KEY``; ``null`` for servers without
+    auth, secret None), or with ``api_type: azure`` ``azure_client``'s (which never retries).
+    Each call times out after ``timeout_s`` seconds; ``max_retries``: the client's own retries.
+    The secret is returned for scrubbing error messages. Raises ``ValueError`` when the key
+    variable is not set or ``api_type`` is unknown."""
+    import openai
+
+    api_type = opts.get("api_type", "openai")
+    if api_type == "azure":
+        return azure_client(opts, timeout_s)
+    if api_type != "openai":
+        raise ValueError(f"options.api_type must be 'openai' or 'azure', got {api_type!r}")
+    env = opts.get("api_key_env", "OPENAI_API_KEY")
+    key = "EMPTY" if env is None else os.environ.get(env)
+    if not key:
+        raise ValueError(f"API key environment variable {env!r} is not set")
+    return (openai.OpenAI(api_key=key, base_url=opts.get("base_url"), timeout=timeout_s, max_retries=max_retries),
+            key if env is not None else None)
+
+
 class OpenAIEngine:
     """Chat completions over an OpenAI-compatible HTTP API.
 
@@ -187,8 +209,6 @@ class OpenAIEngine:
     can_repair = True
 
     def __init__(self, resolved: ResolvedModel, params: LLMParams):
-        import openai
-
         opts = dict(resolved.spec.options)
         self.options = opts
         self.model_name = resolved.spec.model
@@ -196,22 +216,7 @@ class OpenAIEngine:
         self.max_retries = int(opts.get("max_retries", 3))
         self.backoff_s = float(opts.get("backoff_s", 1.0))
         self.max_backoff_s = float(opts.get("max_backoff_s", 30.0))
-        api_type = opts.get("api_type", "openai")
-        if api_type == "azure":
-            self.client, self._secret = azure_client(opts, self.timeout_s)
-        elif api_type == "openai":
-            env = opts.get("api_key_env", "OPENAI_API_KEY")
-            if env is None:
-                key = "EMPTY"
-            else:
-                key = os.environ.get(env)
-                if not key:
-                    raise ValueError(f"API key environment variable {env!r} is not set")
-            self._secret = key if env is not None else None
-            self.client = openai.OpenAI(api_key=key, base_url=opts.get("base_url"), timeout=self.timeout_s,
-                                        max_retries=0)
-        else:
-            raise ValueError(f"options.api_type must be 'openai' or 'azure', got {api_type!r}")
+        self.client, self._secret = api_client(opts, self.timeout_s)
         self.limiter = RateLimiter(opts.get("qps"))
         self.pacer = (HeaderPacer(float(opts.get("max_pacing_wait_s", 60.0)))
                       if opts.get("pace_from_headers", True) else None)

@@ -40,7 +40,6 @@ Every API call is bounded by the model spec's ``timeout_s`` (default 60 s). The 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections import defaultdict
 from typing import Any
@@ -115,21 +114,13 @@ def waiting_rows(spool: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def client(options: dict[str, Any]):
-    """An ``openai`` client for a stage's ``CLIENT_OPTIONS`` (Azure with ``api_type: azure``);
-    each call times out after ``timeout_s`` (default 60) and is retried twice by the client.
-    Raises ``ValueError`` when the API key variable is not set."""
-    import openai
+    """An ``openai`` client for a stage's ``CLIENT_OPTIONS`` (``actors.llm_openai.api_client``;
+    Azure with ``api_type: azure``); each call times out after ``timeout_s`` (default 60) and
+    is retried twice by the client (Azure: not retried). Raises ``ValueError`` when the API key
+    variable is not set."""
+    from actors.llm_openai import api_client
 
-    timeout = float(options.get("timeout_s", 60.0))
-    if options.get("api_type") == "azure":
-        from actors.llm_openai import azure_client
-
-        return azure_client(options, timeout)[0]
-    env = options.get("api_key_env", "OPENAI_API_KEY")
-    key = "EMPTY" if env is None else os.environ.get(env)
-    if not key:
-        raise ValueError(f"API key environment variable {env!r} is not set (needed to submit and poll batches)")
-    return openai.OpenAI(api_key=key, base_url=options.get("base_url"), timeout=timeout, max_retries=2)
+    return api_client(options, float(options.get("timeout_s", 60.0)), max_retries=2)[0]
 
 
 def _chunks(lines: list[str], max_requests: int, max_bytes: int) -> list[list[str]]:
@@ -271,6 +262,11 @@ def describe(recs: list[dict[str, Any]]) -> str:
             line += f"; ingested: {r['succeeded']} answers, {r['failed']} failed, {r['missing']} to send again"
         lines.append(line)
     return "\n".join(lines)
+
+
+def describe_waiting(waiting: dict[str, int]) -> str:
+    """``manifest["waiting"]`` (``{stage: rows}``) as ``"3 at ask_name, 1 at ask_colour"``."""
+    return ", ".join(f"{n} at {stage}" for stage, n in waiting.items())
 
 
 def pending(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -80,7 +80,7 @@ def usage() -> str:
 
 def run_pipeline(name: str, argv: list[str]) -> int:
     """``python -m jobs <pipeline> ...``: plan (and stop there with ``--dry-run``) or run."""
-    from jobs.core import driver, funnel
+    from jobs.core import cost, driver, funnel, store
     from jobs.core.recipe import load_recipe
 
     module = _load(name)
@@ -109,7 +109,6 @@ def run_pipeline(name: str, argv: list[str]) -> int:
         if p.placeholder_stages():
             print(f"placeholder models (outputs marked, filters in audit mode): {', '.join(p.placeholder_stages())}")
         if recipe.prices:
-            from jobs.core import cost, store
             from udfs import io
 
             out = (recipe.output or "").rstrip("/")
@@ -122,8 +121,6 @@ def run_pipeline(name: str, argv: list[str]) -> int:
     if not recipe.input:
         raise ValueError("--input is required")
     driver.check_inputs(recipe)  # before a cluster is started
-    from jobs.core import cost, store
-
     try:
         manifest = driver.run(module, recipe, ["python", "-m", "jobs", name, *argv], address=args.address)
     except cost.BudgetStop as e:
@@ -154,8 +151,8 @@ def _print_waiting(manifest: dict, out: str, command: list[str]) -> None:
     from jobs.core import batches
 
     pending = batches.pending(manifest.get("batches") or [])
-    rows = ", ".join(f"{n} at {stage}" for stage, n in manifest["waiting"].items())
-    print(f"\nwaiting for the Batch API: {rows} (rows not committed yet); {len(pending)} batch(es) pending:")
+    print(f"\nwaiting for the Batch API: {batches.describe_waiting(manifest['waiting'])} (rows not committed yet); "
+          f"{len(pending)} batch(es) pending:")
     print(batches.describe(pending))
     print(f"check them with: python -m jobs status {out}\n"
           f"when they completed, rerun the same command: {' '.join(shlex.quote(a) for a in command)}")
@@ -227,9 +224,8 @@ def status(argv: list[str]) -> int:
         print("\nBatch API batches:")
         print(batches.describe(recs))
         if m.get("waiting"):
-            rows = ", ".join(f"{n} at {stage}" for stage, n in m["waiting"].items())
             todo = batches.pending(recs)
-            print(f"rows waiting: {rows}; " + (f"{len(todo)} batch(es) still running" if todo else
+            print(f"rows waiting: {batches.describe_waiting(m['waiting'])}; " + (f"{len(todo)} batch(es) still running" if todo else
                                                "every batch is ingested: rerun the command to go on: "
                                                + " ".join(shlex.quote(a) for a in m["command"])))
     return 0

@@ -37,7 +37,8 @@ CACHE_FORMAT = 1
 #: model-spec options that change how a call is transported, not what the model answers:
 #: left out of the key so e.g. a new timeout or rate limit keeps the cache
 TRANSPORT_OPTIONS = frozenset({"api_key_env", "azure_ad_token_env", "timeout_s", "max_retries", "backoff_s",
-                               "max_backoff_s", "max_concurrency", "qps", "num_threads", "max_batch_size"})
+                               "max_backoff_s", "max_concurrency", "qps", "pace_from_headers",
+                               "max_pacing_wait_s", "num_threads", "max_batch_size"})
 
 
 def canonical_json(doc: Any) -> str:

@@ -244,6 +244,10 @@ class Text2Image:
         self.placeholder = self.resolved.placeholder
         self.cache = open_cache(cache)
         self._identity = model_identity(self.resolved)
+        # every setting that changes the picture (part of each row's cache key)
+        self._settings = self.params.model_dump(include={"num_inference_steps", "guidance_scale", "height", "width",
+                                                         "negative_suffix", "weighted_prompts",
+                                                         "max_sequence_length", "extra_call_kwargs"})
         self.pipe = None
         if self.cache is None:
             self._load()
@@ -285,12 +289,8 @@ class Text2Image:
     # -- per-row inputs ------------------------------------------------------------------
 
     def _key(self, prompt: str, negative: str, seed: int) -> str:
-        p = self.params
-        settings = p.model_dump(include={"num_inference_steps", "guidance_scale", "height", "width",
-                                         "negative_suffix", "weighted_prompts", "max_sequence_length",
-                                         "extra_call_kwargs"})
         return cache_key({"kind": "text2image", "model": self._identity, "prompt": prompt, "negative": negative,
-                          "seed": seed, "settings": settings})
+                          "seed": seed, "settings": self._settings})
 
     def _render(self, prompt: str, negative: str, seed: int) -> tuple[str, str, int, bool]:
         """The prompts as this pipeline takes them: compel syntax, or weights stripped (flagged)."""

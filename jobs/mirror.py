@@ -3,7 +3,7 @@ screenplays with one generated client face image per client turn, filtered (SPEC
 
 One Ray job replaces the original's four steps, its notebooks and its hand-split GPU lists.
 The rows change granularity, so the job runs four phases (``jobs.core.driver.Phase``), each with
-its own checkpoint and funnel:
+its own committed rows and funnel:
 
 1. ``faces`` (step 1): one row per face-pool image; the face pass (``actors.faces``) gives age,
    gender, emotion and an identity embedding; images without exactly one face are rejected

@@ -20,8 +20,8 @@ Budget (``--max-cost USD``, recipe ``max_cost``): the driver starts a ``actors.b
 actor; every priced LLM stage asks it before each batch of calls whether the projected spend
 (this run's spend so far + the stage's average cost per call so far x the batch's calls) stays
 within the limit, and reports what each batch cost. The first refusal stops the run: the stage
-raises ``actors.budget.BudgetExceeded``, Ray Data stops, the committed blocks stay (the checkpoint
-keeps them), and ``driver.run`` writes the manifest with ``stopped: "budget"`` and raises
+raises ``actors.budget.BudgetExceeded``, Ray Data stops, the committed blocks stay (a rerun
+skips their ids), and ``driver.run`` writes the manifest with ``stopped: "budget"`` and raises
 ``BudgetStop``. The limit is per invocation: rerunning the same command resumes the rows not
 committed and may spend up to the limit again.
 """

@@ -24,7 +24,7 @@ def read_table(uri: str, columns: list[str] | None = None) -> pa.Table | None:
     """All parquet files under ``uri`` as one table, schemas unified (null → typed); None if absent.
 
     A file that cannot be read (cut short by a killed writer) is skipped with a warning: its
-    rows were never committed to the checkpoint, so the next run computes them again.
+    rows count as not committed, so the next run computes them again.
     """
     files = io.list_files(uri, ".parquet")
     if not files:
